@@ -1,0 +1,220 @@
+"""Task 1: sliding-window attention (book chapter "Sliding-window attention").
+
+The query at absolute position ``p`` sees the keys ``p - window_size < j <= p``:
+``window_size`` keys, itself included (FlashAttention's
+``window_size=(window_size - 1, 0)``; one decode step of mlx-lm's
+``RotatingKVCache(max_size=window_size)``). Queries are the last ``Lq`` of the
+``Lk`` positions, so a decode step (``Lq < Lk``) is offset by ``Lk - Lq``.
+
+Two implementations, one contract:
+
+* ``_blocked`` (the readable ops version, used on the CPU): queries are cut into
+  blocks of ``block`` rows; each block needs only the ``block + window_size - 1``
+  keys that end at its last row, so scores are ``(block, ~window)`` tiles and
+  time and memory grow as ``Lq * window_size``, never ``Lq * Lk``.
+* ``_fused`` (Apple GPU through ``mx.fast.metal_kernel``, NVIDIA GPU through its
+  ``mx.fast.cuda_kernel`` twin): one thread per query row walks its window
+  with an online softmax, never writing a score to memory.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import mlx.core as mx
+
+from longctx.checks import check_attention, check_positive_int, check_scale
+
+LOG2E = math.log2(math.e)
+# Elements of the (rows x keys) score tiles computed per step of the CPU path:
+# it bounds peak memory and keeps two steps in flight on two CPU streams.
+TILE_ELEMENTS = 1 << 21
+
+
+class SlidingWindowAttention:
+    """Causal attention restricted to the last ``window_size`` positions."""
+
+    def __init__(self, window_size: int = 512, scale: float | None = None):
+        # BEGIN SOLUTION
+        self.window_size = check_positive_int("window_size", window_size)
+        self.scale = check_scale(scale)
+        # END SOLUTION
+
+    def create_sliding_mask(self, seq_len: int, offset: int = 0) -> mx.array:
+        """Boolean ``(seq_len, offset + seq_len)``: row ``i`` is the query at
+        position ``offset + i``; ``True`` where it may attend."""
+        # BEGIN SOLUTION
+        seq_len = check_positive_int("seq_len", seq_len)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be an integer >= 0, got {offset!r}")
+        p = mx.arange(offset, offset + seq_len)[:, None]  # (seq_len, 1) query positions
+        j = mx.arange(offset + seq_len)[None, :]  # (1, offset + seq_len) key positions
+        return (j <= p) & (j > p - self.window_size)
+        # END SOLUTION
+
+    def sliding_attention(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` -> ``(B, Hq, Lq, D)``, dtype of ``q``."""
+        # BEGIN SOLUTION
+        check_attention(q, k, v)
+        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
+        if _fused_kernel_for(q) is not None:
+            return _fused(q, k, v, self.window_size, scale)
+        return _blocked(q, k, v, self.window_size, scale)
+        # END SOLUTION
+
+    __call__ = sliding_attention
+
+
+def _blocked(q, k, v, window: int, scale: float) -> mx.array:
+    """The band-blocked ops version: exact, O(Lq * window) time and memory."""
+    # BEGIN SOLUTION
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    rep = Hq // Hkv
+    block = max(16, min(128, 1 << (window.bit_length() - 2))) if window > 4 else 16
+    nprev = -(-(window - 1) // block)  # key blocks before the diagonal one
+    nb = -(-Lq // block)  # query blocks
+    ncol = (nprev + 1) * block  # keys seen by one query block
+
+    # Fold the scale and log2(e) into q: exp2 of the scores is then the softmax
+    # numerator, and MLX's power(2, x) is twice as fast as exp on the CPU.
+    qf = q.astype(mx.float32) * (scale * LOG2E)
+    qf = mx.pad(qf, [(0, 0), (0, 0), (0, nb * block - Lq), (0, 0)])
+    # Group the query heads that share a kv head: (B, Hkv, nb, rep, block, D).
+    qf = qf.reshape(B, Hkv, rep, nb, block, D).transpose(0, 1, 3, 2, 4, 5)
+
+    # Key row m of the padded keys holds position start + m; query block b
+    # reads padded rows [b * block, b * block + ncol).
+    start = (Lk - Lq) - nprev * block
+    lo, hi = max(0, start), min(Lk, start + (nprev + nb) * block)
+    pad = [(0, 0), (0, 0), (lo - start, start + (nprev + nb) * block - hi), (0, 0)]
+    kp = mx.pad(k[:, :, lo:hi].astype(mx.float32), pad)  # (B, Hkv, (nprev+nb)*block, D)
+    vp = mx.pad(v[:, :, lo:hi].astype(mx.float32), pad)
+
+    # The band inside one tile, then the keys before position 0 (first blocks only).
+    r = mx.arange(block)[:, None]
+    c = mx.arange(ncol)[None, :] - nprev * block
+    band = (c <= r) & (c > r - window)  # (block, ncol)
+    key_pos = start + mx.arange(nb)[:, None, None] * block + mx.arange(ncol)  # (nb, 1, ncol)
+    bias = mx.where(band & (key_pos >= 0), 0.0, -mx.inf)  # (nb, block, ncol)
+    bias = bias[:, None]  # (nb, 1, block, ncol): shared by the rep heads
+
+    per_step = max(1, TILE_ELEMENTS // (B * Hq * block * ncol))
+    streams = _cpu_streams() if mx.default_device() == mx.cpu else [mx.default_stream(mx.gpu)]
+    outs = []
+    for i, b0 in enumerate(range(0, nb, per_step)):
+        b1 = min(nb, b0 + per_step)
+        with mx.stream(streams[i % len(streams)]):
+            kb = _windows(kp, b0, b1, block, nprev)  # (B, Hkv, n, 1, ncol, D)
+            vb = _windows(vp, b0, b1, block, nprev)
+            s = mx.addmm(bias[b0:b1], qf[:, :, b0:b1], kb.swapaxes(-1, -2))  # (B, Hkv, n, rep, block, ncol)
+            s_max = mx.max(s, axis=-1, keepdims=True)
+            p = mx.power(2.0, s - s_max)
+            o = (p @ vb) / mx.sum(p, axis=-1, keepdims=True)  # (B, Hkv, n, rep, block, D)
+            outs.append(o)
+            mx.async_eval(o)  # start this tile now, so only two are alive at once
+    o = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+    o = o.transpose(0, 1, 3, 2, 4, 5).reshape(B, Hq, nb * block, D)
+    return o[:, :, :Lq].astype(q.dtype)
+    # END SOLUTION
+
+
+def _windows(x, b0: int, b1: int, block: int, nprev: int) -> mx.array:
+    """Rows ``[b * block, b * block + (nprev + 1) * block)`` of ``x`` for blocks ``b0 <= b < b1``."""
+    # BEGIN SOLUTION
+    B, H, _, D = x.shape
+    n = b1 - b0
+    parts = [x[:, :, (b0 + t) * block:(b1 + t) * block].reshape(B, H, n, 1, block, D)
+             for t in range(nprev + 1)]
+    return mx.concatenate(parts, axis=-2)
+    # END SOLUTION
+
+
+@functools.cache
+def _cpu_streams():
+    # MLX runs each CPU op on one thread; a second stream lets the next tile's
+    # exp2 and matmuls run on the other core.
+    return mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)
+
+
+# ---------------------------------------------------------------- fused kernels
+# One thread per query row: scores live in registers, the softmax is online
+# (running max m, denominator l, rescaled accumulator), in float32 whatever the
+# input dtype. The two bodies differ only in spelling.
+
+_METAL_SOURCE = """
+    uint row = thread_position_in_grid.x;
+    int B = dims[0], Hq = dims[1], Hkv = dims[2], Lq = dims[3], Lk = dims[4];
+    if (row >= uint(B * Hq * Lq)) return;
+    int i = row % Lq, h = (row / Lq) % Hq, b = row / (Lq * Hq);
+    int p = Lk - Lq + i;
+    size_t kv = size_t(b * Hkv + h / (Hq / Hkv)) * Lk * D;
+    float qf[D], acc[D];
+    for (int d = 0; d < D; ++d) { qf[d] = float(q[size_t(row) * D + d]) * scale[0]; acc[d] = 0.0f; }
+    float m = -3.0e38f, l = 0.0f;
+    for (int j = max(0, p - W + 1); j <= p; ++j) {
+        float s = 0.0f;
+        for (int d = 0; d < D; ++d) s += qf[d] * float(k[kv + size_t(j) * D + d]);
+        float m_new = max(m, s), corr = exp2(m - m_new), e = exp2(s - m_new);
+        l = l * corr + e;
+        for (int d = 0; d < D; ++d) acc[d] = acc[d] * corr + e * float(v[kv + size_t(j) * D + d]);
+        m = m_new;
+    }
+    for (int d = 0; d < D; ++d) out[size_t(row) * D + d] = T(acc[d] / l);
+"""
+
+_CUDA_SOURCE = """
+    unsigned int row = blockIdx.x * blockDim.x + threadIdx.x;
+    int B = dims[0], Hq = dims[1], Hkv = dims[2], Lq = dims[3], Lk = dims[4];
+    if (row >= (unsigned int)(B * Hq * Lq)) return;
+    int i = row % Lq, h = (row / Lq) % Hq, b = row / (Lq * Hq);
+    int p = Lk - Lq + i;
+    size_t kv = (size_t)(b * Hkv + h / (Hq / Hkv)) * Lk * D;
+    float qf[D], acc[D];
+    for (int d = 0; d < D; ++d) { qf[d] = static_cast<float>(q[(size_t)row * D + d]) * scale[0]; acc[d] = 0.0f; }
+    float m = -3.0e38f, l = 0.0f;
+    for (int j = max(0, p - W + 1); j <= p; ++j) {
+        float s = 0.0f;
+        for (int d = 0; d < D; ++d) s += qf[d] * static_cast<float>(k[kv + (size_t)j * D + d]);
+        float m_new = fmaxf(m, s), corr = exp2f(m - m_new), e = exp2f(s - m_new);
+        l = l * corr + e;
+        for (int d = 0; d < D; ++d) acc[d] = acc[d] * corr + e * static_cast<float>(v[kv + (size_t)j * D + d]);
+        m = m_new;
+    }
+    for (int d = 0; d < D; ++d) out[(size_t)row * D + d] = static_cast<T>(acc[d] / l);
+"""
+
+FUSED_HEAD_DIMS = (32, 64, 80, 96, 128)
+
+
+@functools.cache
+def _kernel(backend: str):
+    make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+    source = _METAL_SOURCE if backend == "metal" else _CUDA_SOURCE
+    return make(name=f"longctx_sliding_{backend}", input_names=["q", "k", "v", "dims", "scale"],
+                output_names=["out"], source=source)
+
+
+def _fused_kernel_for(q):
+    """The fused kernel for this device, or None (CPU, or a head dim it is not built for)."""
+    if mx.default_device() != mx.gpu or q.shape[-1] not in FUSED_HEAD_DIMS:
+        return None
+    if mx.metal.is_available():
+        return _kernel("metal")
+    if mx.cuda.is_available():
+        return _kernel("cuda")
+    return None
+
+
+def _fused(q, k, v, window: int, scale: float) -> mx.array:
+    """Launch the fused kernel: one thread per (b, h, i) query row."""
+    B, Hq, Lq, D = q.shape
+    dims = mx.array([B, Hq, k.shape[1], Lq, k.shape[2]], dtype=mx.int32)
+    rows = B * Hq * Lq
+    (out,) = _fused_kernel_for(q)(
+        inputs=[q, k, v, dims, mx.array([scale * LOG2E], dtype=mx.float32)],
+        template=[("T", q.dtype), ("D", D), ("W", window)],
+        grid=(rows, 1, 1), threadgroup=(min(256, rows), 1, 1),
+        output_shapes=[q.shape], output_dtypes=[q.dtype],
+    )
+    return out

@@ -1,0 +1,58 @@
+"""Argument checks shared by every backend (they only read ``.shape``).
+
+Each raises ``ValueError`` naming the argument and the value received:
+nothing is silently broadcast or clipped.
+"""
+from __future__ import annotations
+
+import numbers
+
+
+def check_positive_int(name: str, value) -> int:
+    """``value`` must be an int >= 1 (bools are not ints here)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def check_nonnegative_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def check_scale(scale) -> float | None:
+    """``scale`` is None (meaning ``D ** -0.5``) or a finite positive number."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < float("inf"):
+        raise ValueError(f"scale must be a finite number > 0 or None, got {scale!r}")
+    return float(scale)
+
+
+def check_attention(q, k, v) -> tuple[int, int, int, int, int, int]:
+    """Validate ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)``; return ``B, Hq, Hkv, Lq, Lk, D``.
+
+    Queries are the last ``Lq`` positions of the ``Lk`` keys, so ``Lq <= Lk``.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if len(x.shape) != 4:
+            raise ValueError(f"{name} must have 4 dims (B, H, L, D), got shape {tuple(x.shape)}")
+        if 0 in tuple(x.shape):
+            raise ValueError(f"{name} must not have an empty axis, got shape {tuple(x.shape)}")
+    B, Hq, Lq, D = q.shape
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"k batch must equal q batch {B}, got k shape {tuple(k.shape)}")
+    if Dk != D:
+        raise ValueError(f"k head dim must equal q head dim {D}, got k shape {tuple(k.shape)}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"q heads must be a multiple of kv heads, got Hq={Hq} and Hkv={Hkv}")
+    if Lq > Lk:
+        raise ValueError(f"q length must be <= k length (queries are the last Lq positions), "
+                         f"got Lq={Lq} and Lk={Lk}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return B, Hq, Hkv, Lq, Lk, D
