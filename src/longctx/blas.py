@@ -55,4 +55,6 @@ def has_fast_blas() -> bool:
     """True on macOS (Accelerate) or when a known optimised BLAS is mapped."""
     if sys.platform == "darwin":
         return True
-    return any(m in path.lower() for path in loaded_blas() for m in FAST_MARKERS)
+    # numpy's wheel maps its own scipy_openblas with prefixed symbols: MLX cannot use it.
+    return any(m in path.lower() for path in loaded_blas() if "scipy_openblas" not in path
+               for m in FAST_MARKERS)

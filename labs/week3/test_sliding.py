@@ -1,0 +1,188 @@
+"""Graded tests, Task 1: sliding-window attention.
+
+Run: ``pytest labs/week3 --task 1`` (your stubs), ``--impl solutions`` (the
+MLX reference), ``--impl torch`` (the PyTorch mirror). Expected values come
+from float64 oracles in ``longctx.testing.oracles``.
+"""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from longctx.testing import assert_close, assert_mask_equal
+from longctx.testing.oracles import sliding_mask, sliding_mistakes, sliding_window_attention
+
+pytestmark = pytest.mark.task(1)
+
+
+def make_qkv(seed, B, Hq, Hkv, Lq, Lk, D, std=1.0):
+    """Random q, k, v (float64 holding float32-exact values, as the backends see them)."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32).astype(np.float64)
+               for shape in ((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D)))
+    return q * std, k * std, v
+
+
+def run(lab, xp, window, q, k, v, *, scale=None, dtype="float32"):
+    attn = lab("sliding").SlidingWindowAttention(window_size=window, scale=scale)
+    return attn(xp.asarray(q, dtype), xp.asarray(k, dtype), xp.asarray(v, dtype))
+
+
+def check(lab, xp, window, q, k, v, *, scale=None, rtol=2e-4, atol=2e-5):
+    out = run(lab, xp, window, q, k, v, scale=scale)
+    assert xp.dtype_name(out) == "float32", f"output dtype {xp.dtype_name(out)}, expected float32 (the dtype of q)"
+    assert_close(xp.numpy(out), sliding_window_attention(q, k, v, window, scale=scale), rtol=rtol, atol=atol,
+                 mistakes=sliding_mistakes(q, k, v, window, scale=scale))
+
+
+# ---------------------------------------------------------------- the mask
+
+@pytest.mark.parametrize("seq_len, offset, window", [(1, 0, 1), (7, 0, 3), (9, 0, 1), (10, 0, 20),
+                                                     (6, 5, 4), (3, 17, 8), (33, 2, 32)])
+def test_mask_shape_and_row_sums(lab, xp, seq_len, offset, window):
+    attn = lab("sliding").SlidingWindowAttention(window_size=window)
+    mask = xp.numpy(attn.create_sliding_mask(seq_len, offset))
+    assert mask.shape == (seq_len, offset + seq_len), f"mask shape {mask.shape}, expected {(seq_len, offset + seq_len)}"
+    rows = mask.sum(axis=1)
+    want = np.minimum(offset + np.arange(seq_len) + 1, window)
+    assert np.array_equal(rows, want), f"row sums {rows.tolist()}, expected min(offset + i + 1, W) = {want.tolist()}"
+
+
+@given(seq_len=st.integers(1, 70), offset=st.integers(0, 40), window=st.integers(1, 90))
+def test_mask_equals_oracle(lab, xp, seq_len, offset, window):
+    mask = xp.numpy(lab("sliding").SlidingWindowAttention(window_size=window).create_sliding_mask(seq_len, offset))
+    lk = offset + seq_len
+    p, j = np.arange(offset, lk)[:, None], np.arange(lk)[None, :]
+    assert_mask_equal(mask, sliding_mask(seq_len, lk, window), mistakes={
+        "the band is two-sided: future positions are visible": np.abs(j - p) < window,
+        "window off by one: window_size + 1 keys visible": sliding_mask(seq_len, lk, window + 1),
+        "window off by one: window_size - 1 keys visible": sliding_mask(seq_len, lk, window - 1),
+        "offset ignored: rows placed at positions 0 .. seq_len-1": (j <= p - offset) & (j > p - offset - window),
+    })
+
+
+# ---------------------------------------------------------------- attention values
+
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), rep=st.sampled_from([1, 2, 3]), Lk=st.integers(1, 300),
+       q_frac=st.sampled_from([1.0, 1.0, 0.5, 0.0]), D=st.sampled_from([3, 8, 16, 24]),
+       window=st.integers(1, 320), seed=st.integers(0, 2 ** 16))
+def test_equals_oracle_random_shapes(lab, xp, B, Hkv, rep, Lk, q_frac, D, window, seed):
+    """Random shapes: L not a multiple of any block, W = 1, W >= L, GQA, Lq < Lk, batch > 1."""
+    Lq = max(1, int(Lk * q_frac))
+    q, k, v = make_qkv(seed, B, Hkv * rep, Hkv, Lq, Lk, D)
+    check(lab, xp, window, q, k, v)
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, Lq, Lk, D, window", [
+    (1, 1, 1, 1, 1, 8, 1),        # one token
+    (2, 4, 2, 33, 33, 16, 1),     # window 1: each query sees only itself
+    (1, 2, 1, 129, 129, 32, 64),  # L = 2W + 1
+    (2, 6, 2, 100, 100, 8, 100),  # W = L
+    (1, 4, 4, 50, 50, 16, 4096),  # W >> L
+    (1, 8, 2, 1, 257, 64, 32),    # one decode step deep in the sequence, GQA 4:1
+    (1, 2, 2, 17, 300, 16, 50),   # a chunk of 17 queries at the end of 300 keys
+    (3, 2, 1, 64, 64, 8, 16),     # batch rows must not mix
+])
+def test_equals_oracle_awkward_cases(lab, xp, B, Hq, Hkv, Lq, Lk, D, window):
+    q, k, v = make_qkv(B * 1000 + Lk, B, Hq, Hkv, Lq, Lk, D)
+    check(lab, xp, window, q, k, v)
+
+
+def test_window_one_returns_own_value(lab, xp):
+    q, k, v = make_qkv(7, 1, 4, 2, 20, 20, 8)
+    out = xp.numpy(run(lab, xp, 1, q, k, v))
+    want = np.repeat(v, 2, axis=1)  # query head h reads kv head h // 2
+    assert_close(out, want, rtol=1e-5, atol=1e-6, mistakes={
+        "GQA heads mapped as h % Hkv instead of h // (Hq // Hkv)": v[:, [0, 1, 0, 1]]})
+
+
+@given(L=st.integers(1, 150), extra=st.integers(0, 60), seed=st.integers(0, 999))
+def test_window_at_least_length_is_causal_attention(lab, xp, L, extra, seed):
+    from longctx.testing.oracles import attention, causal_mask
+    q, k, v = make_qkv(seed, 1, 2, 1, L, L, 8)
+    out = xp.numpy(run(lab, xp, L + extra, q, k, v))
+    assert_close(out, attention(q, k, v, causal_mask(L, L)), rtol=2e-4, atol=2e-5)
+
+
+def test_custom_scale(lab, xp):
+    q, k, v = make_qkv(3, 1, 2, 2, 40, 40, 16)
+    check(lab, xp, 9, q, k, v, scale=0.37)
+
+
+@pytest.mark.parametrize("L, window, steps", [(96, 16, 5), (70, 200, 3), (130, 1, 4)])
+def test_decode_rows_equal_prefill_rows(lab, xp, L, window, steps):
+    """Decoding the last tokens one at a time (Lq = 1, Lk growing) gives the prefill's last rows."""
+    q, k, v = make_qkv(L, 2, 4, 2, L, L, 16)
+    full = xp.numpy(run(lab, xp, window, q, k, v))
+    for t in range(L - steps, L):
+        step = xp.numpy(run(lab, xp, window, q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1]))
+        assert_close(step, full[:, :, t:t + 1], rtol=2e-4, atol=2e-5, name=f"decode step at position {t}",
+                     mistakes=sliding_mistakes(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], window))
+
+
+@pytest.mark.parametrize("dtype, tol", [("float16", 1e-2), ("bfloat16", 3e-2)])
+def test_low_precision_with_large_logits(lab, xp, dtype, tol):
+    """Scores up to ~1e5 before scaling overflow float16: accumulate in float32, subtract the row max."""
+    q, k, v = make_qkv(11, 1, 4, 2, 80, 80, 64, std=60.0)
+    q16, k16, v16 = (xp.numpy(xp.asarray(x, dtype)) for x in (q, k, v))  # the values the kernel really sees
+    out = run(lab, xp, 24, q, k, v, dtype=dtype)
+    assert xp.dtype_name(out) == dtype, f"output dtype {xp.dtype_name(out)}, expected {dtype} (the dtype of q)"
+    assert_close(xp.numpy(out), sliding_window_attention(q16, k16, v16, 24), rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("window", [0, -3, 2.5, True, None])
+def test_bad_window_raises(lab, window):
+    with pytest.raises(ValueError, match="window_size"):
+        lab("sliding").SlidingWindowAttention(window_size=window)
+
+
+@pytest.mark.parametrize("what, shapes, match", [
+    ("q is 3-D", ((2, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4)), "q"),
+    ("Hq % Hkv != 0", ((1, 3, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4)), "Hq=3"),
+    ("k and v differ", ((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 9, 4)), "k and v"),
+    ("Lq > Lk", ((1, 2, 9, 4), (1, 2, 8, 4), (1, 2, 8, 4)), "Lq=9"),
+    ("head dims differ", ((1, 2, 8, 4), (1, 2, 8, 5), (1, 2, 8, 5)), "head dim"),
+    ("batches differ", ((2, 2, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4)), "batch"),
+])
+def test_bad_shapes_raise(lab, xp, what, shapes, match):
+    q, k, v = (xp.asarray(np.zeros(s)) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        lab("sliding").SlidingWindowAttention(window_size=4)(q, k, v)
+
+
+@pytest.mark.parametrize("seq_len, offset, match", [(0, 0, "seq_len"), (4, -1, "offset")])
+def test_bad_mask_arguments_raise(lab, seq_len, offset, match):
+    with pytest.raises(ValueError, match=match):
+        lab("sliding").SlidingWindowAttention(window_size=4).create_sliding_mask(seq_len, offset)
+
+
+# ---------------------------------------------------------------- growth, not time
+
+def test_peak_memory_grows_linearly_in_length(lab, xp, record):
+    """At a fixed window, 4x the length may cost ~4x the memory (an L x L score matrix costs 16x)."""
+    attn = lab("sliding").SlidingWindowAttention(window_size=32)
+    peaks = {}
+    for L in (1024, 2048, 4096):
+        q, k, v = (xp.asarray(x) for x in make_qkv(L, 1, 2, 2, L, L, 16))
+        peaks[L] = xp.peak_bytes(lambda: attn(q, k, v))
+    growth = peaks[4096] / max(peaks[1024], 1)
+    record("peak memory L=4096 vs 1024", f"{growth:.1f}x (linear 4x, quadratic 16x)")
+    assert peaks[1024] > 0, "no memory measured: is the work done lazily and never evaluated?"
+    assert growth < 7.0, (f"peak memory grew {growth:.1f}x when L grew 4x "
+                          f"({ {L: f'{b / 2**20:.1f} MiB' for L, b in peaks.items()} }): something is L x L")
+
+
+def test_faster_than_dense_masked_attention(lab, xp, record):
+    """Against the naive baseline in the same process: a dense L x L masked softmax.
+    Doing the band's work only must win by far; visiting every key (quadratic time) cannot."""
+    L, W = 4096, 32
+    attn = lab("sliding").SlidingWindowAttention(window_size=W)
+    q, k, v = (xp.asarray(x) for x in make_qkv(5, 1, 2, 2, L, L, 16))
+    mask = sliding_mask(L, L, W)
+    sliding = xp.seconds(lambda: attn(q, k, v), repeats=5)
+    dense = xp.seconds(lambda: xp.masked_attention(q, k, v, mask), repeats=3)
+    record("speed vs dense masked SDPA (L=4096, W=32)", f"{dense / sliding:.1f}x faster")
+    assert sliding < 0.5 * dense, (f"sliding took {sliding * 1e3:.1f} ms, the dense masked baseline "
+                                   f"{dense * 1e3:.1f} ms: the work should grow as L * W, not L * L")

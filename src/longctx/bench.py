@@ -1,0 +1,161 @@
+"""``longctx bench``: every technique against its baselines, in one process.
+
+At this stage, Task 1: sliding-window attention against the dense-mask
+baseline (``scaled_dot_product_attention`` with an ``L x L`` boolean mask) and
+causal full attention, for MLX and torch, across lengths. Each row has the
+median time, the peak memory, the useful GFLOP/s (only the band's
+multiply-adds count) and, for MLX, its fraction of MLX's own 2048^3 matmul
+measured in the same run.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+import longctx  # noqa: F401  (fast BLAS before mlx.core)
+from longctx.testing import measure
+from longctx.testing.oracles import sliding_mask
+
+DENSE_LIMIT_BYTES = 8 << 30  # a dense baseline whose score matrix needs more is skipped
+
+
+@dataclass
+class Row:
+    backend: str
+    technique: str
+    length: int
+    ms: float | None
+    peak_mib: float | None
+    gflops: float | None
+    note: str = ""
+
+
+def useful_flops(L: int, window: int, heads: int, dim: int) -> float:
+    """Multiply-adds that matter: QK^T and PV over the visible keys only (2 * 2 FLOPs each)."""
+    visible = sum(min(i + 1, window) for i in range(L))
+    return 4.0 * heads * dim * visible
+
+
+def mlx_matmul_gflops(n: int = 2048) -> float:
+    import mlx.core as mx
+    a = mx.random.normal((n, n))
+    mx.eval(a)
+    return 2 * n ** 3 / measure.mlx_seconds(lambda: a @ a, repeats=3) / 1e9
+
+
+def _cases(backend: str, window: int):
+    """(technique, make(q, k, v, mask) -> callable) for one backend."""
+    if backend == "mlx":
+        import mlx.core as mx
+
+        from longctx.mlx import SlidingWindowAttention
+        attn = SlidingWindowAttention(window)
+        return [
+            ("sliding", lambda q, k, v, m: lambda: attn(q, k, v)),
+            ("dense mask", lambda q, k, v, m: lambda: mx.fast.scaled_dot_product_attention(
+                q, k, v, scale=q.shape[-1] ** -0.5, mask=m)),
+            ("causal full", lambda q, k, v, m: lambda: mx.fast.scaled_dot_product_attention(
+                q, k, v, scale=q.shape[-1] ** -0.5, mask="causal")),
+        ]
+    import torch
+
+    from longctx.torch import SlidingWindowAttention
+    attn = SlidingWindowAttention(window)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return [
+        ("sliding", lambda q, k, v, m: lambda: attn(q, k, v)),
+        ("dense mask", lambda q, k, v, m: lambda: sdpa(q, k, v, attn_mask=m)),
+        ("causal full", lambda q, k, v, m: lambda: sdpa(q, k, v, is_causal=True)),
+    ]
+
+
+def _measure(backend: str, fn, repeats: int) -> tuple[float, float]:
+    if backend == "mlx":
+        return measure.mlx_seconds(fn, repeats=repeats), measure.mlx_peak_bytes(fn)
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return measure.torch_seconds(fn, repeats=repeats), measure.torch_peak_bytes(fn, device)
+
+
+def run(lengths=(1024, 2048, 4096), window: int = 256, heads: int = 8, dim: int = 64,
+        backends=("mlx", "torch"), repeats: int = 3, progress=None) -> list[Row]:
+    rows = []
+    rng = np.random.default_rng(0)
+    for backend in backends:
+        cases = _cases(backend, window)
+        for L in lengths:
+            q, k, v = (rng.standard_normal((1, heads, L, dim)).astype(np.float32) for _ in range(3))
+            mask = sliding_mask(L, L, window)
+            if backend == "mlx":
+                import mlx.core as mx
+                q, k, v, m = mx.array(q), mx.array(k), mx.array(v), mx.array(mask)
+            else:
+                import torch
+                dev = "cuda" if torch.cuda.is_available() else "cpu"
+                q, k, v, m = (torch.from_numpy(x).to(dev) for x in (q, k, v, mask))
+            for technique, make in cases:
+                flops = useful_flops(L, window if technique != "causal full" else L, heads, dim)
+                if technique != "sliding" and heads * L * L * 8 > DENSE_LIMIT_BYTES:
+                    rows.append(Row(backend, technique, L, None, None, None,
+                                    f"skipped: ~{heads * L * L * 8 / 2**30:.0f} GiB of scores"))
+                else:
+                    seconds, peak = _measure(backend, make(q, k, v, m), repeats)
+                    rows.append(Row(backend, technique, L, seconds * 1e3, peak / 2**20, flops / seconds / 1e9))
+                if progress:
+                    progress()
+    return rows
+
+
+def report(rows: list[Row], matmul_gflops: float, window: int, heads: int, dim: int, out: Path, console) -> None:
+    from rich.table import Table
+    table = Table(title=f"Task 1 sliding-window attention: W={window}, H={heads}, D={dim}, float32, "
+                        f"B=1 (MLX matmul 2048^3: {matmul_gflops:.0f} GFLOP/s)")
+    for column in ("backend", "technique", "L", "ms", "peak MiB", "useful GFLOP/s", "% matmul",
+                   "speed vs dense", "memory vs dense"):
+        table.add_column(column, justify="right" if column not in ("backend", "technique") else "left")
+    dense = {(r.backend, r.length): r for r in rows if r.technique == "dense mask"}
+    for r in rows:
+        d = dense.get((r.backend, r.length))
+        faster = f"{d.ms / r.ms:.1f}x" if d and d.ms and r.ms else ""
+        smaller = f"{d.peak_mib / r.peak_mib:.1f}x" if d and d.peak_mib and r.peak_mib else ""
+        table.add_row(r.backend, r.technique, str(r.length),
+                      f"{r.ms:.1f}" if r.ms else r.note, f"{r.peak_mib:.1f}" if r.peak_mib else "",
+                      f"{r.gflops:.1f}" if r.gflops else "",
+                      f"{100 * r.gflops / matmul_gflops:.0f}%" if r.gflops and r.backend == "mlx" else "",
+                      faster if r.technique != "dense mask" else "1x",
+                      smaller if r.technique != "dense mask" else "1x")
+    console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({
+        "machine": {"platform": platform.platform(), "processor": platform.processor()},
+        "config": {"window": window, "heads": heads, "dim": dim, "dtype": "float32", "batch": 1},
+        "mlx_matmul_gflops": matmul_gflops, "rows": [asdict(r) for r in rows]}, indent=2))
+    _plot(rows, window, out / "bench.png")
+    console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+
+
+def _plot(rows: list[Row], window: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    for (backend, technique) in dict.fromkeys((r.backend, r.technique) for r in rows):
+        pts = [r for r in rows if (r.backend, r.technique) == (backend, technique) and r.ms]
+        style = "-" if backend == "mlx" else "--"
+        ax_t.plot([r.length for r in pts], [r.ms for r in pts], style, marker="o", label=f"{backend} {technique}")
+        ax_m.plot([r.length for r in pts], [r.peak_mib for r in pts], style, marker="o", label=f"{backend} {technique}")
+    for ax, label in ((ax_t, "median time (ms)"), (ax_m, "peak memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    ax_t.legend(fontsize=7)
+    fig.suptitle(f"Sliding window (W={window}) vs dense-mask and causal attention")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

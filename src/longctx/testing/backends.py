@@ -1,0 +1,83 @@
+"""One face for each backend, so a graded test runs unchanged on MLX and torch.
+
+Inputs are made in numpy (``numpy.random.default_rng``) and converted here,
+so every implementation sees the same numbers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from longctx.testing import measure
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self):
+        import mlx.core as mx
+        self.mx = mx
+
+    def asarray(self, a, dtype: str = "float32"):
+        return self.mx.array(np.asarray(a, dtype=np.float32)).astype(getattr(self.mx, dtype))
+
+    def numpy(self, x) -> np.ndarray:
+        x = self.mx.array(x)
+        if x.dtype == self.mx.bool_:
+            return np.array(x)
+        return np.array(x.astype(self.mx.float32)).astype(np.float64)
+
+    def dtype_name(self, x) -> str:
+        return str(x.dtype).removeprefix("mlx.core.")
+
+    def seconds(self, fn, repeats: int = 5) -> float:
+        return measure.mlx_seconds(fn, repeats=repeats)
+
+    def peak_bytes(self, fn) -> int:
+        return measure.mlx_peak_bytes(fn)
+
+    def masked_attention(self, q, k, v, mask: np.ndarray, scale: float | None = None):
+        """The naive baseline: MLX's fused SDPA with a dense boolean mask."""
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return self.mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=self.mx.array(mask))
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, device: str | None = None):
+        import torch
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def asarray(self, a, dtype: str = "float32"):
+        t = self.torch.from_numpy(np.asarray(a, dtype=np.float32))
+        return t.to(device=self.device, dtype=getattr(self.torch, dtype))
+
+    def numpy(self, x) -> np.ndarray:
+        x = self.torch.as_tensor(x).detach().cpu()
+        if x.dtype == self.torch.bool:
+            return x.numpy()
+        return x.double().numpy()
+
+    def dtype_name(self, x) -> str:
+        return str(x.dtype).removeprefix("torch.")
+
+    def seconds(self, fn, repeats: int = 5) -> float:
+        return measure.torch_seconds(fn, repeats=repeats)
+
+    def peak_bytes(self, fn) -> int:
+        return measure.torch_peak_bytes(fn, self.device)
+
+    def masked_attention(self, q, k, v, mask: np.ndarray, scale: float | None = None):
+        """The naive baseline: torch SDPA with a dense boolean mask."""
+        m = self.torch.from_numpy(mask).to(q.device)
+        return self.torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=m, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def make_backend(name: str):
+    if name == "mlx":
+        return MLXBackend()
+    if name == "torch":
+        return TorchBackend()
+    raise ValueError(f"backend must be 'mlx' or 'torch', got {name!r}")

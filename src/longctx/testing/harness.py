@@ -1,0 +1,225 @@
+"""The graded-lab pytest plugin. ``labs/week3/conftest.py`` imports it whole.
+
+* ``--impl labs|solutions|torch`` or ``--impl-dir DIR`` (``LONGCTX_IMPL`` sets
+  the default) chooses which files are graded; tests get modules from the
+  ``lab`` fixture and arrays from the ``xp`` backend fixture, never by import.
+* ``--task N`` grades one task (``@pytest.mark.task(N)``).
+* A test stopped by ``NotImplementedError`` is a TODO: it counts as not passed,
+  prints no traceback, and each stub shows once as ``TODO Task N: ...``.
+* At the end: one rich table (task, passed, points, what the task measured)
+  and ``results.json``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from longctx.testing.backends import make_backend
+
+TASK_NAMES = {
+    1: "Sliding-window attention",
+    2: "Hierarchical (dilated) attention",
+    3: "Ring attention",
+    4: "Context compression",
+    5: "Streaming with attention sinks",
+    6: "Adaptive context",
+    7: "Long-context benchmark",
+}
+
+settings.register_profile("longctx", max_examples=25, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("longctx")
+
+_STATE = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("longctx", "graded labs")
+    group.addoption("--impl", default=os.environ.get("LONGCTX_IMPL", "labs"),
+                    choices=["labs", "solutions", "torch"],
+                    help="what to grade: the learner stubs (labs, default), the MLX reference "
+                         "(solutions) or the PyTorch mirror (torch); env LONGCTX_IMPL")
+    group.addoption("--impl-dir", default=None, metavar="DIR",
+                    help="grade the lab modules in DIR instead (e.g. a copy of your work)")
+    group.addoption("--task", type=int, default=None, metavar="N", help="grade only task N")
+    group.addoption("--results-json", default="results.json", metavar="PATH",
+                    help="where to write the graded results (default: results.json)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "task(n): the lab task a graded test belongs to")
+    config.stash[_STATE] = {"verdicts": {}, "figures": defaultdict(dict)}
+
+
+def pytest_collection_modifyitems(config, items):
+    wanted = config.getoption("task")
+    if wanted is None:
+        return
+    keep, drop = [], []
+    for item in items:
+        (keep if _task_of(item) == wanted else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def _task_of(item) -> int | None:
+    marker = item.get_closest_marker("task")
+    return marker.args[0] if marker else None
+
+
+def implementation_dir(config, labs_dir: Path) -> Path:
+    """The folder whose modules are graded."""
+    if config.getoption("impl_dir"):
+        path = Path(config.getoption("impl_dir")).expanduser().resolve()
+        if not path.is_dir():
+            raise pytest.UsageError(f"--impl-dir: {path} is not a folder")
+        return path
+    impl = config.getoption("impl")
+    if impl == "labs":
+        return labs_dir
+    if impl == "solutions":
+        repo_copy = labs_dir.parent.parent / "solutions" / labs_dir.name
+        if repo_copy.is_dir():
+            return repo_copy
+        import longctx.mlx
+        return Path(longctx.mlx.__file__).parent
+    import longctx.torch
+    return Path(longctx.torch.__file__).parent
+
+
+def backend_of(folder: Path) -> str:
+    """``torch`` when the folder's modules import torch and not mlx, else ``mlx``."""
+    text = "\n".join(p.read_text() for p in folder.glob("*.py"))
+    if re.search(r"^\s*(import|from)\s+mlx\b", text, re.M):
+        return "mlx"
+    return "torch" if re.search(r"^\s*(import|from)\s+torch\b", text, re.M) else "mlx"
+
+
+class Lab:
+    """Loads lab modules by name from one folder, each once, never via sys.path."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.backend = backend_of(folder)
+        self._modules = {}
+
+    def __call__(self, name: str):
+        if name not in self._modules:
+            path = self.folder / f"{name}.py"
+            if not path.exists():
+                raise NotImplementedError(f"no {name}.py in {self.folder}")
+            spec = importlib.util.spec_from_file_location(f"longctx_graded_{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            self._modules[name] = module
+        return self._modules[name]
+
+
+@pytest.fixture(scope="session")
+def labs_dir() -> Path:
+    """The learner stubs' folder; ``labs/week3/conftest.py`` overrides this."""
+    return Path.cwd()
+
+
+@pytest.fixture(scope="session")
+def lab(request, labs_dir):
+    """``lab("sliding")`` -> the graded implementation's ``sliding`` module."""
+    loader = Lab(implementation_dir(request.config, Path(labs_dir)))
+    request.config.stash[_STATE]["impl"] = str(loader.folder)
+    request.config.stash[_STATE]["backend"] = loader.backend
+    return loader
+
+
+@pytest.fixture(scope="session")
+def xp(lab):
+    """The backend face (``asarray``, ``numpy``, ``seconds``, ``peak_bytes``...) for the graded modules."""
+    return make_backend(lab.backend)
+
+
+@pytest.fixture
+def record(request):
+    """``record(label, text)``: a speed/memory figure for this task's row of the table."""
+    figures = request.config.stash[_STATE]["figures"][_task_of(request.node)]
+    return lambda label, text: figures.__setitem__(label, text)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    marker = item.get_closest_marker("task")
+    report.user_properties += [("task", _task_of(item)),
+                               ("points", marker.kwargs.get("points", 1) if marker else 1)]
+    if call.excinfo is not None and call.excinfo.errisinstance(NotImplementedError):
+        message = str(call.excinfo.value) or f"{item.name} is not implemented"
+        if not message.startswith("Task"):
+            message = f"Task {_task_of(item)}: {message}"
+        report.outcome = "failed"
+        report.longrepr = f"TODO {message}"
+        report.user_properties.append(("todo", message))
+    # One verdict per test: the call phase, or a setup/teardown that did not pass.
+    if report.when == "call" or report.outcome != "passed":
+        verdicts = item.config.stash[_STATE]["verdicts"]
+        if report.nodeid not in verdicts or report.outcome != "passed":
+            verdicts[report.nodeid] = (dict(report.user_properties), report.outcome)
+
+
+def pytest_report_teststatus(report, config):
+    if dict(report.user_properties).get("todo"):
+        return "todo", "T", "TODO"
+    return None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    state = config.stash[_STATE]
+    verdicts = state["verdicts"]
+    if not verdicts:
+        return
+    for line in sorted({props["todo"] for props, _ in verdicts.values() if props.get("todo")}):
+        terminalreporter.write_line(f"TODO {line}", yellow=True, bold=True)
+
+    tasks: dict = {}
+    for props, outcome in verdicts.values():
+        row = tasks.setdefault(props.get("task"), {"passed": 0, "total": 0, "points": 0,
+                                                   "max_points": 0, "todo": 0})
+        row["total"] += 1
+        row["max_points"] += props.get("points", 1)
+        if outcome == "passed":
+            row["passed"] += 1
+            row["points"] += props.get("points", 1)
+        row["todo"] += bool(props.get("todo"))
+
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"longctx graded labs: {state.get('impl', '?')} ({state.get('backend', '?')})")
+    for column in ("Task", "Tests passed", "Points", "Status", "Measured"):
+        table.add_column(column)
+    results = {"impl": state.get("impl"), "backend": state.get("backend"), "tasks": {},
+               "tests": {nodeid: outcome for nodeid, (_, outcome) in verdicts.items()}}
+    for task in sorted(tasks, key=lambda t: (t is None, t)):
+        row = tasks[task]
+        status = "PASS" if row["passed"] == row["total"] else ("TODO" if row["todo"] else "FAIL")
+        name = TASK_NAMES.get(task, "unmarked")
+        figures = state["figures"].get(task, {})
+        table.add_row(f"{task} {name}", f"{row['passed']}/{row['total']}",
+                      f"{row['points']}/{row['max_points']}",
+                      {"PASS": "[green]PASS", "TODO": "[yellow]TODO", "FAIL": "[red]FAIL"}[status],
+                      "\n".join(f"{k}: {v}" for k, v in figures.items()))
+        results["tasks"][str(task)] = {"name": name, **row, "status": status, "figures": figures}
+    console = Console(width=120, record=True, file=open(os.devnull, "w"))
+    console.print(table)
+    for line in console.export_text().rstrip().splitlines():
+        terminalreporter.write_line(line)
+    path = Path(config.getoption("results_json"))
+    path.write_text(json.dumps(results, indent=2))
+    terminalreporter.write_line(f"graded results written to {path}")
