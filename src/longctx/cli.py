@@ -23,7 +23,7 @@ def cmd_bench(args) -> int:
     from rich.progress import Progress
 
     from longctx import bench
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 130)
     if not longctx.blas.has_fast_blas():
         console.print(f"[yellow]slow reference BLAS in use (see `longctx doctor`); fix: {longctx.blas.FIX}")
     backends = ("mlx", "torch") if args.backend == "all" else (args.backend,)

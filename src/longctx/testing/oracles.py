@@ -20,13 +20,16 @@ def causal_mask(lq: int, lk: int) -> np.ndarray:
     return np.arange(lk)[None, :] <= p
 
 
+# ANCHOR: sliding_mask
 def sliding_mask(lq: int, lk: int, window: int) -> np.ndarray:
     """``(lq, lk)`` bool: query at ``p`` sees ``p - window < j <= p``."""
     p = query_positions(lq, lk)[:, None]
     j = np.arange(lk)[None, :]
     return (j <= p) & (j > p - window)
+# ANCHOR_END: sliding_mask
 
 
+# ANCHOR: attention
 def attention(q, k, v, mask=None, *, scale=None) -> np.ndarray:
     """Softmax attention in float64. ``mask``: bool, broadcastable to
     ``(B, Hq, Lq, Lk)``, ``True`` = may attend; ``None`` = every key visible."""
@@ -43,6 +46,7 @@ def attention(q, k, v, mask=None, *, scale=None) -> np.ndarray:
     denom = e.sum(axis=-1, keepdims=True)
     p = np.divide(e, denom, out=np.zeros_like(e), where=denom > 0)
     return np.einsum("bhij,bhjd->bhid", p, v)
+# ANCHOR_END: attention
 
 
 def sliding_window_attention(q, k, v, window: int, *, scale=None) -> np.ndarray:

@@ -1,0 +1,87 @@
+"""The package as users get it: stubs in sync, an installed wheel importable
+from anywhere, the CLI, and the mirror equal to the reference."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stubs_match_solutions():
+    from longctx.stubs import sync
+    assert sync(ROOT, check=True) == [], "labs/ is stale: run `longctx stubs`"
+
+
+def test_stub_generation_cuts_only_marked_code():
+    from longctx.stubs import make_stub
+    source = ('"""Task 9: demo (book chapter "Demo")."""\n'
+              "def f(x):\n    \"\"\"Doc stays.\"\"\"\n    # BEGIN SOLUTION\n    return x\n    # END SOLUTION\n\n"
+              "def given():\n    return 1\n")
+    stub = make_stub(source, "demo.py")
+    assert "return x" not in stub and "Doc stays." in stub and "return 1" in stub
+    assert "raise NotImplementedError(\"Task 9: f -- see the book chapter 'Demo'\")" in stub
+    with pytest.raises(ValueError, match="never closed"):
+        make_stub(source.replace("    # END SOLUTION\n", ""), "demo.py")
+
+
+def test_installed_wheel_imports_from_any_directory(tmp_path):
+    wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheel_dir), str(ROOT)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                    *map(str, wheel_dir.glob("*.whl"))], check=True, capture_output=True)
+    code = ("import longctx.mlx, longctx.torch\n"
+            "from longctx.mlx import SlidingWindowAttention as A\n"
+            "from longctx.torch import SlidingWindowAttention as B\n"
+            "import sys; assert longctx.mlx.__file__.startswith(sys.argv[1]), longctx.mlx.__file__\n"
+            "print(A(4).window_size + B(4).window_size)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code, str(site)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1"})
+    # an editable install on the path must not shadow the wheel: PYTHONPATH comes first
+    assert proc.returncode == 0 and proc.stdout.strip() == "8", proc.stdout + proc.stderr
+
+
+def test_bench_writes_table_json_and_png(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "longctx.cli", "bench", "--lengths", "256,512", "--window", "32",
+                           "--heads", "2", "--dim", "16", "--repeats", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sliding" in proc.stdout and "dense mask" in proc.stdout
+    import json
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert {(r["backend"], r["technique"]) for r in rows} >= {("mlx", "sliding"), ("torch", "sliding")}
+    assert all(r["ms"] > 0 and r["peak_mib"] >= 0 for r in rows)
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, message", [(["bench", "--lengths", "0"], ">= 1"),
+                                           (["bench", "--window", "0"], "--window must be >= 1")])
+def test_cli_rejects_bad_arguments(args, message):
+    proc = subprocess.run([sys.executable, "-m", "longctx.cli", *args], capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_doctor_reports_blas():
+    proc = subprocess.run([sys.executable, "-m", "longctx.cli", "doctor"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "GFLOP/s" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_torch_mirror_equals_mlx_reference(dtype):
+    import mlx.core as mx
+    import torch
+
+    from longctx.mlx import SlidingWindowAttention as MLXSliding
+    from longctx.torch import SlidingWindowAttention as TorchSliding
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 6, 45, 32)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 3, 77, 32)).astype(np.float32) for _ in range(2))
+    a = MLXSliding(19)(*(mx.array(x).astype(getattr(mx, dtype)) for x in (q, k, v)))
+    b = TorchSliding(19)(*(torch.from_numpy(x).to(getattr(torch, dtype)) for x in (q, k, v)))
+    np.testing.assert_allclose(np.array(a.astype(mx.float32)), b.float().numpy(),
+                               rtol=1e-5 if dtype == "float32" else 2e-3, atol=1e-5 if dtype == "float32" else 2e-3)
