@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOLUTION = ROOT / "solutions" / "week3" / "sliding.py"
+SOLUTIONS = ROOT / "solutions" / "week3"
+TASKS = {"sliding": 1, "hierarchical": 2, "ring": 3}
 
 
 def grade(tmp_path, *args) -> tuple[int, dict, str]:
@@ -32,7 +33,7 @@ def test_reference_passes_everything(tmp_path, impl):
     assert code == 0, out
     assert data["backend"] == ("torch" if impl == "torch" else "mlx")
     assert set(data["tests"].values()) == {"passed"}, out
-    assert data["tasks"]["1"]["status"] == "PASS"
+    assert {data["tasks"][str(t)]["status"] for t in TASKS.values()} == {"PASS"}
 
 
 def test_copy_of_solutions_passes_through_impl_dir(tmp_path):
@@ -47,17 +48,18 @@ def test_copy_of_solutions_passes_through_impl_dir(tmp_path):
 def test_stubs_are_all_todo(tmp_path):
     code, data, out = grade(tmp_path)
     assert code != 0, "a run with unfinished stubs must fail"
-    assert data["tasks"]["1"]["status"] == "TODO"
-    assert data["tasks"]["1"]["todo"] == data["tasks"]["1"]["total"] > 0, out
+    for task in TASKS.values():
+        row = data["tasks"][str(task)]
+        assert row["status"] == "TODO" and row["todo"] == row["total"] > 0, out
+        assert 1 <= out.count(f"TODO Task {task}:") <= 3, out  # one line per unwritten function met first
     assert "Traceback" not in out and "Error" not in out.replace("NotImplementedError", ""), out
-    assert out.count("TODO Task 1:") == 1, out
 
 
 def test_task_option_selects_one_task(tmp_path):
-    code, data, out = grade(tmp_path, "--impl", "solutions", "--task", "2")
+    code, data, out = grade(tmp_path, "--impl", "solutions", "--task", "7")
     assert code == 5, out  # nothing is graded for a task with no tests yet
-    code, data, out = grade(tmp_path, "--impl", "solutions", "--task", "1")
-    assert code == 0 and list(data["tasks"]) == ["1"], out
+    code, data, out = grade(tmp_path, "--impl", "solutions", "--task", "2")
+    assert code == 0 and list(data["tasks"]) == ["2"], out
 
 
 QUADRATIC_MEMORY = '''
@@ -87,45 +89,105 @@ QUADRATIC_TIME = '''
     __call__ = sliding_attention
 '''
 
+QUADRATIC_LEVEL = '''
+def dilated_attention(q, k, v, segment_size, dilation, *, head_offsets=True, causal=True, scale=None):
+    B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
+    w, r = check_positive_int("segment_size", segment_size), check_positive_int("dilation", dilation)
+    if r > w:
+        raise ValueError(f"dilation must be <= segment_size ({w}), got {r}")
+    scale = D ** -0.5 if scale is None else scale
+    t = mx.arange(Lk)
+    p = mx.arange(Lk - Lq, Lk)
+    offset = (mx.arange(Hq) // -(-Hq // r))[:, None]  # (Hq, 1)
+    kept_k = ((t % w) % r)[None] == offset  # (Hq, Lk)
+    kept_q = ((p % w) % r)[None] == offset  # (Hq, Lq)
+    mask = kept_q[:, :, None] & kept_k[:, None, :] & ((p // w)[:, None] == (t // w)[None])[None]
+    mask = mask & (t[None] <= p[:, None])[None]  # an (Hq, Lq, Lk) mask: quadratic memory
+    kk = mx.repeat(k, Hq // Hkv, axis=1).astype(mx.float32)
+    vv = mx.repeat(v, Hq // Hkv, axis=1).astype(mx.float32)
+    s = mx.where(mask, (q.astype(mx.float32) * scale) @ kk.swapaxes(-1, -2), -mx.inf)
+    lse = mx.logsumexp(s, axis=-1)
+    out = mx.exp(s - mx.where(lse == -mx.inf, 0.0, lse)[..., None]) @ vv
+    return out.astype(q.dtype), lse
+'''
+
+# (module, edits): text replacements in the reference, or the name of a
+# replacement for one whole function.
 MUTANTS = {
-    "window off by one (attention)": [("(c > r - window)", "(c >= r - window)")],
-    "window off by one (mask)": [("(j > p - self.window_size)", "(j >= p - self.window_size)")],
-    "future leaks (attention)": [("band = (c <= r)", "band = (c <= r + 1)")],
-    "future leaks (mask)": [("return (j <= p)", "return (j <= p + 1)")],
-    "missing scale": [("(scale * LOG2E)", "LOG2E")],
-    "scale argument ignored": [("scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale",
-                                "scale = q.shape[-1] ** -0.5")],
-    "offset ignored (attention)": [("start = (Lk - Lq) - nprev * block", "start = -nprev * block")],
-    "offset ignored (mask)": [("mx.arange(offset, offset + seq_len)[:, None]", "mx.arange(seq_len)[:, None]")],
-    "GQA heads as h % Hkv": [("qf = qf.reshape(B, Hkv, rep, nb, block, D).transpose(0, 1, 3, 2, 4, 5)",
-                              "qf = qf.reshape(B, rep, Hkv, nb, block, D).transpose(0, 2, 3, 1, 4, 5)")],
-    "swapped axes in the output": [("return o[:, :, :Lq].astype(q.dtype)",
-                                    "return o[:, :, :Lq].astype(q.dtype).swapaxes(1, 2)")],
-    "no float32 accumulation": [(".astype(mx.float32)", ".astype(q.dtype)")],
-    "no validation": [("        check_attention(q, k, v)\n", "")],
-    "window not validated": [('self.window_size = check_positive_int("window_size", window_size)',
-                              "self.window_size = window_size")],
-    "quadratic memory (dense mask)": "QUADRATIC_MEMORY",
-    "quadratic time (every key per block)": "QUADRATIC_TIME",
+    "window off by one (attention)": ("sliding", [("(c > r - window)", "(c >= r - window)")]),
+    "window off by one (mask)": ("sliding", [("(j > p - self.window_size)", "(j >= p - self.window_size)")]),
+    "future leaks (attention)": ("sliding", [("band = (c <= r)", "band = (c <= r + 1)")]),
+    "future leaks (mask)": ("sliding", [("return (j <= p)", "return (j <= p + 1)")]),
+    "missing scale": ("sliding", [("(scale * LOG2E)", "LOG2E")]),
+    "scale argument ignored": ("sliding", [("scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale",
+                                            "scale = q.shape[-1] ** -0.5")]),
+    "offset ignored (attention)": ("sliding", [("start = (Lk - Lq) - nprev * block", "start = -nprev * block")]),
+    "offset ignored (mask)": ("sliding", [("mx.arange(offset, offset + seq_len)[:, None]",
+                                           "mx.arange(seq_len)[:, None]")]),
+    "GQA heads as h % Hkv": ("sliding", [(
+        "qf = qf.reshape(B, Hkv, rep, nb, block, D).transpose(0, 1, 3, 2, 4, 5)",
+        "qf = qf.reshape(B, rep, Hkv, nb, block, D).transpose(0, 2, 3, 1, 4, 5)")]),
+    "swapped axes in the output": ("sliding", [("return o[:, :, :Lq].astype(q.dtype)",
+                                                "return o[:, :, :Lq].astype(q.dtype).swapaxes(1, 2)")]),
+    "no float32 accumulation": ("sliding", [(".astype(mx.float32)", ".astype(q.dtype)")]),
+    "no validation": ("sliding", [("        check_attention(q, k, v)\n", "")]),
+    "window not validated": ("sliding", [('self.window_size = check_positive_int("window_size", window_size)',
+                                          "self.window_size = window_size")]),
+    "quadratic memory (dense mask)": ("sliding", "QUADRATIC_MEMORY"),
+    "quadratic time (every key per block)": ("sliding", "QUADRATIC_TIME"),
+    # Task 2
+    "levels averaged instead of LSE-mixed": ("hierarchical", [(
+        "weight = mx.exp(lse - mx.logsumexp(lse, axis=0, keepdims=True))",
+        "weight = mx.isfinite(lse) / mx.sum(mx.isfinite(lse), axis=0, keepdims=True)")]),
+    "dilation offset not per head": ("hierarchical", [(
+        "offset = h // -(-Hq // r) if head_offsets else mx.zeros_like(h)", "offset = mx.zeros_like(h)")]),
+    "head offsets as h % r": ("hierarchical", [("h // -(-Hq // r) if head_offsets", "h % r if head_offsets")]),
+    "segments not causal": ("hierarchical", [("    if causal:\n        visible = visible &",
+                                              "    if False:\n        visible = visible &")]),
+    "segments aligned to the first query, not to position 0": ("hierarchical", [(
+        "first = (Lk - Lq) // w * w", "first = Lk - Lq")]),
+    "lse left in log2 units": ("hierarchical", [("(s_max + mx.log2(denom)) / LOG2E", "(s_max + mx.log2(denom))")]),
+    "dilation not validated against the segment": ("hierarchical", [(
+        "            if r > w:\n                raise", "            if False:\n                raise")]),
+    "quadratic memory (an L x L mask per level)": ("hierarchical", "QUADRATIC_LEVEL"),
+    # Task 3
+    "normalised block outputs summed": ("ring", [(
+        "return RingState(a.out * wa + b.out * wb, lse)", "return RingState(a.out + b.out, lse)")]),
+    "future shards not skipped": ("ring", [(
+        "if self.causal and ring_position > query_position:\n            return state",
+        "if False:\n            return state")]),
+    "diagonal not causal": ("ring", [(
+        "            if diagonal:\n                s = mx.where", "            if False:\n                s = mx.where")]),
+    "block_size ignored (whole shard at once)": ("ring", [(
+        "for k0 in range(0, nk, self.block_size):\n            k1 = min(nk, k0 + self.block_size)",
+        "for k0 in range(0, nk, nk):\n            k1 = nk")]),
+    "merge gives NaN for empty partials": ("ring", [(
+        "safe = mx.where(lse == -mx.inf, 0.0, lse)", "safe = lse")]),
+    "zigzag second chunk misnumbered": ("ring", [(
+        "(2 * size - 1 - owner, x[:, :, h:])", "(2 * size - 2 - owner, x[:, :, h:])")]),
+    "ring runs backwards": ("ring", [(
+        "    # BEGIN SOLUTION\n    nxt, prv = (rank + 1) % size, (rank - 1) % size",
+        "    # BEGIN SOLUTION\n    prv, nxt = (rank + 1) % size, (rank - 1) % size")]),
 }
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
 def test_each_planted_bug_fails_a_graded_test(tmp_path, name):
-    source = SOLUTION.read_text()
-    edits = MUTANTS[name]
-    if isinstance(edits, str):  # replace sliding_attention wholesale
-        start = source.index("    def sliding_attention(")
-        end = source.index("    __call__ = sliding_attention\n") + len("    __call__ = sliding_attention\n")
-        source = source[:start] + globals()[edits].lstrip("\n") + source[end:]
+    module, edits = MUTANTS[name]
+    source = (SOLUTIONS / f"{module}.py").read_text()
+    if isinstance(edits, str):  # replace one function, from its def line to its own last line
+        replacement = globals()[edits].strip("\n") + "\n"
+        last = replacement.rstrip("\n").rsplit("\n", 1)[1] + "\n"
+        begin = source.index(replacement[:replacement.index("(") + 1])
+        source = source[:begin] + replacement + source[source.index(last, begin) + len(last):]
     else:
         for old, new in edits:
-            assert old in source, f"mutant {name!r} no longer applies: {old!r} is not in the solution"
+            assert old in source, f"mutant {name!r} no longer applies: {old!r} is not in {module}.py"
             source = source.replace(old, new)
     folder = tmp_path / "mutant"
-    folder.mkdir()
-    (folder / "sliding.py").write_text(source)
-    code, data, out = grade(tmp_path, "--impl-dir", str(folder))
+    shutil.copytree(SOLUTIONS, folder)
+    (folder / f"{module}.py").write_text(source)
+    code, data, out = grade(tmp_path, "--impl-dir", str(folder), "--task", str(TASKS[module]), "-x")
     assert code != 0, f"planted bug {name!r} passed every graded test"
     failed = [t for t, outcome in data["tests"].items() if outcome != "passed"]
     assert failed, out

@@ -51,7 +51,7 @@ def test_bench_writes_table_json_and_png(tmp_path):
                            "--heads", "2", "--dim", "16", "--repeats", "1", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "sliding" in proc.stdout and "dense mask" in proc.stdout
+    assert all(t in proc.stdout for t in ("sliding", "hierarchical", "ring (1 process", "dense mask")), proc.stdout
     import json
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert {(r["backend"], r["technique"]) for r in rows} >= {("mlx", "sliding"), ("torch", "sliding")}
@@ -85,3 +85,27 @@ def test_torch_mirror_equals_mlx_reference(dtype):
     b = TorchSliding(19)(*(torch.from_numpy(x).to(getattr(torch, dtype)) for x in (q, k, v)))
     np.testing.assert_allclose(np.array(a.astype(mx.float32)), b.float().numpy(),
                                rtol=1e-5 if dtype == "float32" else 2e-3, atol=1e-5 if dtype == "float32" else 2e-3)
+
+
+@pytest.mark.parametrize("name", ["HierarchicalAttention", "RingAttention"])
+def test_torch_mirror_equals_mlx_reference_tasks_2_and_3(name):
+    import mlx.core as mx
+    import torch
+
+    import longctx.mlx
+    import longctx.torch
+    args = ([8, 32, 128],) if name == "HierarchicalAttention" else (3, 16)
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((2, 6, 77, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 3, 77, 16)).astype(np.float32) for _ in range(2))
+    a = getattr(longctx.mlx, name)(*args)(*(mx.array(x) for x in (q, k, v)))
+    b = getattr(longctx.torch, name)(*args)(*(torch.from_numpy(x) for x in (q, k, v)))
+    np.testing.assert_allclose(np.array(a), b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_ring_faults_raise_with_the_mirror_too():
+    """A torch rank whose neighbour never sends raises TimeoutError naming it (gloo, 2 processes)."""
+    from longctx.ringrun import run_ring
+    reports, log = run_ring("torch", 2, "--length", "32", "--timeout", "2", "--fault", "silent", "--fault-rank", "1")
+    assert [r["rank"] for r in reports] == [0], log
+    assert reports[0]["error"].startswith("TimeoutError") and "rank 1" in reports[0]["error"], reports

@@ -1,16 +1,20 @@
 """``longctx bench``: every technique against its baselines, in one process.
 
-At this stage, Task 1: sliding-window attention against the dense-mask
+Task 1 sliding-window, Task 2 hierarchical (LongNet levels) and Task 3 ring
+attention (simulated in one process, 4 shards) against the dense-mask
 baseline (``scaled_dot_product_attention`` with an ``L x L`` boolean mask) and
 causal full attention, for MLX and torch, across lengths. Each row has the
-median time, the peak memory, the useful GFLOP/s (only the band's
-multiply-adds count) and, for MLX, its fraction of MLX's own 2048^3 matmul
-measured in the same run.
+median time, the peak memory, the useful GFLOP/s (only the multiply-adds of
+visible (query, key) pairs count) and, for MLX, its fraction of MLX's own
+2048^3 matmul measured in the same run.
+
+``ring_rows`` (``longctx bench --ring``) runs Task 3 across real processes.
 """
 from __future__ import annotations
 
 import json
 import platform
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,10 +38,20 @@ class Row:
     note: str = ""
 
 
+HIERARCHICAL_LEVELS = [64, 256, 1024]  # dilations 1, 4, 16: each segment keeps 64 rows
+RING_SIZE = 4
+
+
 def useful_flops(L: int, window: int, heads: int, dim: int) -> float:
     """Multiply-adds that matter: QK^T and PV over the visible keys only (2 * 2 FLOPs each)."""
     visible = sum(min(i + 1, window) for i in range(L))
     return 4.0 * heads * dim * visible
+
+
+def hierarchical_flops(L: int, levels, heads: int, dim: int) -> float:
+    """The causal pairs inside each level's gathered segments: (L / w) segments of m(m+1)/2."""
+    pairs = sum(-(-L // w) * m * (m + 1) / 2 for w in levels for m in [min(w, L) // (w // levels[0])])
+    return 4.0 * heads * dim * pairs
 
 
 def mlx_matmul_gflops(n: int = 2048) -> float:
@@ -52,10 +66,13 @@ def _cases(backend: str, window: int):
     if backend == "mlx":
         import mlx.core as mx
 
-        from longctx.mlx import SlidingWindowAttention
+        from longctx.mlx import HierarchicalAttention, RingAttention, SlidingWindowAttention
         attn = SlidingWindowAttention(window)
+        levels, ring = HierarchicalAttention(HIERARCHICAL_LEVELS), RingAttention(RING_SIZE, 1024)
         return [
             ("sliding", lambda q, k, v, m: lambda: attn(q, k, v)),
+            ("hierarchical", lambda q, k, v, m: lambda: levels(q, k, v)),
+            (f"ring (1 process, P={RING_SIZE})", lambda q, k, v, m: lambda: ring(q, k, v)),
             ("dense mask", lambda q, k, v, m: lambda: mx.fast.scaled_dot_product_attention(
                 q, k, v, scale=q.shape[-1] ** -0.5, mask=m)),
             ("causal full", lambda q, k, v, m: lambda: mx.fast.scaled_dot_product_attention(
@@ -63,11 +80,14 @@ def _cases(backend: str, window: int):
         ]
     import torch
 
-    from longctx.torch import SlidingWindowAttention
+    from longctx.torch import HierarchicalAttention, RingAttention, SlidingWindowAttention
     attn = SlidingWindowAttention(window)
+    levels, ring = HierarchicalAttention(HIERARCHICAL_LEVELS), RingAttention(RING_SIZE, 1024)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     return [
         ("sliding", lambda q, k, v, m: lambda: attn(q, k, v)),
+        ("hierarchical", lambda q, k, v, m: lambda: levels(q, k, v)),
+        (f"ring (1 process, P={RING_SIZE})", lambda q, k, v, m: lambda: ring(q, k, v)),
         ("dense mask", lambda q, k, v, m: lambda: sdpa(q, k, v, attn_mask=m)),
         ("causal full", lambda q, k, v, m: lambda: sdpa(q, k, v, is_causal=True)),
     ]
@@ -98,8 +118,11 @@ def run(lengths=(1024, 2048, 4096), window: int = 256, heads: int = 8, dim: int 
                 dev = "cuda" if torch.cuda.is_available() else "cpu"
                 q, k, v, m = (torch.from_numpy(x).to(dev) for x in (q, k, v, mask))
             for technique, make in cases:
-                flops = useful_flops(L, window if technique != "causal full" else L, heads, dim)
-                if technique != "sliding" and heads * L * L * 8 > DENSE_LIMIT_BYTES:
+                if technique == "hierarchical":
+                    flops = hierarchical_flops(L, HIERARCHICAL_LEVELS, heads, dim)
+                else:
+                    flops = useful_flops(L, L if technique.startswith(("causal", "ring")) else window, heads, dim)
+                if technique in ("dense mask", "causal full") and heads * L * L * 8 > DENSE_LIMIT_BYTES:
                     rows.append(Row(backend, technique, L, None, None, None,
                                     f"skipped: ~{heads * L * L * 8 / 2**30:.0f} GiB of scores"))
                 else:
@@ -110,10 +133,12 @@ def run(lengths=(1024, 2048, 4096), window: int = 256, heads: int = 8, dim: int 
     return rows
 
 
-def report(rows: list[Row], matmul_gflops: float, window: int, heads: int, dim: int, out: Path, console) -> None:
+def report(rows: list[Row], matmul_gflops: float, window: int, heads: int, dim: int, out: Path, console,
+           ring: list[dict] = ()) -> None:
     from rich.table import Table
-    table = Table(title=f"Task 1 sliding-window attention: W={window}, H={heads}, D={dim}, float32, "
-                        f"B=1 (MLX matmul 2048^3: {matmul_gflops:.0f} GFLOP/s)")
+    table = Table(title=f"Tasks 1-3: sliding W={window}, hierarchical levels {HIERARCHICAL_LEVELS}, ring "
+                        f"P={RING_SIZE}; H={heads}, D={dim}, float32, B=1 "
+                        f"(MLX matmul 2048^3: {matmul_gflops:.0f} GFLOP/s)")
     for column in ("backend", "technique", "L", "ms", "peak MiB", "useful GFLOP/s", "% matmul",
                    "speed vs dense", "memory vs dense"):
         table.add_column(column, justify="right" if column not in ("backend", "technique") else "left")
@@ -129,11 +154,19 @@ def report(rows: list[Row], matmul_gflops: float, window: int, heads: int, dim: 
                       faster if r.technique != "dense mask" else "1x",
                       smaller if r.technique != "dense mask" else "1x")
     console.print(table)
+    if ring:
+        ring_table = Table(title="Task 3 across real processes")
+        for column in ("measure", "L", "value", "note"):
+            ring_table.add_column(column)
+        for r in ring:
+            ring_table.add_row(r["what"], str(r["length"]), f"{r['value']:.3g}", r["note"])
+        console.print(ring_table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
         "config": {"window": window, "heads": heads, "dim": dim, "dtype": "float32", "batch": 1},
-        "mlx_matmul_gflops": matmul_gflops, "rows": [asdict(r) for r in rows]}, indent=2))
+        "mlx_matmul_gflops": matmul_gflops, "rows": [asdict(r) for r in rows], "ring": list(ring)},
+        indent=2))
     _plot(rows, window, out / "bench.png")
     console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
 
@@ -155,7 +188,57 @@ def _plot(rows: list[Row], window: int, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
     ax_t.legend(fontsize=7)
-    fig.suptitle(f"Sliding window (W={window}) vs dense-mask and causal attention")
+    fig.suptitle(f"Sliding window (W={window}), hierarchical, ring vs dense-mask and causal attention")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def ring_rows(backend: str = "mlx", processes: int = 4, length: int = 65536, check_length: int = 4096,
+              heads: int = 4, kv_heads: int = 2, dim: int = 32, block_size: int = 1024) -> list[dict]:
+    """Task 3 across real processes (``mlx.launch`` / ``torchrun`` on this host).
+
+    Exactness: every rank's error against the float64 oracle at ``check_length``
+    (an ``L x L`` oracle at 65536 would not fit), both layouts. Memory and time:
+    per-rank peak and seconds per ring step at ``length``, against a
+    one-process blockwise run (``RingAttention(1, block_size)``) of the whole
+    sequence in this process. Causal work: the (query, key) pairs per rank.
+    """
+    from longctx.ringrun import causal_work, run_ring
+    shape = ["--heads", str(heads), "--kv-heads", str(kv_heads), "--dim", str(dim), "--block-size", str(block_size)]
+    rows = []
+    for layout in ("contiguous", "zigzag"):
+        reports, log = run_ring(backend, processes, "--length", str(check_length), "--check", "--layout", layout,
+                                *shape)
+        errors = [r.get("max_error") for r in reports]
+        if len(reports) != processes or any(e is None for e in errors):
+            raise RuntimeError(f"the {layout} ring failed:\n{log[-2000:]}\n{reports}")
+        work = [causal_work(r, processes, length, layout, True) for r in range(processes)]
+        rows.append({"what": f"exactness, {layout}", "length": check_length, "value": max(errors),
+                     "note": f"max |error| over {processes} ranks vs float64 oracle"})
+        rows.append({"what": f"causal work per rank, {layout}", "length": length,
+                     "value": max(work) / min(work), "note": "max/min pairs: " + ", ".join(f"{w:.3g}" for w in work)})
+    reports, log = run_ring(backend, processes, "--length", str(length), "--layout", "zigzag", *shape, timeout=3000)
+    if len(reports) != processes or any("error" in r for r in reports):
+        raise RuntimeError(f"the ring at L={length} failed:\n{log[-2000:]}\n{reports}")
+    rng = np.random.default_rng(0)
+    if backend == "mlx":
+        import mlx.core as mx
+
+        from longctx.mlx import RingAttention
+        q = mx.array(rng.standard_normal((1, heads, length, dim)).astype(np.float32))
+        k, v = (mx.array(rng.standard_normal((1, kv_heads, length, dim)).astype(np.float32)) for _ in range(2))
+        mx.eval(q, k, v)
+        one = RingAttention(1, block_size)
+        start = time.perf_counter()
+        peak = measure.mlx_peak_bytes(lambda: one(q, k, v))  # one run: it is long at this length
+        seconds = time.perf_counter() - start
+        rank_peak = max(r["peak_bytes"] for r in reports)
+        rows.append({"what": "peak memory per rank / one-process blockwise", "length": length,
+                     "value": rank_peak / peak,
+                     "note": f"{rank_peak / 2**20:.0f} MiB per rank vs {peak / 2**20:.0f} MiB (goal <= 1/3)"})
+        rows.append({"what": "seconds, one-process blockwise", "length": length, "value": seconds, "note": ""})
+    step = max(r["seconds_per_step"] for r in reports)
+    rows.append({"what": "seconds per ring step (slowest rank)", "length": length, "value": step,
+                 "note": f"{processes} processes sharing this machine's cores"})
+    return rows

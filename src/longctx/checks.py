@@ -30,10 +30,11 @@ def check_scale(scale) -> float | None:
     return float(scale)
 
 
-def check_attention(q, k, v) -> tuple[int, int, int, int, int, int]:
+def check_attention(q, k, v, *, queries_last: bool = True) -> tuple[int, int, int, int, int, int]:
     """Validate ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)``; return ``B, Hq, Hkv, Lq, Lk, D``.
 
-    Queries are the last ``Lq`` positions of the ``Lk`` keys, so ``Lq <= Lk``.
+    Queries are the last ``Lq`` positions of the ``Lk`` keys, so ``Lq <= Lk``
+    (``queries_last=False``, for a ring step between two shards, drops that rule).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if len(x.shape) != 4:
@@ -50,9 +51,15 @@ def check_attention(q, k, v) -> tuple[int, int, int, int, int, int]:
         raise ValueError(f"k head dim must equal q head dim {D}, got k shape {tuple(k.shape)}")
     if Hq % Hkv != 0:
         raise ValueError(f"q heads must be a multiple of kv heads, got Hq={Hq} and Hkv={Hkv}")
-    if Lq > Lk:
+    if queries_last and Lq > Lk:
         raise ValueError(f"q length must be <= k length (queries are the last Lq positions), "
                          f"got Lq={Lq} and Lk={Lk}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     return B, Hq, Hkv, Lq, Lk, D
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value

@@ -28,12 +28,17 @@ def cmd_bench(args) -> int:
         console.print(f"[yellow]slow reference BLAS in use (see `longctx doctor`); fix: {longctx.blas.FIX}")
     backends = ("mlx", "torch") if args.backend == "all" else (args.backend,)
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("benchmarking", total=len(backends) * len(args.lengths) * 3 + 1)
+        task = progress.add_task("benchmarking", total=len(backends) * len(args.lengths) * 5 + 1 + args.ring)
         matmul = bench.mlx_matmul_gflops()
         progress.advance(task)
         rows = bench.run(args.lengths, args.window, args.heads, args.dim, backends, args.repeats,
                          progress=lambda: progress.advance(task))
-    bench.report(rows, matmul, args.window, args.heads, args.dim, Path(args.out), console)
+        ring = []
+        if args.ring:
+            progress.update(task, description=f"ring: {args.ring_processes} processes, L={args.ring_length}")
+            ring = bench.ring_rows(backends[0], args.ring_processes, args.ring_length)
+            progress.advance(task)
+    bench.report(rows, matmul, args.window, args.heads, args.dim, Path(args.out), console, ring)
     return 0
 
 
@@ -82,6 +87,10 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=["all", "mlx", "torch"], default="all")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
+    p.add_argument("--ring", action="store_true",
+                   help="also run Task 3 across real processes (mlx.launch / torchrun on this host)")
+    p.add_argument("--ring-length", type=int, default=65536)
+    p.add_argument("--ring-processes", type=int, default=4)
     p.set_defaults(run=cmd_bench)
     p = sub.add_parser("doctor", help="check the set-up (BLAS speed, devices)")
     p.add_argument("--strict", action="store_true", help="exit 1 when MLX uses the slow BLAS")
@@ -91,9 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=".", help="the repository root")
     p.set_defaults(run=cmd_stubs)
     args = parser.parse_args(argv)
-    for name in ("window", "heads", "dim", "repeats"):
+    for name in ("window", "heads", "dim", "repeats", "ring_length", "ring_processes"):
         if getattr(args, name, 1) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args.run(args)
 
 

@@ -83,13 +83,15 @@ def _live_storage_counter():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                      if hasattr(t, "untyped_storage")}
             for t in tree_flatten(out)[0]:
                 if not hasattr(t, "untyped_storage"):
                     continue
                 storage = t.untyped_storage()
                 key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes == 0 or key in self.seen:
-                    continue  # a view of a storage already counted
+                if nbytes == 0 or key in self.seen or key in inputs:
+                    continue  # a view: of a storage already counted, or of one made before fn()
                 self.seen.add(key)
                 self.live += nbytes
                 self.peak = max(self.peak, self.live)

@@ -86,3 +86,123 @@ def sliding_mistakes(q, k, v, window: int, *, scale=None) -> dict[str, np.ndarra
             [attention(q[:, h:h + 1], k[:, perm[h]:perm[h] + 1], v[:, perm[h]:perm[h] + 1],
                        sliding_mask(lq, lk, window), scale=scale) for h in range(hq)], axis=1)
     return out
+
+
+# ---------------------------------------------------------------- Task 2: dilated / hierarchical
+
+def head_offset(h: int, hq: int, dilation: int, head_offsets: bool = True) -> int:
+    """The offset head ``h`` keeps inside each segment: heads split into ``dilation`` groups."""
+    return h // -(-hq // dilation) if head_offsets else 0
+
+
+# ANCHOR: dilated_pairs
+def dilated_pairs(hq: int, lq: int, lk: int, segment_size: int, dilation: int, *,
+                  head_offsets: bool = True, causal: bool = True) -> np.ndarray:
+    """``(hq, lq, lk)`` bool: one level pairs query ``i`` (position ``lk - lq + i``) with key ``j``."""
+    pairs = np.zeros((hq, lq, lk), dtype=bool)
+    t = np.arange(lk)
+    segment = t // segment_size
+    for h in range(hq):
+        offset = head_offset(h, hq, dilation, head_offsets)
+        kept = (t - segment * segment_size) % dilation == offset
+        for i, p in enumerate(query_positions(lq, lk)):
+            if kept[p]:
+                pairs[h, i] = kept & (segment == segment[p]) & ((t <= p) if causal else True)
+    return pairs
+# ANCHOR_END: dilated_pairs
+
+
+def dilated_attention(q, k, v, segment_size: int, dilation: int, *, head_offsets: bool = True,
+                      causal: bool = True, scale=None) -> tuple[np.ndarray, np.ndarray]:
+    """One LongNet level: ``(out, lse)``; ``lse`` is ``-inf`` (and ``out`` 0) where no key is paired."""
+    hq, lq, lk = q.shape[1], q.shape[2], k.shape[2]
+    pairs = dilated_pairs(hq, lq, lk, segment_size, dilation, head_offsets=head_offsets, causal=causal)
+    return attention(q, k, v, pairs[None], scale=scale), attention_lse(q, k, pairs[None], scale=scale)
+
+
+def attention_lse(q, k, mask, *, scale=None) -> np.ndarray:
+    """``(B, Hq, Lq)`` float64: log of each row's softmax denominator (``-inf`` for an empty row)."""
+    q, k = np.asarray(q, dtype=np.float64), np.asarray(k, dtype=np.float64)
+    k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = np.where(mask, np.einsum("bhid,bhjd->bhij", q, k) * scale, -np.inf)
+    m = s.max(axis=-1)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.exp(s - m_safe[..., None]).sum(axis=-1)) + m_safe
+
+
+def default_dilations(levels) -> list[int]:
+    """``w // levels[0]`` per level: every segment keeps about ``levels[0]`` positions."""
+    return [max(1, w // levels[0]) for w in levels]
+
+
+# ANCHOR: hierarchical
+def hierarchical_attention(q, k, v, levels, dilations=None, *, causal: bool = True, scale=None,
+                           head_offsets: bool = True) -> np.ndarray:
+    """LongNet's mix as one softmax over the union, with multiplicity, of every level's keys:
+    ``softmax(scores + log c) @ v`` where ``c`` counts the levels that pair query and key."""
+    dilations = default_dilations(levels) if dilations is None else dilations
+    hq, lq, lk = q.shape[1], q.shape[2], k.shape[2]
+    count = sum(dilated_pairs(hq, lq, lk, w, r, head_offsets=head_offsets, causal=causal).astype(np.float64)
+                for w, r in zip(levels, dilations))
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    k, v = (np.repeat(x, hq // x.shape[1], axis=1) for x in (k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    with np.errstate(divide="ignore"):
+        s = np.einsum("bhid,bhjd->bhij", q, k) * scale + np.log(count)[None]  # log 0 = -inf: unseen
+    e = np.exp(s - s.max(axis=-1, keepdims=True))  # level 0 keeps every query: no empty row
+    return np.einsum("bhij,bhjd->bhid", e / e.sum(axis=-1, keepdims=True), v)
+# ANCHOR_END: hierarchical
+
+
+def hierarchical_mistakes(q, k, v, levels, dilations=None, *, causal: bool = True, scale=None):
+    """What the classic Task 2 mistakes would output, for :func:`assert_close`'s diagnosis."""
+    dilations = default_dilations(levels) if dilations is None else dilations
+    parts = [dilated_attention(q, k, v, w, r, causal=causal, scale=scale) for w, r in zip(levels, dilations)]
+    kept = [np.isfinite(lse)[..., None] for _, lse in parts]
+    out = {
+        "levels averaged instead of mixed by their softmax denominators (LSE)":
+            sum(o for o, _ in parts) / sum(kept),
+        "dilation offset not per head (every head keeps offset 0)":
+            hierarchical_attention(q, k, v, levels, dilations, causal=causal, scale=scale, head_offsets=False),
+        "missing the 1/sqrt(D) scale":
+            hierarchical_attention(q, k, v, levels, dilations, causal=causal, scale=1.0),
+    }
+    if causal:
+        out["future positions leak: segments are not causal"] = hierarchical_attention(
+            q, k, v, levels, dilations, causal=False, scale=scale)
+    return out
+
+
+# ---------------------------------------------------------------- Task 3: ring
+
+def shard_mask(n_q: int, n_k: int, query_position: int, ring_position: int, causal: bool = True) -> np.ndarray:
+    """``(n_q, n_k)`` bool: what one ring step lets query shard ``query_position`` see of kv
+    shard ``ring_position`` (later shards nothing, the diagonal causally, earlier ones all)."""
+    if not causal or ring_position < query_position:
+        return np.ones((n_q, n_k), dtype=bool)
+    if ring_position > query_position:
+        return np.zeros((n_q, n_k), dtype=bool)
+    return np.arange(n_k)[None, :] <= np.arange(n_q)[:, None]
+
+
+def ring_mistakes(q, k, v, ring_size: int, *, causal: bool = True, scale=None) -> dict[str, np.ndarray]:
+    """What the classic Task 3 mistakes would output for a ring of ``ring_size`` equal shards."""
+    L = q.shape[2]
+    n = -(-L // ring_size)
+    shard = np.arange(L) // n
+    mask = causal_mask(L, L) if causal else np.ones((L, L), dtype=bool)
+    same = shard[:, None] == shard[None, :]
+    out = {"missing the 1/sqrt(D) scale": attention(q, k, v, mask, scale=1.0)}
+    # Normalised per-shard outputs added up (or averaged) instead of merged by their lse.
+    blocks = [attention(q, k, v, mask & (shard[None, :] == s), scale=scale) for s in range(shard[-1] + 1)]
+    out["normalised block outputs summed instead of merged by log-sum-exp"] = sum(blocks)
+    visible = [(mask & (shard[None, :] == s)).any(axis=1)[None, None, :, None] for s in range(shard[-1] + 1)]
+    out["normalised block outputs averaged instead of merged by log-sum-exp"] = sum(blocks) / sum(visible)
+    if causal:
+        out["later kv shards not skipped (only the diagonal shard is causal)"] = attention(
+            q, k, v, mask | (shard[None, :] > shard[:, None]), scale=scale)
+        out["diagonal shard not causal"] = attention(q, k, v, mask | same, scale=scale)
+        out["causal mask ignored"] = attention(q, k, v, None, scale=scale)
+    return out

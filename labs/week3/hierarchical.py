@@ -1,0 +1,52 @@
+# Learner stub for Task 2, generated from solutions/week3/hierarchical.py by `longctx stubs`.
+# Replace each `raise NotImplementedError(...)` with your code; grade it with
+#     pytest labs/week3 --task 2
+"""Task 2: hierarchical attention, LongNet's dilated levels (book chapter "Hierarchical (dilated) attention").
+
+One level ``(w, r)`` cuts the sequence into segments of ``w`` positions (segment
+``s`` holds ``s*w .. s*w + w - 1``); inside each segment, head ``h`` keeps every
+``r``-th position starting at its offset ``h // ceil(Hq / r)`` (torchscale's
+``DilatedAttention``), and the kept queries attend to the kept keys of their
+own segment. Several levels, from short and dense to long and sparse, are
+mixed by their softmax denominators: that equals one softmax over the union,
+with multiplicity, of the keys the levels give each query (Ding et al. 2023,
+"LongNet: Scaling Transformers to 1,000,000,000 Tokens").
+
+The kept rows are *gathered* into dense ``(segments, m, D)`` blocks with
+``m = ceil(w / r)`` before any score is computed, so one level costs
+``Hq * (L / w) * m^2`` scores: linear in ``L``, never ``L * L``.
+"""
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from longctx.checks import check_attention, check_positive_int, check_scale
+
+LOG2E = math.log2(math.e)
+
+
+def dilated_attention(q: mx.array, k: mx.array, v: mx.array, segment_size: int, dilation: int, *,
+                      head_offsets: bool = True, causal: bool = True,
+                      scale: float | None = None) -> tuple[mx.array, mx.array]:
+    """One level. ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` -> ``(out (B, Hq, Lq, D), lse (B, Hq, Lq))``.
+
+    ``out`` has the dtype of ``q`` and is 0 where the head does not keep the
+    query; ``lse`` (float32, natural log of the softmax denominator) is ``-inf`` there.
+    """
+    raise NotImplementedError("Task 2: dilated_attention -- see the book chapter 'Hierarchical (dilated) attention'")
+
+
+class HierarchicalAttention:
+    """LongNet's multi-scale attention: dilated levels mixed by their softmax denominators."""
+
+    def __init__(self, levels: list[int] = [64, 512, 4096], dilations: list[int] | None = None,  # noqa: B006
+                 causal: bool = True, scale: float | None = None):
+        raise NotImplementedError("Task 2: HierarchicalAttention.__init__ -- see the book chapter 'Hierarchical (dilated) attention'")
+
+    def hierarchical_forward(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` -> ``(B, Hq, Lq, D)``, dtype of ``q``."""
+        raise NotImplementedError("Task 2: HierarchicalAttention.hierarchical_forward -- see the book chapter 'Hierarchical (dilated) attention'")
+
+    __call__ = hierarchical_forward

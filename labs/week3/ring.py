@@ -1,0 +1,154 @@
+# Learner stub for Task 3, generated from solutions/week3/ring.py by `longctx stubs`.
+# Replace each `raise NotImplementedError(...)` with your code; grade it with
+#     pytest labs/week3 --task 3
+"""Task 3: ring attention (book chapter "Ring attention").
+
+The sequence is cut into ``ring_size`` shards (shard ``s`` holds positions
+``s*n .. s*n + n - 1``), one per device. Each device keeps its query shard and
+passes key/value shards around the ring; after ``ring_size`` steps every query
+shard has met every kv shard (Liu et al. 2023, "Ring Attention with Blockwise
+Transformers for Near-Infinite Context"). A step's partial result is the pair
+``(out, lse)``: ``out`` normalised by its own softmax denominator, ``lse`` the
+log of that denominator. Two partials over disjoint key sets merge exactly::
+
+    lse = logaddexp(lse_a, lse_b)
+    out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
+
+which is associative and commutative, so steps may arrive in any order.
+
+``RingAttention.__call__`` simulates the ring in one process; scores are
+computed in tiles of ``block_size`` keys, so peak memory is
+``(L / ring_size) * block_size`` scores. ``ring_attention_distributed`` runs
+the same steps across real processes with ``mx.distributed.send/recv``
+(``mlx.launch --backend ring -n P -- python script.py``).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import NamedTuple
+
+import mlx.core as mx
+
+from longctx.checks import check_attention, check_choice, check_nonnegative_int, check_positive_int, check_scale
+
+LOG2E = math.log2(math.e)
+LAYOUTS = ("contiguous", "zigzag")
+
+
+class RingState(NamedTuple):
+    out: mx.array  # (B, Hq, Lq, D) float32, normalised by the running denominator
+    lse: mx.array  # (B, Hq, Lq) float32, log of the running denominator
+
+
+def merge_states(a: RingState, b: RingState) -> RingState:
+    """The log-sum-exp merge of two partials over disjoint keys (associative, commutative)."""
+    raise NotImplementedError("Task 3: merge_states -- see the book chapter 'Ring attention'")
+
+
+def empty_state(q_block: mx.array) -> RingState:
+    """The partial of no keys at all: ``out = 0``, ``lse = -inf``."""
+    B, H, n, D = q_block.shape
+    return RingState(mx.zeros((B, H, n, D), dtype=mx.float32), mx.full((B, H, n), -mx.inf, dtype=mx.float32))
+
+
+def ring_shard(x: mx.array, rank: int, size: int, layout: str = "contiguous") -> mx.array:
+    """The part of a full ``(B, H, L, D)`` sequence that rank ``rank`` of ``size`` holds.
+
+    contiguous: chunk ``rank`` of ``size``. zigzag: chunks ``rank`` and
+    ``2 * size - 1 - rank`` of ``2 * size``, so causal work is balanced.
+    """
+    size = check_positive_int("size", size)
+    if not 0 <= rank < size:
+        raise ValueError(f"rank must be in [0, {size}), got {rank!r}")
+    check_choice("layout", layout, LAYOUTS)
+    L = x.shape[2]
+    chunks = size if layout == "contiguous" else 2 * size
+    if L % chunks:
+        raise ValueError(f"the sequence length must be a multiple of {chunks} for layout {layout!r}, got {L}")
+    n = L // chunks
+    if layout == "contiguous":
+        return x[:, :, rank * n:(rank + 1) * n]
+    other = chunks - 1 - rank
+    return mx.concatenate([x[:, :, rank * n:(rank + 1) * n], x[:, :, other * n:(other + 1) * n]], axis=2)
+
+
+class RingAttention:
+    """Exact attention over a sequence split into ``ring_size`` shards."""
+
+    def __init__(self, ring_size: int, block_size: int = 1024, causal: bool = True,
+                 scale: float | None = None):
+        raise NotImplementedError("Task 3: RingAttention.__init__ -- see the book chapter 'Ring attention'")
+
+    def ring_attention_step(self, q_block: mx.array, k_block: mx.array, v_block: mx.array,
+                            ring_position: int, state: RingState | None = None, *,
+                            query_position: int = 0) -> RingState:
+        """Fold kv shard ``ring_position`` into the partial of query shard ``query_position``.
+
+        ``q_block (B, Hq, n, D)``, ``k_block, v_block (B, Hkv, n_k, D)``. With
+        ``causal``: a later shard changes nothing, the diagonal is causal inside
+        the block, an earlier shard is fully visible.
+        """
+        raise NotImplementedError("Task 3: RingAttention.ring_attention_step -- see the book chapter 'Ring attention'")
+
+    def finalize(self, state: RingState, dtype=None) -> mx.array:
+        """The attention output: the merged ``out`` (already normalised), cast to ``dtype``."""
+        raise NotImplementedError("Task 3: RingAttention.finalize -- see the book chapter 'Ring attention'")
+
+    def __call__(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """Simulate the ring in one process: ``q, k, v`` over the whole sequence (``Lq == Lk``)."""
+        raise NotImplementedError("Task 3: RingAttention.__call__ -- see the book chapter 'Ring attention'")
+
+
+def ring_attention_distributed(q: mx.array, k: mx.array, v: mx.array, group=None, *, causal: bool = True,
+                               layout: str = "contiguous", block_size: int = 1024,
+                               scale: float | None = None, timeout: float = 60.0) -> mx.array:
+    """Ring attention across the processes of ``group`` (default: ``mx.distributed.init()``).
+
+    Each rank passes its own shard (``ring_shard(x, rank, size, layout)`` of the
+    full ``q, k, v``) and gets its shard of the output. kv shards travel to
+    rank ``r + 1``; each transfer overlaps with the current shard's compute. A
+    rank that dies or stops sending makes the others raise within ``timeout``
+    seconds, naming it.
+    """
+    raise NotImplementedError("Task 3: ring_attention_distributed -- see the book chapter 'Ring attention'")
+
+
+class _Background:
+    """Evaluate ``fn()`` on a helper thread; ``wait`` turns a hang into a ``TimeoutError``.
+
+    MLX runs a blocked ``recv`` inside ``mx.eval`` where Python cannot
+    interrupt it, so the wait happens here, with a deadline. The thread is a
+    daemon: a peer that never sends must not keep this process alive.
+    """
+
+    def __init__(self, fn):
+        self.result = {}
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            with mx.stream(mx.new_stream(mx.cpu)):  # MLX streams belong to one thread
+                out = fn()
+                mx.eval(out)
+            self.result["out"] = out
+        except Exception as error:  # noqa: BLE001 -- re-raised on the caller's thread by wait()
+            self.result["error"] = error
+
+    def wait(self, timeout: float, what: str, suspect: str):
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TimeoutError(f"{what}: nothing from {suspect} within {timeout} s "
+                               f"(did it die, or stop calling ring_attention_distributed?)")
+        if "error" in self.result:
+            raise RuntimeError(f"{what}: failed talking to {suspect}: {self.result['error']}") from self.result["error"]
+        return self.result["out"]
+
+
+def _exchange(kv, group, rank: int, size: int):
+    """Send ``kv`` to ``rank + 1`` and receive the next shard from ``rank - 1``.
+
+    Even ranks send first and odd ranks receive first: if every rank blocked
+    in ``send`` at the same moment, the ring would deadlock."""
+    raise NotImplementedError("Task 3: _exchange -- see the book chapter 'Ring attention'")

@@ -1,0 +1,275 @@
+"""Task 3: ring attention (book chapter "Ring attention").
+
+The sequence is cut into ``ring_size`` shards (shard ``s`` holds positions
+``s*n .. s*n + n - 1``), one per device. Each device keeps its query shard and
+passes key/value shards around the ring; after ``ring_size`` steps every query
+shard has met every kv shard (Liu et al. 2023, "Ring Attention with Blockwise
+Transformers for Near-Infinite Context"). A step's partial result is the pair
+``(out, lse)``: ``out`` normalised by its own softmax denominator, ``lse`` the
+log of that denominator. Two partials over disjoint key sets merge exactly::
+
+    lse = logaddexp(lse_a, lse_b)
+    out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
+
+which is associative and commutative, so steps may arrive in any order.
+
+``RingAttention.__call__`` simulates the ring in one process; scores are
+computed in tiles of ``block_size`` keys, so peak memory is
+``(L / ring_size) * block_size`` scores. ``ring_attention_distributed`` runs
+the same steps across real processes with ``mx.distributed.send/recv``
+(``mlx.launch --backend ring -n P -- python script.py``).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import NamedTuple
+
+import mlx.core as mx
+
+from longctx.checks import check_attention, check_choice, check_nonnegative_int, check_positive_int, check_scale
+
+LOG2E = math.log2(math.e)
+LAYOUTS = ("contiguous", "zigzag")
+
+
+class RingState(NamedTuple):
+    out: mx.array  # (B, Hq, Lq, D) float32, normalised by the running denominator
+    lse: mx.array  # (B, Hq, Lq) float32, log of the running denominator
+
+
+def merge_states(a: RingState, b: RingState) -> RingState:
+    """The log-sum-exp merge of two partials over disjoint keys (associative, commutative)."""
+    # BEGIN SOLUTION
+    lse = mx.logaddexp(a.lse, b.lse)
+    safe = mx.where(lse == -mx.inf, 0.0, lse)  # both empty: keep zeros, never NaN
+    wa = mx.exp(a.lse - safe)[..., None]
+    wb = mx.exp(b.lse - safe)[..., None]
+    return RingState(a.out * wa + b.out * wb, lse)
+    # END SOLUTION
+
+
+def empty_state(q_block: mx.array) -> RingState:
+    """The partial of no keys at all: ``out = 0``, ``lse = -inf``."""
+    B, H, n, D = q_block.shape
+    return RingState(mx.zeros((B, H, n, D), dtype=mx.float32), mx.full((B, H, n), -mx.inf, dtype=mx.float32))
+
+
+def ring_shard(x: mx.array, rank: int, size: int, layout: str = "contiguous") -> mx.array:
+    """The part of a full ``(B, H, L, D)`` sequence that rank ``rank`` of ``size`` holds.
+
+    contiguous: chunk ``rank`` of ``size``. zigzag: chunks ``rank`` and
+    ``2 * size - 1 - rank`` of ``2 * size``, so causal work is balanced.
+    """
+    size = check_positive_int("size", size)
+    if not 0 <= rank < size:
+        raise ValueError(f"rank must be in [0, {size}), got {rank!r}")
+    check_choice("layout", layout, LAYOUTS)
+    L = x.shape[2]
+    chunks = size if layout == "contiguous" else 2 * size
+    if L % chunks:
+        raise ValueError(f"the sequence length must be a multiple of {chunks} for layout {layout!r}, got {L}")
+    n = L // chunks
+    if layout == "contiguous":
+        return x[:, :, rank * n:(rank + 1) * n]
+    other = chunks - 1 - rank
+    return mx.concatenate([x[:, :, rank * n:(rank + 1) * n], x[:, :, other * n:(other + 1) * n]], axis=2)
+
+
+class RingAttention:
+    """Exact attention over a sequence split into ``ring_size`` shards."""
+
+    def __init__(self, ring_size: int, block_size: int = 1024, causal: bool = True,
+                 scale: float | None = None):
+        # BEGIN SOLUTION
+        self.ring_size = check_positive_int("ring_size", ring_size)
+        self.block_size = check_positive_int("block_size", block_size)
+        self.causal = bool(causal)
+        self.scale = check_scale(scale)
+        # END SOLUTION
+
+    def ring_attention_step(self, q_block: mx.array, k_block: mx.array, v_block: mx.array,
+                            ring_position: int, state: RingState | None = None, *,
+                            query_position: int = 0) -> RingState:
+        """Fold kv shard ``ring_position`` into the partial of query shard ``query_position``.
+
+        ``q_block (B, Hq, n, D)``, ``k_block, v_block (B, Hkv, n_k, D)``. With
+        ``causal``: a later shard changes nothing, the diagonal is causal inside
+        the block, an earlier shard is fully visible.
+        """
+        # BEGIN SOLUTION
+        B, Hq, Hkv, nq, nk, D = check_attention(q_block, k_block, v_block, queries_last=False)
+        ring_position = check_nonnegative_int("ring_position", ring_position)
+        query_position = check_nonnegative_int("query_position", query_position)
+        if state is None:
+            state = empty_state(q_block)
+        elif tuple(state.out.shape) != (B, Hq, nq, D) or tuple(state.lse.shape) != (B, Hq, nq):
+            raise ValueError(f"state must hold out {(B, Hq, nq, D)} and lse {(B, Hq, nq)}, got "
+                             f"out {tuple(state.out.shape)} and lse {tuple(state.lse.shape)}")
+        diagonal = self.causal and ring_position == query_position
+        if diagonal and nq != nk:
+            raise ValueError(f"the diagonal step needs equal q and kv shards, got {nq} and {nk}")
+        if self.causal and ring_position > query_position:
+            return state  # a later shard: every key is in the future
+        scale = (D ** -0.5 if self.scale is None else self.scale) * LOG2E
+        qf = q_block.astype(mx.float32).reshape(B, Hkv, Hq // Hkv, nq, D) * scale
+        for k0 in range(0, nk, self.block_size):
+            k1 = min(nk, k0 + self.block_size)
+            kt = k_block[:, :, None, k0:k1].astype(mx.float32)  # (B, Hkv, 1, bk, D)
+            vt = v_block[:, :, None, k0:k1].astype(mx.float32)
+            s = qf @ kt.swapaxes(-1, -2)  # (B, Hkv, rep, nq, bk), log2 units
+            if diagonal:
+                s = mx.where(mx.arange(k0, k1)[None, :] <= mx.arange(nq)[:, None], s, -mx.inf)
+            s_max = mx.max(s, axis=-1, keepdims=True)
+            s_max = mx.where(s_max == -mx.inf, 0.0, s_max)
+            p = mx.power(2.0, s - s_max)
+            denom = mx.sum(p, axis=-1, keepdims=True)
+            out = ((p @ vt) / mx.maximum(denom, 1e-30)).reshape(B, Hq, nq, D)
+            lse = mx.where(denom > 0, (s_max + mx.log2(denom)) / LOG2E, -mx.inf).reshape(B, Hq, nq)
+            state = merge_states(state, RingState(out, lse))
+            mx.eval(state)  # one tile of scores alive at a time
+        return state
+        # END SOLUTION
+
+    def finalize(self, state: RingState, dtype=None) -> mx.array:
+        """The attention output: the merged ``out`` (already normalised), cast to ``dtype``."""
+        # BEGIN SOLUTION
+        return state.out if dtype is None else state.out.astype(dtype)
+        # END SOLUTION
+
+    def __call__(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """Simulate the ring in one process: ``q, k, v`` over the whole sequence (``Lq == Lk``)."""
+        # BEGIN SOLUTION
+        B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
+        if Lq != Lk:
+            raise ValueError(f"ring attention splits one sequence: q length must equal k length, "
+                             f"got Lq={Lq} and Lk={Lk}")
+        P = self.ring_size
+        n = -(-Lq // P)  # shard length; the last shards may be shorter or empty
+        outs = []
+        for rank in range(P):
+            q_block = q[:, :, rank * n:(rank + 1) * n]
+            if q_block.shape[2] == 0:
+                break
+            state = None
+            for step in range(P):  # at step t, rank r holds the kv shard that started on rank r - t
+                src = (rank - step) % P
+                if src * n >= Lk:
+                    continue
+                state = self.ring_attention_step(q_block, k[:, :, src * n:(src + 1) * n],
+                                                 v[:, :, src * n:(src + 1) * n], src, state,
+                                                 query_position=rank)
+            outs.append(self.finalize(state, q.dtype))
+        return mx.concatenate(outs, axis=2)
+        # END SOLUTION
+
+
+def ring_attention_distributed(q: mx.array, k: mx.array, v: mx.array, group=None, *, causal: bool = True,
+                               layout: str = "contiguous", block_size: int = 1024,
+                               scale: float | None = None, timeout: float = 60.0) -> mx.array:
+    """Ring attention across the processes of ``group`` (default: ``mx.distributed.init()``).
+
+    Each rank passes its own shard (``ring_shard(x, rank, size, layout)`` of the
+    full ``q, k, v``) and gets its shard of the output. kv shards travel to
+    rank ``r + 1``; each transfer overlaps with the current shard's compute. A
+    rank that dies or stops sending makes the others raise within ``timeout``
+    seconds, naming it.
+    """
+    # BEGIN SOLUTION
+    B, Hq, Hkv, n, Lk, D = check_attention(q, k, v)
+    check_choice("layout", layout, LAYOUTS)
+    if n != Lk:
+        raise ValueError(f"each rank holds one shard of one sequence: q length must equal k length, "
+                         f"got Lq={n} and Lk={Lk}")
+    if layout == "zigzag" and n % 2:
+        raise ValueError(f"layout 'zigzag' holds two equal chunks per rank: the shard length must be even, got {n}")
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    group = mx.distributed.init() if group is None else group
+    rank, size = group.rank(), group.size()
+    ring = RingAttention(size if layout == "contiguous" else 2 * size, block_size, causal, scale)
+
+    # A handshake around the ring: each rank checks that its predecessor holds
+    # a shard of its own shape (recv would misread any other), and a dead or
+    # silent neighbour shows up here, named, before any work is done.
+    prv, nxt = (rank - 1) % size, (rank + 1) % size
+    suspect = f"rank {prv} (recv) or rank {nxt} (send)"
+    mine = [B, Hq, Hkv, n, D]
+    if size > 1:
+        theirs = _Background(lambda: _exchange(mx.array(mine), group, rank, size)).wait(
+            timeout, f"rank {rank}, handshake", suspect).tolist()
+        if theirs != mine:
+            raise ValueError(f"every rank must hold a shard of one shape (B, Hq, Hkv, n, D): rank {rank} has "
+                             f"{mine} but rank {prv} has {theirs}")
+
+    def chunks(x, owner):  # (shard index in the ring's numbering, rows) pairs a rank holds
+        if layout == "contiguous":
+            return [(owner, x)]
+        h = x.shape[2] // 2
+        return [(owner, x[:, :, :h]), (2 * size - 1 - owner, x[:, :, h:])]
+
+    queries = chunks(q, rank)
+    states = [None] * len(queries)
+    kv = mx.stack([k, v])  # (2, B, Hkv, n, D): one message per step
+    mx.eval(kv)
+    for step in range(size):
+        owner = (rank - step) % size  # the rank this kv shard started on
+        # Start passing this shard on while it is being used: transfer and compute overlap.
+        transfer = _Background(lambda kv=kv: _exchange(kv, group, rank, size)) if step < size - 1 else None
+        for i, (qpos, q_chunk) in enumerate(queries):
+            for (kpos, k_chunk), (_, v_chunk) in zip(chunks(kv[0], owner), chunks(kv[1], owner)):
+                states[i] = ring.ring_attention_step(q_chunk, k_chunk, v_chunk, kpos, states[i],
+                                                     query_position=qpos)
+        if transfer is not None:
+            kv = transfer.wait(timeout, f"rank {rank}, ring step {step + 1} of {size - 1}", suspect)
+    return mx.concatenate([ring.finalize(s, q.dtype) for s in states], axis=2)
+    # END SOLUTION
+
+
+class _Background:
+    """Evaluate ``fn()`` on a helper thread; ``wait`` turns a hang into a ``TimeoutError``.
+
+    MLX runs a blocked ``recv`` inside ``mx.eval`` where Python cannot
+    interrupt it, so the wait happens here, with a deadline. The thread is a
+    daemon: a peer that never sends must not keep this process alive.
+    """
+
+    def __init__(self, fn):
+        self.result = {}
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            with mx.stream(mx.new_stream(mx.cpu)):  # MLX streams belong to one thread
+                out = fn()
+                mx.eval(out)
+            self.result["out"] = out
+        except Exception as error:  # noqa: BLE001 -- re-raised on the caller's thread by wait()
+            self.result["error"] = error
+
+    def wait(self, timeout: float, what: str, suspect: str):
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TimeoutError(f"{what}: nothing from {suspect} within {timeout} s "
+                               f"(did it die, or stop calling ring_attention_distributed?)")
+        if "error" in self.result:
+            raise RuntimeError(f"{what}: failed talking to {suspect}: {self.result['error']}") from self.result["error"]
+        return self.result["out"]
+
+
+def _exchange(kv, group, rank: int, size: int):
+    """Send ``kv`` to ``rank + 1`` and receive the next shard from ``rank - 1``.
+
+    Even ranks send first and odd ranks receive first: if every rank blocked
+    in ``send`` at the same moment, the ring would deadlock."""
+    # BEGIN SOLUTION
+    nxt, prv = (rank + 1) % size, (rank - 1) % size
+    if rank % 2 == 0:
+        mx.eval(mx.distributed.send(kv, nxt, group=group))
+        return mx.distributed.recv_like(kv, prv, group=group)
+    received = mx.distributed.recv_like(kv, prv, group=group)
+    mx.eval(received)
+    mx.eval(mx.distributed.send(kv, nxt, group=group))
+    return received
+    # END SOLUTION

@@ -1,0 +1,93 @@
+"""Task 2 in PyTorch: LongNet's dilated levels, the mirror of ``longctx.mlx``.
+
+Same names, arguments and semantics as ``solutions/week3/hierarchical.py``
+(read the book chapter there); ``torch.Tensor`` in and out, on CPU or CUDA.
+The kept rows are gathered into dense ``(segments, ceil(w / r), D)`` blocks,
+so one level costs ``Hq * (L / w) * ceil(w / r)^2`` scores.
+"""
+from __future__ import annotations
+
+import torch
+
+from longctx.checks import check_attention, check_positive_int, check_scale
+
+
+def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_size: int, dilation: int, *,
+                      head_offsets: bool = True, causal: bool = True,
+                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level -> ``(out (B, Hq, Lq, D), lse (B, Hq, Lq) float32)``; ``lse = -inf`` where not kept."""
+    B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
+    w = check_positive_int("segment_size", segment_size)
+    r = check_positive_int("dilation", dilation)
+    if r > w:
+        raise ValueError(f"dilation must be <= segment_size ({w}), got {r}")
+    scale = D ** -0.5 if check_scale(scale) is None else scale
+    dev = q.device
+    m = -(-w // r)
+    first = (Lk - Lq) // w * w
+    nseg = -(-(Lk - first) // w)
+    h = torch.arange(Hq, device=dev)
+    offset = h // -(-Hq // r) if head_offsets else torch.zeros_like(h)
+    local = offset[:, None, None] + r * torch.arange(m, device=dev)  # (Hq, 1, m)
+    pos = first + w * torch.arange(nseg, device=dev)[None, :, None] + local  # (Hq, nseg, m)
+    key_ok = (local < w) & (pos < Lk)
+
+    kv_row = ((h // (Hq // Hkv))[:, None, None] * Lk + pos.clamp(max=Lk - 1)).flatten()
+    kg = k.reshape(B, Hkv * Lk, D)[:, kv_row].reshape(B, Hq, nseg, m, D).float()
+    vg = v.reshape(B, Hkv * Lk, D)[:, kv_row].reshape(B, Hq, nseg, m, D).float()
+    q_row = (h[:, None, None] * Lq + (pos - (Lk - Lq)).clamp(0, Lq - 1)).flatten()
+    qg = q.reshape(B, Hq * Lq, D)[:, q_row].reshape(B, Hq, nseg, m, D).float()
+
+    s = (qg * scale) @ kg.transpose(-1, -2)  # (B, Hq, nseg, m, m)
+    visible = key_ok[:, :, None, :]
+    if causal:
+        visible = visible & torch.ones(m, m, dtype=torch.bool, device=dev).tril()
+    s = s.masked_fill(~visible, float("-inf"))
+    lse_g = torch.logsumexp(s, dim=-1)  # (B, Hq, nseg, m); -inf on padding rows
+    p = torch.exp(s - torch.where(lse_g.isinf(), 0.0, lse_g)[..., None])
+    og = p @ vg  # rows already normalised: p = exp(s - lse)
+
+    qpos = torch.arange(Lk - Lq, Lk, device=dev) - first
+    within = qpos % w - offset[:, None]  # (Hq, Lq)
+    kept = (within >= 0) & (within % r == 0)
+    back = (h[:, None] * (nseg * m) + (qpos // w) * m + within.clamp(min=0) // r).flatten()
+    out = og.reshape(B, Hq * nseg * m, D)[:, back].reshape(B, Hq, Lq, D)
+    lse = lse_g.reshape(B, Hq * nseg * m)[:, back].reshape(B, Hq, Lq)
+    out = out.masked_fill(~kept[..., None], 0.0)
+    lse = lse.masked_fill(~kept, float("-inf"))
+    return out.to(q.dtype), lse
+
+
+class HierarchicalAttention:
+    """LongNet's multi-scale attention: dilated levels mixed by their softmax denominators."""
+
+    def __init__(self, levels: list[int] = [64, 512, 4096], dilations: list[int] | None = None,  # noqa: B006
+                 causal: bool = True, scale: float | None = None):
+        if not isinstance(levels, (list, tuple)) or not levels:
+            raise ValueError(f"levels must be a non-empty list of segment sizes, got {levels!r}")
+        self.levels = [check_positive_int("levels", w) for w in levels]
+        if dilations is None:
+            dilations = [max(1, w // self.levels[0]) for w in self.levels]
+        if not isinstance(dilations, (list, tuple)) or len(dilations) != len(self.levels):
+            raise ValueError(f"dilations must be a list with one entry per level ({len(self.levels)}), "
+                             f"got {dilations!r}")
+        self.dilations = [check_positive_int("dilations", r) for r in dilations]
+        if self.dilations[0] != 1:
+            raise ValueError(f"dilations[0] must be 1 so that every query is kept, got {self.dilations[0]}")
+        for w, r in zip(self.levels, self.dilations):
+            if r > w:
+                raise ValueError(f"dilations must be <= their segment size, got dilation {r} for segment {w}")
+        self.causal = bool(causal)
+        self.scale = check_scale(scale)
+
+    def hierarchical_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` -> ``(B, Hq, Lq, D)``, dtype of ``q``."""
+        check_attention(q, k, v)
+        parts = [dilated_attention(q, k, v, w, r, causal=self.causal, scale=self.scale)
+                 for w, r in zip(self.levels, self.dilations)]
+        lse = torch.stack([lse for _, lse in parts])  # (levels, B, Hq, Lq)
+        weight = torch.exp(lse - torch.logsumexp(lse, dim=0, keepdim=True))
+        out = sum(wi[..., None] * o.float() for wi, (o, _) in zip(weight, parts))
+        return out.to(q.dtype)
+
+    __call__ = hierarchical_forward
