@@ -147,8 +147,9 @@ MUTANTS = {
     "segments aligned to the first query, not to position 0": ("hierarchical", [(
         "first = (Lk - Lq) // w * w", "first = Lk - Lq")]),
     "lse left in log2 units": ("hierarchical", [("(s_max + mx.log2(denom)) / LOG2E", "(s_max + mx.log2(denom))")]),
-    "dilation not validated against the segment": ("hierarchical", [(
-        "            if r > w:\n                raise", "            if False:\n                raise")]),
+    "levels not validated": ("hierarchical", [(
+        "self.levels, self.dilations = check_levels(levels, dilations)",
+        "self.levels, self.dilations = list(levels), list(dilations or [max(1, w // levels[0]) for w in levels])")]),
     "quadratic memory (an L x L mask per level)": ("hierarchical", "QUADRATIC_LEVEL"),
     # Task 3
     "normalised block outputs summed": ("ring", [(

@@ -109,3 +109,23 @@ def test_ring_faults_raise_with_the_mirror_too():
     reports, log = run_ring("torch", 2, "--length", "32", "--timeout", "2", "--fault", "silent", "--fault-rank", "1")
     assert [r["rank"] for r in reports] == [0], log
     assert reports[0]["error"].startswith("TimeoutError") and "rank 1" in reports[0]["error"], reports
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_ring_shard_holds_the_positions_ringrun_checks(layout):
+    import mlx.core as mx
+    import torch
+
+    import longctx.mlx
+    import longctx.torch
+    from longctx.ringrun import shard_positions
+    L = 24
+    x = np.arange(L, dtype=np.float32).reshape(1, 1, L, 1)
+    for size in (1, 2, 3):
+        for rank in range(size):
+            want = shard_positions(rank, size, L, layout)
+            assert np.array_equal(np.array(longctx.mlx.ring_shard(mx.array(x), rank, size, layout)).ravel(), want)
+            assert np.array_equal(longctx.torch.ring_shard(torch.from_numpy(x), rank, size, layout).numpy().ravel(), want)
+    for bad in (dict(rank=3, size=3), dict(rank=0, size=0), dict(rank=0, size=5)):
+        with pytest.raises(ValueError):
+            longctx.mlx.ring_shard(mx.array(x), layout=layout, **bad)

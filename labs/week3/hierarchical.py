@@ -22,7 +22,7 @@ import math
 
 import mlx.core as mx
 
-from longctx.checks import check_attention, check_positive_int, check_scale
+from longctx.checks import check_attention, check_level, check_levels, check_scale
 
 LOG2E = math.log2(math.e)
 

@@ -10,17 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from longctx.testing import assert_close
+from longctx.testing.inputs import make_qkv
 from longctx.testing.oracles import (attention, causal_mask, dilated_attention, dilated_pairs,
                                      hierarchical_attention, hierarchical_mistakes)
 
 pytestmark = pytest.mark.task(2)
 
-
-def make_qkv(seed, B, Hq, Hkv, Lq, Lk, D, std=1.0):
-    rng = np.random.default_rng(seed)
-    q, k, v = (rng.standard_normal(shape).astype(np.float32).astype(np.float64)
-               for shape in ((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D)))
-    return q * std, k * std, v
 
 
 def run_level(lab, xp, q, k, v, w, r, dtype="float32", **kw):

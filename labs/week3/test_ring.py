@@ -14,16 +14,11 @@ from hypothesis import strategies as st
 
 from longctx.ringrun import run_ring
 from longctx.testing import assert_close
+from longctx.testing.inputs import make_qkv
 from longctx.testing.oracles import attention, attention_lse, causal_mask, ring_mistakes, shard_mask
 
 pytestmark = pytest.mark.task(3)
 
-
-def make_qkv(seed, B, Hq, Hkv, L, D, std=1.0):
-    rng = np.random.default_rng(seed)
-    q, k, v = (rng.standard_normal(shape).astype(np.float32).astype(np.float64)
-               for shape in ((B, Hq, L, D), (B, Hkv, L, D), (B, Hkv, L, D)))
-    return q * std, k * std, v
 
 
 def oracle(q, k, v, causal=True, scale=None):
@@ -50,7 +45,7 @@ def step_state(xp, state):
        causal=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_ring_equals_full_attention(lab, xp, B, Hkv, rep, L, ring_size, block_size, D, causal, seed):
     """L not a multiple of ring_size or block_size, ring_size > L, GQA, causal and not."""
-    q, k, v = make_qkv(seed, B, Hkv * rep, Hkv, L, D)
+    q, k, v = make_qkv(seed, B, Hkv * rep, Hkv, L, L, D)
     check_ring(lab, xp, q, k, v, ring_size, block_size, causal)
 
 
@@ -59,14 +54,14 @@ def test_ring_equals_full_attention(lab, xp, B, Hkv, rep, L, ring_size, block_si
     (96, 4, 5, False), (50, 1, 8, False),
 ])
 def test_ring_awkward_cases(lab, xp, L, ring_size, block_size, causal):
-    q, k, v = make_qkv(L * 31 + ring_size, 1, 4, 2, L, 16)
+    q, k, v = make_qkv(L * 31 + ring_size, 1, 4, 2, L, L, 16)
     check_ring(lab, xp, q, k, v, ring_size, block_size, causal)
 
 
 @pytest.mark.parametrize("dtype, rtol, atol", [("float16", 2e-2, 2e-2), ("bfloat16", 6e-2, 6e-2)])
 def test_low_precision_large_logits(lab, xp, dtype, rtol, atol):
     """std-30 inputs: logits in the thousands; partials must be merged in float32."""
-    q, k, v = make_qkv(4, 1, 4, 2, 96, 32, std=30.0)
+    q, k, v = make_qkv(4, 1, 4, 2, 96, 96, 32, std=30.0)
     q, k, v = (xp.numpy(xp.asarray(x, dtype)) for x in (q, k, v))
     check_ring(lab, xp, q, k, v, 4, 16, dtype=dtype, rtol=rtol, atol=atol)
 
@@ -79,7 +74,7 @@ def test_one_step_equals_oracle_on_its_shard(lab, xp, n, nk, qpos, kpos, block_s
     """Later shards change nothing, the diagonal is causal, earlier shards are fully visible."""
     if causal and qpos == kpos:
         nk = n
-    q, k, v = make_qkv(seed, 1, 4, 2, max(n, nk), 8)
+    q, k, v = make_qkv(seed, 1, 4, 2, max(n, nk), max(n, nk), 8)
     q, k, v = q[:, :, :n], k[:, :, :nk], v[:, :, :nk]
     ring = lab("ring").RingAttention(5, block_size, causal)
     state = ring.ring_attention_step(xp.asarray(q), xp.asarray(k), xp.asarray(v), kpos, None, query_position=qpos)
@@ -97,7 +92,7 @@ def test_one_step_equals_oracle_on_its_shard(lab, xp, n, nk, qpos, kpos, block_s
 
 
 def test_future_shard_leaves_the_state_unchanged(lab, xp):
-    q, k, v = make_qkv(1, 1, 2, 2, 12, 8)
+    q, k, v = make_qkv(1, 1, 2, 2, 12, 12, 8)
     ring = lab("ring").RingAttention(4, 8, causal=True)
     Q, K, V = xp.asarray(q), xp.asarray(k), xp.asarray(v)
     state = ring.ring_attention_step(Q, K, V, 0, None, query_position=1)
@@ -108,7 +103,7 @@ def test_future_shard_leaves_the_state_unchanged(lab, xp):
 
 @given(P=st.integers(2, 6), n=st.integers(1, 20), causal=st.booleans(), seed=st.integers(0, 999))
 def test_steps_in_any_order_give_the_same_result(lab, xp, P, n, causal, seed):
-    q, k, v = make_qkv(seed, 1, 4, 2, P * n, 8)
+    q, k, v = make_qkv(seed, 1, 4, 2, P * n, P * n, 8)
     ring = lab("ring").RingAttention(P, 7, causal)
     qs = P // 2  # the query shard: some kv shards before it, some after
     Q = xp.asarray(q[:, :, qs * n:(qs + 1) * n])
@@ -131,7 +126,7 @@ def test_steps_in_any_order_give_the_same_result(lab, xp, P, n, causal, seed):
 
 def test_merge_is_associative_and_commutative(lab, xp):
     mod = lab("ring")
-    q, k, v = make_qkv(8, 1, 2, 1, 30, 8)
+    q, k, v = make_qkv(8, 1, 2, 1, 30, 30, 8)
     ring = mod.RingAttention(3, 4, causal=False)
     Q = xp.asarray(q[:, :, :10])
     parts = [ring.ring_attention_step(Q, xp.asarray(k[:, :, s * 10:(s + 1) * 10]),
@@ -150,7 +145,7 @@ def test_merge_is_associative_and_commutative(lab, xp):
 
 def test_merge_with_an_empty_partial_is_the_identity_and_never_nan(lab, xp):
     mod = lab("ring")
-    q, k, v = make_qkv(2, 1, 2, 2, 6, 4)
+    q, k, v = make_qkv(2, 1, 2, 2, 6, 6, 4)
     ring = mod.RingAttention(2, 4, causal=True)
     empty = ring.ring_attention_step(xp.asarray(q), xp.asarray(k), xp.asarray(v), 1, None, query_position=0)
     out, lse = step_state(xp, mod.merge_states(empty, empty))
@@ -161,7 +156,7 @@ def test_merge_with_an_empty_partial_is_the_identity_and_never_nan(lab, xp):
 
 
 def test_finalize_casts(lab, xp):
-    q, k, v = make_qkv(2, 1, 2, 2, 6, 4)
+    q, k, v = make_qkv(2, 1, 2, 2, 6, 6, 4)
     ring = lab("ring").RingAttention(1, 4)
     state = ring.ring_attention_step(xp.asarray(q), xp.asarray(k), xp.asarray(v), 0)
     assert xp.dtype_name(ring.finalize(state, xp.asarray(q, "float16").dtype)) == "float16"
@@ -176,12 +171,12 @@ def test_bad_arguments_raise_value_error(lab, xp):
                          (dict(ring_size=2, scale=0.0), "scale")):
         with pytest.raises(ValueError, match=word):
             mod.RingAttention(**kwargs)
-    q, k, v = make_qkv(0, 1, 4, 2, 16, 8)
+    q, k, v = make_qkv(0, 1, 4, 2, 16, 16, 8)
     ring = mod.RingAttention(2, 4)
     with pytest.raises(ValueError, match="length"):
         ring(xp.asarray(q[:, :, :8]), xp.asarray(k), xp.asarray(v))  # Lq != Lk
     with pytest.raises(ValueError, match="heads"):
-        ring(xp.asarray(make_qkv(0, 1, 3, 2, 16, 8)[0]), xp.asarray(k), xp.asarray(v))
+        ring(xp.asarray(make_qkv(0, 1, 3, 2, 16, 16, 8)[0]), xp.asarray(k), xp.asarray(v))
     with pytest.raises(ValueError, match="ring_position"):
         ring.ring_attention_step(xp.asarray(q), xp.asarray(k), xp.asarray(v), -1)
     with pytest.raises(ValueError, match="diagonal"):
@@ -195,7 +190,7 @@ def test_bad_arguments_raise_value_error(lab, xp):
 
 def test_one_process_distributed_equals_full_attention(lab, xp):
     """Without a launcher the group has one rank: the ring is one step."""
-    q, k, v = make_qkv(6, 1, 4, 2, 40, 8)
+    q, k, v = make_qkv(6, 1, 4, 2, 40, 40, 8)
     for layout in ("contiguous", "zigzag"):
         out = lab("ring").ring_attention_distributed(xp.asarray(q), xp.asarray(k), xp.asarray(v), layout=layout)
         assert_close(xp.numpy(out), oracle(q, k, v), rtol=2e-4, atol=2e-5, name=f"{layout} output")
@@ -206,7 +201,7 @@ def test_one_process_distributed_equals_full_attention(lab, xp):
 def test_peak_memory_follows_shard_times_block(lab, xp, record):
     """Scores are (L / ring_size) x block_size tiles: more ranks or smaller blocks, less memory."""
     mod = lab("ring")
-    q, k, v = (xp.asarray(x) for x in make_qkv(0, 1, 4, 4, 4096, 32))
+    q, k, v = (xp.asarray(x) for x in make_qkv(0, 1, 4, 4, 4096, 4096, 32))
     peak = {}
     for P, block in ((2, 1024), (8, 1024), (8, 128)):
         attn = mod.RingAttention(P, block, causal=False)

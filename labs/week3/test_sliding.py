@@ -10,17 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from longctx.testing import assert_close, assert_mask_equal
+from longctx.testing.inputs import make_qkv
 from longctx.testing.oracles import sliding_mask, sliding_mistakes, sliding_window_attention
 
 pytestmark = pytest.mark.task(1)
 
-
-def make_qkv(seed, B, Hq, Hkv, Lq, Lk, D, std=1.0):
-    """Random q, k, v (float64 holding float32-exact values, as the backends see them)."""
-    rng = np.random.default_rng(seed)
-    q, k, v = (rng.standard_normal(shape).astype(np.float32).astype(np.float64)
-               for shape in ((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D)))
-    return q * std, k * std, v
 
 
 def run(lab, xp, window, q, k, v, *, scale=None, dtype="float32"):

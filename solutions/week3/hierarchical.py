@@ -19,7 +19,7 @@ import math
 
 import mlx.core as mx
 
-from longctx.checks import check_attention, check_positive_int, check_scale
+from longctx.checks import check_attention, check_level, check_levels, check_scale
 
 LOG2E = math.log2(math.e)
 
@@ -34,10 +34,7 @@ def dilated_attention(q: mx.array, k: mx.array, v: mx.array, segment_size: int, 
     """
     # BEGIN SOLUTION
     B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
-    w = check_positive_int("segment_size", segment_size)
-    r = check_positive_int("dilation", dilation)
-    if r > w:
-        raise ValueError(f"dilation must be <= segment_size ({w}), got {r}")
+    w, r = check_level(segment_size, dilation)
     scale = D ** -0.5 if check_scale(scale) is None else scale
     m = -(-w // r)  # rows a head keeps per segment (the last may fall outside the segment)
 
@@ -90,20 +87,7 @@ class HierarchicalAttention:
     def __init__(self, levels: list[int] = [64, 512, 4096], dilations: list[int] | None = None,  # noqa: B006
                  causal: bool = True, scale: float | None = None):
         # BEGIN SOLUTION
-        if not isinstance(levels, (list, tuple)) or not levels:
-            raise ValueError(f"levels must be a non-empty list of segment sizes, got {levels!r}")
-        self.levels = [check_positive_int("levels", w) for w in levels]
-        if dilations is None:
-            dilations = [max(1, w // self.levels[0]) for w in self.levels]
-        if not isinstance(dilations, (list, tuple)) or len(dilations) != len(self.levels):
-            raise ValueError(f"dilations must be a list with one entry per level ({len(self.levels)}), "
-                             f"got {dilations!r}")
-        self.dilations = [check_positive_int("dilations", r) for r in dilations]
-        if self.dilations[0] != 1:
-            raise ValueError(f"dilations[0] must be 1 so that every query is kept, got {self.dilations[0]}")
-        for w, r in zip(self.levels, self.dilations):
-            if r > w:
-                raise ValueError(f"dilations must be <= their segment size, got dilation {r} for segment {w}")
+        self.levels, self.dilations = check_levels(levels, dilations)
         self.causal = bool(causal)
         self.scale = check_scale(scale)
         # END SOLUTION

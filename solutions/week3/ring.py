@@ -27,7 +27,8 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from longctx.checks import check_attention, check_choice, check_nonnegative_int, check_positive_int, check_scale
+from longctx.checks import (check_attention, check_choice, check_nonnegative_int, check_positive_int,
+                            check_scale, ring_shard_rows)
 
 LOG2E = math.log2(math.e)
 LAYOUTS = ("contiguous", "zigzag")
@@ -61,19 +62,7 @@ def ring_shard(x: mx.array, rank: int, size: int, layout: str = "contiguous") ->
     contiguous: chunk ``rank`` of ``size``. zigzag: chunks ``rank`` and
     ``2 * size - 1 - rank`` of ``2 * size``, so causal work is balanced.
     """
-    size = check_positive_int("size", size)
-    if not 0 <= rank < size:
-        raise ValueError(f"rank must be in [0, {size}), got {rank!r}")
-    check_choice("layout", layout, LAYOUTS)
-    L = x.shape[2]
-    chunks = size if layout == "contiguous" else 2 * size
-    if L % chunks:
-        raise ValueError(f"the sequence length must be a multiple of {chunks} for layout {layout!r}, got {L}")
-    n = L // chunks
-    if layout == "contiguous":
-        return x[:, :, rank * n:(rank + 1) * n]
-    other = chunks - 1 - rank
-    return mx.concatenate([x[:, :, rank * n:(rank + 1) * n], x[:, :, other * n:(other + 1) * n]], axis=2)
+    return mx.concatenate([x[:, :, a:b] for a, b in ring_shard_rows(x.shape[2], rank, size, layout)], axis=2)
 
 
 class RingAttention:

@@ -49,9 +49,17 @@ def useful_flops(L: int, window: int, heads: int, dim: int) -> float:
 
 
 def hierarchical_flops(L: int, levels, heads: int, dim: int) -> float:
-    """The causal pairs inside each level's gathered segments: (L / w) segments of m(m+1)/2."""
-    pairs = sum(-(-L // w) * m * (m + 1) / 2 for w in levels for m in [min(w, L) // (w // levels[0])])
-    return 4.0 * heads * dim * pairs
+    """Multiply-adds over the causal pairs each level keeps: a segment whose head keeps
+    ``c`` positions has ``c (c + 1) / 2`` of them (default dilations ``w // levels[0]``)."""
+    pairs = 0
+    for w in levels:
+        r = max(1, w // levels[0])
+        for h in range(heads):
+            offset = h // -(-heads // r)
+            for s0 in range(0, L, w):
+                c = len(range(offset, min(w, L - s0), r))
+                pairs += c * (c + 1) // 2
+    return 4.0 * dim * pairs
 
 
 def mlx_matmul_gflops(n: int = 2048) -> float:

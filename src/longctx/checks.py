@@ -63,3 +63,48 @@ def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def check_level(segment_size, dilation) -> tuple[int, int]:
+    """One LongNet level: ``1 <= dilation <= segment_size``."""
+    w = check_positive_int("segment_size", segment_size)
+    r = check_positive_int("dilation", dilation)
+    if r > w:
+        raise ValueError(f"dilation must be <= segment_size ({w}), got {r}")
+    return w, r
+
+
+def check_levels(levels, dilations) -> tuple[list[int], list[int]]:
+    """LongNet's levels; ``dilations`` default to ``w // levels[0]`` and must start at 1."""
+    if not isinstance(levels, (list, tuple)) or not levels:
+        raise ValueError(f"levels must be a non-empty list of segment sizes, got {levels!r}")
+    levels = [check_positive_int("levels", w) for w in levels]
+    if dilations is None:
+        dilations = [max(1, w // levels[0]) for w in levels]
+    if not isinstance(dilations, (list, tuple)) or len(dilations) != len(levels):
+        raise ValueError(f"dilations must be a list with one entry per level ({len(levels)}), got {dilations!r}")
+    dilations = [check_positive_int("dilations", r) for r in dilations]
+    if dilations[0] != 1:
+        raise ValueError(f"dilations[0] must be 1 so that every query is kept, got {dilations[0]}")
+    for w, r in zip(levels, dilations):
+        if r > w:
+            raise ValueError(f"dilations must be <= their segment size, got dilation {r} for segment {w}")
+    return levels, dilations
+
+
+def ring_shard_rows(length: int, rank, size, layout: str) -> list[tuple[int, int]]:
+    """The ``(start, end)`` row ranges rank ``rank`` of ``size`` holds of a sequence.
+
+    contiguous: chunk ``rank`` of ``size``. zigzag: chunks ``rank`` and
+    ``2 * size - 1 - rank`` of ``2 * size``, so causal work is balanced.
+    """
+    size = check_positive_int("size", size)
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < size:
+        raise ValueError(f"rank must be an integer in [0, {size}), got {rank!r}")
+    check_choice("layout", layout, ("contiguous", "zigzag"))
+    chunks = size if layout == "contiguous" else 2 * size
+    if length % chunks:
+        raise ValueError(f"the sequence length must be a multiple of {chunks} for layout {layout!r}, got {length}")
+    n = length // chunks
+    owned = [rank] if layout == "contiguous" else [rank, chunks - 1 - rank]
+    return [(c * n, (c + 1) * n) for c in owned]

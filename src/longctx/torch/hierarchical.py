@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from longctx.checks import check_attention, check_positive_int, check_scale
+from longctx.checks import check_attention, check_level, check_levels, check_scale
 
 
 def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_size: int, dilation: int, *,
@@ -17,10 +17,7 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One level -> ``(out (B, Hq, Lq, D), lse (B, Hq, Lq) float32)``; ``lse = -inf`` where not kept."""
     B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
-    w = check_positive_int("segment_size", segment_size)
-    r = check_positive_int("dilation", dilation)
-    if r > w:
-        raise ValueError(f"dilation must be <= segment_size ({w}), got {r}")
+    w, r = check_level(segment_size, dilation)
     scale = D ** -0.5 if check_scale(scale) is None else scale
     dev = q.device
     m = -(-w // r)
@@ -63,20 +60,7 @@ class HierarchicalAttention:
 
     def __init__(self, levels: list[int] = [64, 512, 4096], dilations: list[int] | None = None,  # noqa: B006
                  causal: bool = True, scale: float | None = None):
-        if not isinstance(levels, (list, tuple)) or not levels:
-            raise ValueError(f"levels must be a non-empty list of segment sizes, got {levels!r}")
-        self.levels = [check_positive_int("levels", w) for w in levels]
-        if dilations is None:
-            dilations = [max(1, w // self.levels[0]) for w in self.levels]
-        if not isinstance(dilations, (list, tuple)) or len(dilations) != len(self.levels):
-            raise ValueError(f"dilations must be a list with one entry per level ({len(self.levels)}), "
-                             f"got {dilations!r}")
-        self.dilations = [check_positive_int("dilations", r) for r in dilations]
-        if self.dilations[0] != 1:
-            raise ValueError(f"dilations[0] must be 1 so that every query is kept, got {self.dilations[0]}")
-        for w, r in zip(self.levels, self.dilations):
-            if r > w:
-                raise ValueError(f"dilations must be <= their segment size, got dilation {r} for segment {w}")
+        self.levels, self.dilations = check_levels(levels, dilations)
         self.causal = bool(causal)
         self.scale = check_scale(scale)
 

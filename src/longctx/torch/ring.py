@@ -14,7 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from longctx.checks import check_attention, check_choice, check_nonnegative_int, check_positive_int, check_scale
+from longctx.checks import (check_attention, check_choice, check_nonnegative_int, check_positive_int,
+                            check_scale, ring_shard_rows)
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -39,19 +40,7 @@ def empty_state(q_block: torch.Tensor) -> RingState:
 
 def ring_shard(x: torch.Tensor, rank: int, size: int, layout: str = "contiguous") -> torch.Tensor:
     """The part of a full ``(B, H, L, D)`` sequence that rank ``rank`` of ``size`` holds."""
-    size = check_positive_int("size", size)
-    if not 0 <= rank < size:
-        raise ValueError(f"rank must be in [0, {size}), got {rank!r}")
-    check_choice("layout", layout, LAYOUTS)
-    L = x.shape[2]
-    chunks = size if layout == "contiguous" else 2 * size
-    if L % chunks:
-        raise ValueError(f"the sequence length must be a multiple of {chunks} for layout {layout!r}, got {L}")
-    n = L // chunks
-    if layout == "contiguous":
-        return x[:, :, rank * n:(rank + 1) * n]
-    other = chunks - 1 - rank
-    return torch.cat([x[:, :, rank * n:(rank + 1) * n], x[:, :, other * n:(other + 1) * n]], dim=2)
+    return torch.cat([x[:, :, a:b] for a, b in ring_shard_rows(x.shape[2], rank, size, layout)], dim=2)
 
 
 class RingAttention:
