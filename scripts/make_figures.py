@@ -6,7 +6,12 @@ Writes to book/src/figures/:
 * dilated-pattern.png: which keys each query sees, per head and per level, for
   LongNet levels (4, 1), (8, 2), (16, 4) with 4 heads, and the union count;
 * ring-schedule.png: which kv shard each rank holds at each ring step, and the
-  causal work per rank for the contiguous and zigzag layouts.
+  causal work per rank for the contiguous and zigzag layouts;
+* compression-survivors.png: which of 128 cached positions each Task 4 method
+  keeps at ratio 0.75 (random keys with planted heavy hitters), with SnapKV's
+  pooled scores;
+* attention-sinks.png: the attention mass the seeded tiny Qwen3 puts on its
+  first 4 tokens, and what StreamingLLM's cache holds as a stream goes by.
 """
 from pathlib import Path
 
@@ -17,7 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from longctx.testing.oracles import causal_mask, dilated_pairs, sliding_mask  # noqa: E402
+from longctx.testing.inputs import make_qkv  # noqa: E402
+from longctx.testing.oracles import (causal_mask, compression_scores, dilated_pairs, kept_indices,  # noqa: E402
+                                     n_kept, sliding_mask)
 
 OUT = Path(__file__).resolve().parents[1] / "book" / "src" / "figures"
 
@@ -101,9 +108,71 @@ def ring_figure(path: Path, P: int = 4) -> None:
     plt.close(fig)
 
 
+def compression_figure(path: Path, L: int = 128, ratio: float = 0.75) -> None:
+    q, k, _ = make_qkv(5, 1, 2, 1, 32, L, 16)
+    k[:, :, 50:56] += 1.5 * q[:, :, -8:].mean(axis=(1, 2))[:, None]  # heavy hitters in the middle
+    methods = ["h2o", "snapkv", "knorm", "streaming"]
+    fig, (ax_k, ax_s) = plt.subplots(2, 1, figsize=(11, 4.6), gridspec_kw={"height_ratios": [1.4, 1]}, sharex=True)
+    grid = np.zeros((len(methods), L))
+    for row, method in enumerate(methods):
+        keep = kept_indices(compression_scores(method, k, q, observation_window=8), n_kept(L, ratio), 4, 8)
+        grid[row, keep[0, 0]] = 1
+    ax_k.imshow(grid, aspect="auto", cmap="Greys", interpolation="nearest")
+    ax_k.set_yticks(range(len(methods)), methods)
+    ax_k.set_title(f"kept positions (black) of L = {L} at ratio {ratio}: 4 sinks + 8 recent always; "
+                   f"heavy hitters planted at 50..55")
+    snap = compression_scores("snapkv", k, q, observation_window=8)[0, 0]
+    raw = compression_scores("snapkv", k, q, observation_window=8, pool_kernel=1)[0, 0]
+    ax_s.plot(np.where(np.isinf(raw), np.nan, raw), lw=0.8, label="attention from the last 8 queries")
+    ax_s.plot(np.where(np.isinf(snap), np.nan, snap), lw=1.6, label="pooled (kernel 5): SnapKV's score")
+    ax_s.axvspan(L - 8, L - 1, color="C2", alpha=0.2, label="observation window (always kept)")
+    ax_s.set_xlabel("cached position")
+    ax_s.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def sink_mass(L: int = 512, sinks: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Mean attention mass on the first ``sinks`` keys, per query position, in the tiny Qwen3."""
+    import torch
+
+    from longctx.models import torch_qwen3
+    ids = torch.tensor(np.random.default_rng(0).integers(0, 256, L))[None]
+    with torch.no_grad():
+        attentions = torch_qwen3(0)(ids, output_attentions=True).attentions  # layers x (1, H, L, L)
+    mass = torch.stack([a[0, :, :, :sinks].sum(-1) for a in attentions]).mean(dim=(0, 1)).numpy()
+    return mass, np.minimum(sinks, np.arange(1, L + 1)) / np.arange(1, L + 1)
+
+
+def sinks_figure(path: Path, sinks: int = 4, window: int = 24, chunk: int = 8, stream: int = 64) -> None:
+    mass, uniform = sink_mass(sinks=sinks)
+    fig, (ax_m, ax_c) = plt.subplots(1, 2, figsize=(12, 3.8))
+    ax_m.loglog(np.arange(1, len(mass) + 1), mass, label="tiny Qwen3 (seeded, untrained)")
+    ax_m.loglog(np.arange(1, len(mass) + 1), uniform, "--", label="uniform over the visible keys")
+    ax_m.set_xlabel("query position + 1")
+    ax_m.set_ylabel(f"attention on the first {sinks} tokens")
+    ax_m.legend(fontsize=8)
+    ax_m.set_title("attention mass on the sinks")
+    held = np.zeros((stream // chunk, stream))
+    for t in range(stream // chunk):
+        end = (t + 1) * chunk
+        held[t, :min(sinks, end)] = 1
+        held[t, max(sinks, end - chunk - window):end - chunk] = 1
+        held[t, end - chunk:end] = 2
+    ax_c.imshow(held, aspect="auto", cmap="Blues", interpolation="nearest")
+    ax_c.set_xlabel("stream position")
+    ax_c.set_ylabel("chunk")
+    ax_c.set_title(f"what chunk t attends to: {sinks} sinks + last {window} (light), itself (dark)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     for name, draw in (("sliding-mask.png", sliding_mask_figure), ("dilated-pattern.png", dilated_figure),
-                       ("ring-schedule.png", ring_figure)):
+                       ("ring-schedule.png", ring_figure), ("compression-survivors.png", compression_figure),
+                       ("attention-sinks.png", sinks_figure)):
         draw(OUT / name)
         print(f"wrote {OUT / name}")

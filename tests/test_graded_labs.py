@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = ROOT / "solutions" / "week3"
-TASKS = {"sliding": 1, "hierarchical": 2, "ring": 3}
+TASKS = {"sliding": 1, "hierarchical": 2, "ring": 3, "compression": 4, "streaming": 5}
 
 
 def grade(tmp_path, *args) -> tuple[int, dict, str]:
@@ -51,7 +51,7 @@ def test_stubs_are_all_todo(tmp_path):
     for task in TASKS.values():
         row = data["tasks"][str(task)]
         assert row["status"] == "TODO" and row["todo"] == row["total"] > 0, out
-        assert 1 <= out.count(f"TODO Task {task}:") <= 3, out  # one line per unwritten function met first
+        assert 1 <= out.count(f"TODO Task {task}:") <= 4, out  # one line per unwritten function met first
     assert "Traceback" not in out and "Error" not in out.replace("NotImplementedError", ""), out
 
 
@@ -169,6 +169,55 @@ MUTANTS = {
     "ring runs backwards": ("ring", [(
         "    # BEGIN SOLUTION\n    nxt, prv = (rank + 1) % size, (rank - 1) % size",
         "    # BEGIN SOLUTION\n    prv, nxt = (rank + 1) % size, (rank - 1) % size")]),
+    # Task 4
+    "ratio read as the fraction kept": ("compression", [(
+        "return max(1, int(length * (1 - compression_ratio)))", "return max(1, int(length * compression_ratio))")]),
+    "ties go to the later position": ("compression", [(
+        "(mx.cumsum(tie.astype(mx.int32), axis=-1) <= room)",
+        "(mx.cumsum(tie.astype(mx.int32)[..., ::-1], axis=-1)[..., ::-1] <= room)")]),
+    "recent window not protected": ("compression", [(
+        "protected = (positions < sinks) | (positions >= length - recent)", "protected = positions < sinks")]),
+    "sinks not protected": ("compression", [(
+        "protected = (positions < sinks) | (positions >= length - recent)",
+        "protected = positions >= length - recent")]),
+    "kept entries in score order": ("compression", [(
+        "return mx.argsort(mx.where(keep, index, n + index), axis=-1)[..., :budget].astype(mx.int32)",
+        "return mx.argsort(-p, axis=-1)[..., :budget].astype(mx.int32)")]),
+    "knorm keeps the largest norms": ("compression", [(
+        "return -mx.sqrt(mx.square(tokens.astype(mx.float32)).sum(axis=-1))",
+        "return mx.sqrt(mx.square(tokens.astype(mx.float32)).sum(axis=-1))")]),
+    "snapkv pooling divides by the entries inside": ("compression", [(
+        "    return sum(padded[..., j:j + n] for j in range(kernel)) / kernel",
+        "    count = sum(mx.pad(mx.ones(n), [(pad, pad)])[j:j + n] for j in range(kernel))\n"
+        "    return sum(padded[..., j:j + n] for j in range(kernel)) / count")]),
+    "snapkv observation window not kept": ("compression", [(
+        "mx.full((*pooled.shape[:-1], w), mx.inf)", "mx.full((*pooled.shape[:-1], w), -mx.inf)")]),
+    "h2o without the causal mask": ("compression", [(
+        "s = mx.where(mx.arange(L) <= qpos[:, None], qb @ kt, -mx.inf)", "s = qb @ kt")]),
+    "GQA groups as h % Hkv": ("compression", [(
+        "q = queries.reshape(B, Hkv, G, Lq, D)", "q = queries.reshape(B, G, Hkv, Lq, D).swapaxes(1, 2)")]),
+    "cache offset counts entries, not tokens": ("compression", [(
+        "        self.offset += S\n        fetched", "        self.offset = self.size()\n        fetched")]),
+    "decode eviction ignores the recent window": ("compression", [(
+        "p = mx.where((pos < sinks) | (pos >= self.offset - recent), mx.inf, score)",
+        "p = mx.where(pos < sinks, mx.inf, score)")]),
+    "ratio not validated": ("compression", [(
+        "self.compression_ratio = check_ratio(compression_ratio)", "self.compression_ratio = compression_ratio")]),
+    # Task 5
+    "window keys keep their old positions": ("streaming", [(
+        "raw = keys if self.rope is None else unrotate(self.rope, keys, self.offset)", "raw = keys"), (
+        "cached = self.keys if self.rope is None else self.rope(self.keys)", "cached = self.keys")]),
+    "positions grow with the stream": ("streaming", [(
+        "        self.offset = all_k.shape[2]\n        self.tokens_seen += keys.shape[2]",
+        "        self.tokens_seen += keys.shape[2]\n        self.offset = self.tokens_seen")]),
+    "sinks evicted": ("streaming", [(
+        "all_k = mx.concatenate([all_k[:, :, :s], all_k[:, :, n - self.window:]], axis=2)",
+        "all_k = all_k[:, :, n - self.window - s:]"), (
+        "all_v = mx.concatenate([all_v[:, :, :s], all_v[:, :, n - self.window:]], axis=2)",
+        "all_v = all_v[:, :, n - self.window - s:]")]),
+    "window one too short": ("streaming", [("n - self.window:]", "n - self.window + 1:]")]),
+    "stream read eagerly": ("streaming", [("stream = iter(token_stream)", "stream = iter(list(token_stream))")]),
+    "overlap rows not dropped": ("streaming", [("[out[self.dropped:] for out", "[out for out")]),
 }
 
 

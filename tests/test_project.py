@@ -48,7 +48,8 @@ def test_installed_wheel_imports_from_any_directory(tmp_path):
 
 def test_bench_writes_table_json_and_png(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "longctx.cli", "bench", "--lengths", "256,512", "--window", "32",
-                           "--heads", "2", "--dim", "16", "--repeats", "1", "--out", str(tmp_path)],
+                           "--heads", "2", "--dim", "16", "--repeats", "1", "--out", str(tmp_path),
+                           "--stream-tokens", "4096,8192", "--decode-context", "2048"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert all(t in proc.stdout for t in ("sliding", "hierarchical", "ring (1 process", "dense mask")), proc.stdout
@@ -56,6 +57,10 @@ def test_bench_writes_table_json_and_png(tmp_path):
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert {(r["backend"], r["technique"]) for r in rows} >= {("mlx", "sliding"), ("torch", "sliding")}
     assert all(r["ms"] > 0 and r["peak_mib"] >= 0 for r in rows)
+    caches = {r["what"]: r for r in json.loads((tmp_path / "bench.json").read_text())["caches"]}
+    assert caches["streaming peak memory, longest / shortest"]["value"] < 1.2
+    assert caches["decode ms/token, full KVCache"]["value"] > 0
+    assert "entries held" in proc.stdout, proc.stdout
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -129,3 +134,46 @@ def test_ring_shard_holds_the_positions_ringrun_checks(layout):
     for bad in (dict(rank=3, size=3), dict(rank=0, size=0), dict(rank=0, size=5)):
         with pytest.raises(ValueError):
             longctx.mlx.ring_shard(mx.array(x), layout=layout, **bad)
+
+
+def test_streaming_mlx_lm_and_transformers_agree_beyond_the_cache():
+    """The same tiny Qwen3 weights streamed through mlx-lm + SinkKVCache and HF + SinkKVCache
+    (2 layers, well past sinks + window) give the same logits."""
+    import mlx.core as mx
+    import torch
+
+    import longctx.mlx
+    import longctx.torch
+    from longctx.models import mlx_qwen3, torch_qwen3
+    ids = np.random.default_rng(4).integers(0, 256, 90).tolist()
+    args = dict(chunk_size=7, overlap=0, sink_tokens=3, window=20)
+    a = longctx.mlx.StreamingProcessor(**args)
+    b = longctx.torch.StreamingProcessor(**args)
+    got = np.array(a.merge_chunk_outputs(list(a.process_stream(iter(ids), mlx_qwen3(1)))))
+    want = b.merge_chunk_outputs(list(b.process_stream(iter(ids), torch_qwen3(1)))).numpy()
+    assert got.shape == want.shape == (90, 256)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    assert max(c.offset for c in a.caches) == b.caches.get_seq_length() == 23
+    assert isinstance(mx.array(0), mx.array) and torch.is_tensor(torch.zeros(1))
+
+
+def test_compressed_caches_agree_in_both_models():
+    """Prefill 40 tokens, decode 10 with a knorm CompressedKVCache at ratio 0.6, in mlx-lm and in HF."""
+    import mlx.core as mx
+    import torch
+
+    import longctx.mlx
+    import longctx.torch
+    from longctx.models import mlx_qwen3, torch_qwen3
+    ids = np.random.default_rng(5).integers(0, 256, 50)
+    m, t = mlx_qwen3(2), torch_qwen3(2)
+    make = dict(compression_ratio=0.6, method="knorm", sink_tokens=2, recent_tokens=4)
+    mc = [longctx.mlx.CompressedKVCache(longctx.mlx.ContextCompressor(**make)) for _ in m.layers]
+    tc = longctx.torch.CompressedKVCache(longctx.torch.ContextCompressor(**make))
+    for chunk in [ids[:40]] + [ids[i:i + 1] for i in range(40, 50)]:
+        got = np.array(m(mx.array(chunk)[None], cache=mc)[0])
+        with torch.no_grad():
+            want = t(torch.tensor(chunk)[None], past_key_values=tc, use_cache=True).logits[0].numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    assert mc[0].keys.shape[2] == tc.layers[0].keys.shape[2] == 20  # n_kept(50, 0.6)
+    assert np.array_equal(np.sort(np.array(mc[1].positions)), np.sort(tc.layers[1].positions.numpy()))

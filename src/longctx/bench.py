@@ -9,6 +9,10 @@ visible (query, key) pairs count) and, for MLX, its fraction of MLX's own
 2048^3 matmul measured in the same run.
 
 ``ring_rows`` (``longctx bench --ring``) runs Task 3 across real processes.
+``cache_rows`` runs Tasks 4 and 5 through the seeded tiny Qwen3 of
+``longctx.models``: tokens/s and peak memory while streaming with a
+``SinkKVCache``, and decode time per token with a ``CompressedKVCache`` at
+ratio 0.9 against mlx-lm's full ``KVCache`` holding the same context.
 """
 from __future__ import annotations
 
@@ -142,7 +146,7 @@ def run(lengths=(1024, 2048, 4096), window: int = 256, heads: int = 8, dim: int 
 
 
 def report(rows: list[Row], matmul_gflops: float, window: int, heads: int, dim: int, out: Path, console,
-           ring: list[dict] = ()) -> None:
+           ring: list[dict] = (), caches: list[dict] = ()) -> None:
     from rich.table import Table
     table = Table(title=f"Tasks 1-3: sliding W={window}, hierarchical levels {HIERARCHICAL_LEVELS}, ring "
                         f"P={RING_SIZE}; H={heads}, D={dim}, float32, B=1 "
@@ -162,18 +166,21 @@ def report(rows: list[Row], matmul_gflops: float, window: int, heads: int, dim: 
                       faster if r.technique != "dense mask" else "1x",
                       smaller if r.technique != "dense mask" else "1x")
     console.print(table)
-    if ring:
-        ring_table = Table(title="Task 3 across real processes")
-        for column in ("measure", "L", "value", "note"):
-            ring_table.add_column(column)
-        for r in ring:
-            ring_table.add_row(r["what"], str(r["length"]), f"{r['value']:.3g}", r["note"])
-        console.print(ring_table)
+    for title, extra in (("Task 3 across real processes", ring),
+                         ("Tasks 4 and 5 in the tiny Qwen3 (MLX)", caches)):
+        if extra:
+            extra_table = Table(title=title)
+            for column in ("measure", "L", "value", "note"):
+                extra_table.add_column(column)
+            for r in extra:
+                extra_table.add_row(r["what"], str(r["length"]), f"{r['value']:.3g}", r["note"])
+            console.print(extra_table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
         "config": {"window": window, "heads": heads, "dim": dim, "dtype": "float32", "batch": 1},
-        "mlx_matmul_gflops": matmul_gflops, "rows": [asdict(r) for r in rows], "ring": list(ring)},
+        "mlx_matmul_gflops": matmul_gflops, "rows": [asdict(r) for r in rows], "ring": list(ring),
+        "caches": list(caches)},
         indent=2))
     _plot(rows, window, out / "bench.png")
     console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
@@ -249,4 +256,72 @@ def ring_rows(backend: str = "mlx", processes: int = 4, length: int = 65536, che
     step = max(r["seconds_per_step"] for r in reports)
     rows.append({"what": "seconds per ring step (slowest rank)", "length": length, "value": step,
                  "note": f"{processes} processes sharing this machine's cores"})
+    return rows
+
+
+STREAM = dict(chunk_size=512, overlap=0, sink_tokens=4, window=1024)
+
+
+def _mlx_decode_ms(model, caches, steps: int = 8) -> float:
+    import mlx.core as mx
+    token = mx.array([[1]])
+    mx.eval(model(token, cache=caches))  # warm-up (and, for the compressed cache, its compression)
+    start = time.perf_counter()
+    for _ in range(steps):
+        mx.eval(model(token, cache=caches))
+    return 1e3 * (time.perf_counter() - start) / steps
+
+
+def cache_rows(stream_lengths=(16384,), decode_context: int = 16384, ratio: float = 0.9) -> list[dict]:
+    """Tasks 4 and 5 on MLX: streaming tokens/s and peak memory; compressed vs full decode."""
+    import itertools
+
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    from longctx.mlx import CompressedKVCache, ContextCompressor, StreamingProcessor
+    from longctx.models import TINY_QWEN3, mlx_qwen3
+    model = mlx_qwen3(0)
+    rows, peaks = [], {}
+    for n in stream_lengths:
+        processor = StreamingProcessor(**STREAM)
+        ids = itertools.islice(itertools.cycle(range(TINY_QWEN3["vocab_size"])), n)
+
+        def stream():
+            for out in processor.process_stream(ids, model):
+                last = out
+            return last
+        mx.synchronize()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        start = time.perf_counter()
+        stream()
+        seconds = time.perf_counter() - start
+        peaks[n] = max(0, mx.get_peak_memory() - before)
+        rows.append({"what": "streaming tokens/s (SinkKVCache)", "length": n, "value": n / seconds,
+                     "note": f"peak {peaks[n] / 2**20:.1f} MiB; chunk {STREAM['chunk_size']}, "
+                             f"{STREAM['sink_tokens']} sinks + window {STREAM['window']}"})
+    if len(peaks) > 1:
+        lo, hi = min(peaks), max(peaks)
+        rows.append({"what": "streaming peak memory, longest / shortest", "length": hi,
+                     "value": peaks[hi] / peaks[lo], "note": f"vs {lo} tokens (goal: within 5%)"})
+
+    # Decode with `decode_context` tokens cached: random keys stand in for a prefill (the same for both).
+    layers, kv_heads, dim = TINY_QWEN3["num_hidden_layers"], TINY_QWEN3["num_key_value_heads"], TINY_QWEN3["head_dim"]
+    rng = np.random.default_rng(0)
+    context = [(mx.array(rng.standard_normal((1, kv_heads, decode_context, dim)).astype(np.float32)),
+                mx.array(rng.standard_normal((1, kv_heads, decode_context, dim)).astype(np.float32)))
+               for _ in range(layers)]
+    full = [KVCache() for _ in range(layers)]
+    compressed = [CompressedKVCache(ContextCompressor(ratio, method="knorm")) for _ in range(layers)]
+    for cache, (k, v) in itertools.chain(zip(full, context), zip(compressed, context)):
+        cache.update_and_fetch(k, v)
+        mx.eval(cache.state)
+    full_ms, compressed_ms = _mlx_decode_ms(model, full), _mlx_decode_ms(model, compressed)
+    held = compressed[0].size()
+    rows.append({"what": "decode ms/token, full KVCache", "length": decode_context, "value": full_ms,
+                 "note": f"{full[0].nbytes * layers / 2**20:.0f} MiB cached"})
+    rows.append({"what": f"decode ms/token, CompressedKVCache knorm {ratio}", "length": decode_context,
+                 "value": compressed_ms, "note": f"{held} entries held; {full_ms / compressed_ms:.1f}x faster "
+                                                 "than full (goal >= 5x)"})
     return rows

@@ -38,7 +38,9 @@ def cmd_bench(args) -> int:
             progress.update(task, description=f"ring: {args.ring_processes} processes, L={args.ring_length}")
             ring = bench.ring_rows(backends[0], args.ring_processes, args.ring_length)
             progress.advance(task)
-    bench.report(rows, matmul, args.window, args.heads, args.dim, Path(args.out), console, ring)
+        progress.update(task, description=f"caches: stream {args.stream_tokens}, decode at {args.decode_context}")
+        caches = bench.cache_rows(args.stream_tokens, args.decode_context)
+    bench.report(rows, matmul, args.window, args.heads, args.dim, Path(args.out), console, ring, caches)
     return 0
 
 
@@ -91,6 +93,10 @@ def main(argv=None) -> int:
                    help="also run Task 3 across real processes (mlx.launch / torchrun on this host)")
     p.add_argument("--ring-length", type=int, default=65536)
     p.add_argument("--ring-processes", type=int, default=4)
+    p.add_argument("--stream-tokens", type=_positive_ints, default=[16384],
+                   help="Task 5: tokens to stream through the tiny Qwen3, e.g. 65536,1048576")
+    p.add_argument("--decode-context", type=int, default=16384,
+                   help="Task 4: cached tokens for the compressed-vs-full decode rows (e.g. 131072)")
     p.set_defaults(run=cmd_bench)
     p = sub.add_parser("doctor", help="check the set-up (BLAS speed, devices)")
     p.add_argument("--strict", action="store_true", help="exit 1 when MLX uses the slow BLAS")
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=".", help="the repository root")
     p.set_defaults(run=cmd_stubs)
     args = parser.parse_args(argv)
-    for name in ("window", "heads", "dim", "repeats", "ring_length", "ring_processes"):
+    for name in ("window", "heads", "dim", "repeats", "ring_length", "ring_processes", "decode_context"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args.run(args)

@@ -19,6 +19,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -144,6 +145,45 @@ def lab(request, labs_dir):
 def xp(lab):
     """The backend face (``asarray``, ``numpy``, ``seconds``, ``peak_bytes``...) for the graded modules."""
     return make_backend(lab.backend)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(xp):
+    """``make(**config) -> (model, forward(ids, cache) -> logits (L, vocab), new_full_cache())``:
+    the seeded tiny Qwen3 (``longctx.models``) in the graded backend, mlx-lm's or transformers'."""
+    from longctx import models
+    made = {}
+
+    def make(**overrides):
+        key = tuple(sorted(overrides.items()))
+        if key not in made:
+            made[key] = _tiny(xp.name, models, overrides)
+        return made[key]
+    return make
+
+
+def _tiny(backend, models, overrides):
+    if backend == "torch":
+        import torch
+        from transformers import DynamicCache
+        model = models.torch_qwen3(0, **overrides)
+
+        def forward(ids, cache=None):
+            with torch.no_grad():
+                ids = torch.as_tensor(np.asarray(ids))[None]
+                return model(ids, past_key_values=cache, use_cache=cache is not None).logits[0]
+        return model, forward, lambda: DynamicCache(config=model.config)
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    model = models.mlx_qwen3(0, **overrides)
+    return model, lambda ids, cache=None: model(mx.array(np.asarray(ids))[None], cache=cache)[0], \
+        lambda: make_prompt_cache(model)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models):
+    """The default tiny Qwen3 (2 layers): ``(model, forward, new_full_cache)``."""
+    return tiny_models()
 
 
 @pytest.fixture

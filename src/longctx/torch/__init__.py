@@ -1,7 +1,10 @@
 """longctx.torch: the PyTorch mirror of longctx.mlx (same names, torch.Tensor in and out)."""
+from .compression import CompressedContext, CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention, dilated_attention
 from .ring import RingAttention, RingState, merge_states, ring_attention_distributed, ring_shard
 from .sliding import SlidingWindowAttention
+from .streaming import SinkKVCache, StreamingProcessor
 
-__all__ = ["HierarchicalAttention", "RingAttention", "RingState", "SlidingWindowAttention", "dilated_attention",
+__all__ = ["CompressedContext", "CompressedKVCache", "ContextCompressor", "HierarchicalAttention", "RingAttention",
+           "RingState", "SinkKVCache", "SlidingWindowAttention", "StreamingProcessor", "dilated_attention",
            "merge_states", "ring_attention_distributed", "ring_shard"]

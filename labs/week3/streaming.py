@@ -1,0 +1,121 @@
+# Learner stub for Task 5, generated from solutions/week3/streaming.py by `longctx stubs`.
+# Replace each `raise NotImplementedError(...)` with your code; grade it with
+#     pytest labs/week3 --task 5
+"""Task 5: endless streams with attention sinks (book chapter "Streaming with attention sinks").
+
+StreamingLLM (Xiao et al. 2024, "Efficient Streaming Language Models with
+Attention Sinks") keeps the first ``sink_tokens`` entries, which soak up the
+attention a query has nowhere else to put, and a window of the most recent
+``window`` entries: memory is bounded however long the stream.
+
+The position trick: attention uses positions *inside the cache*, so after
+evictions the window's keys sit right after the sinks and no position ever
+exceeds ``sink_tokens + window + chunk``. mlx-lm's attention applies RoPE with
+``offset=cache.offset`` before the cache sees the keys, so ``SinkKVCache``
+stores keys *un-rotated* (RoPE inverted once, on the way in) and rotates the
+whole cache at positions ``0 .. n-1`` on every fetch, as the paper's code does.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+
+import mlx.core as mx
+from mlx_lm.models.cache import create_attention_mask
+
+from longctx.checks import check_nonnegative_int, check_positive_int
+
+
+def unrotate(rope, x: mx.array, offset: int) -> mx.array:
+    """Undo ``rope(x, offset)``: a rotation by ``-angle`` is the rotation by
+    ``angle`` conjugated by negating the second coordinate of each pair."""
+    half = rope.dims // 2
+    if rope.traditional:  # pairs (2i, 2i + 1)
+        sign = mx.where(mx.arange(x.shape[-1]) % 2 == 1, -1.0, 1.0)
+        sign = mx.where(mx.arange(x.shape[-1]) < rope.dims, sign, 1.0)
+    else:  # pairs (i, i + dims / 2)
+        sign = mx.where((mx.arange(x.shape[-1]) >= half) & (mx.arange(x.shape[-1]) < rope.dims), -1.0, 1.0)
+    sign = sign.astype(x.dtype)
+    return rope(x * sign, offset=offset) * sign
+
+
+class SinkKVCache:
+    """mlx-lm cache keeping ``sink_tokens`` first entries and the last ``window``.
+
+    ``rope``: the layer's RoPE module (``layer.self_attn.rope`` in mlx-lm; it
+    must have ``dims`` and ``traditional``, as ``mlx.nn.RoPE``). Without it the
+    keys are stored as given, which is right only for a model without rotary
+    positions.
+    """
+
+    def __init__(self, sink_tokens: int = 4, window: int = 1024, *, rope=None):
+        raise NotImplementedError("Task 5: SinkKVCache.__init__ -- see the book chapter 'Streaming with attention sinks'")
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """``keys``, ``values (B, H, S, D)``, rotated by the model at ``offset``;
+        returns the cache plus them, every key at its position in the cache."""
+        raise NotImplementedError("Task 5: SinkKVCache.update_and_fetch -- see the book chapter 'Streaming with attention sinks'")
+
+    def size(self) -> int:
+        return self.offset
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
+        return create_attention_mask(N, offset=self.offset, return_array=return_array, window_size=window_size)
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    def is_trimmable(self) -> bool:
+        return False
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values = v
+        self.offset = 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def meta_state(self):
+        return tuple(map(str, (self.sink_tokens, self.window, self.tokens_seen)))
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self.sink_tokens, self.window, self.tokens_seen = map(int, v)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class StreamingProcessor:
+    """Feed a (possibly endless) token stream to a model, ``chunk_size`` tokens at a time."""
+
+    def __init__(self, chunk_size: int = 2048, overlap: int = 256, *, sink_tokens: int = 4,
+                 window: int = 4096):
+        raise NotImplementedError("Task 5: StreamingProcessor.__init__ -- see the book chapter 'Streaming with attention sinks'")
+
+    def make_cache(self, model) -> list[SinkKVCache]:
+        """One ``SinkKVCache`` per layer, each with its layer's RoPE (mlx-lm layout)."""
+        return [SinkKVCache(self.sink_tokens, self.window,
+                            rope=getattr(getattr(layer, "self_attn", None), "rope", None))
+                for layer in model.layers]
+
+    def process_stream(self, token_stream: Iterable[int], model) -> Iterator[mx.array]:
+        """Yield each chunk's logits ``(n, vocab)``, reading the stream lazily.
+
+        A model with ``layers`` (mlx-lm) is called as ``model(tokens[None],
+        cache=caches)`` and yields the new tokens' logits. Any other callable
+        gets ``model(tokens[None])`` with the previous chunk's last ``overlap``
+        tokens in front, and yields those rows too (``merge_chunk_outputs`` drops them).
+        """
+        raise NotImplementedError("Task 5: StreamingProcessor.process_stream -- see the book chapter 'Streaming with attention sinks'")
+
+    def merge_chunk_outputs(self, chunk_outputs: list[mx.array]) -> mx.array:
+        """One ``(tokens, vocab)`` array: every chunk but the first loses its ``overlap`` rows."""
+        raise NotImplementedError("Task 5: StreamingProcessor.merge_chunk_outputs -- see the book chapter 'Streaming with attention sinks'")
+
+
+__all__ = ["SinkKVCache", "StreamingProcessor", "unrotate"]

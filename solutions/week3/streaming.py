@@ -1,0 +1,171 @@
+"""Task 5: endless streams with attention sinks (book chapter "Streaming with attention sinks").
+
+StreamingLLM (Xiao et al. 2024, "Efficient Streaming Language Models with
+Attention Sinks") keeps the first ``sink_tokens`` entries, which soak up the
+attention a query has nowhere else to put, and a window of the most recent
+``window`` entries: memory is bounded however long the stream.
+
+The position trick: attention uses positions *inside the cache*, so after
+evictions the window's keys sit right after the sinks and no position ever
+exceeds ``sink_tokens + window + chunk``. mlx-lm's attention applies RoPE with
+``offset=cache.offset`` before the cache sees the keys, so ``SinkKVCache``
+stores keys *un-rotated* (RoPE inverted once, on the way in) and rotates the
+whole cache at positions ``0 .. n-1`` on every fetch, as the paper's code does.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+
+import mlx.core as mx
+from mlx_lm.models.cache import create_attention_mask
+
+from longctx.checks import check_nonnegative_int, check_positive_int
+
+
+def unrotate(rope, x: mx.array, offset: int) -> mx.array:
+    """Undo ``rope(x, offset)``: a rotation by ``-angle`` is the rotation by
+    ``angle`` conjugated by negating the second coordinate of each pair."""
+    half = rope.dims // 2
+    if rope.traditional:  # pairs (2i, 2i + 1)
+        sign = mx.where(mx.arange(x.shape[-1]) % 2 == 1, -1.0, 1.0)
+        sign = mx.where(mx.arange(x.shape[-1]) < rope.dims, sign, 1.0)
+    else:  # pairs (i, i + dims / 2)
+        sign = mx.where((mx.arange(x.shape[-1]) >= half) & (mx.arange(x.shape[-1]) < rope.dims), -1.0, 1.0)
+    sign = sign.astype(x.dtype)
+    return rope(x * sign, offset=offset) * sign
+
+
+class SinkKVCache:
+    """mlx-lm cache keeping ``sink_tokens`` first entries and the last ``window``.
+
+    ``rope``: the layer's RoPE module (``layer.self_attn.rope`` in mlx-lm; it
+    must have ``dims`` and ``traditional``, as ``mlx.nn.RoPE``). Without it the
+    keys are stored as given, which is right only for a model without rotary
+    positions.
+    """
+
+    def __init__(self, sink_tokens: int = 4, window: int = 1024, *, rope=None):
+        # BEGIN SOLUTION
+        self.sink_tokens = check_nonnegative_int("sink_tokens", sink_tokens)
+        self.window = check_positive_int("window", window)
+        if rope is not None and not (hasattr(rope, "dims") and hasattr(rope, "traditional")):
+            raise ValueError(f"rope must be a RoPE module with dims and traditional, got {type(rope).__name__}")
+        self.rope = rope
+        self.keys = self.values = None  # keys un-rotated when rope is set
+        self.offset = 0  # entries held = the position the next token gets
+        self.tokens_seen = 0
+        # END SOLUTION
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """``keys``, ``values (B, H, S, D)``, rotated by the model at ``offset``;
+        returns the cache plus them, every key at its position in the cache."""
+        # BEGIN SOLUTION
+        raw = keys if self.rope is None else unrotate(self.rope, keys, self.offset)
+        if self.keys is None:
+            fetched_k, fetched_v = keys, values
+            all_k, all_v = raw, values
+        else:
+            cached = self.keys if self.rope is None else self.rope(self.keys)  # positions 0 .. offset - 1
+            fetched_k = mx.concatenate([cached, keys], axis=2)
+            fetched_v = mx.concatenate([self.values, values], axis=2)
+            all_k = mx.concatenate([self.keys, raw], axis=2)
+            all_v = fetched_v
+        n, s = all_k.shape[2], self.sink_tokens
+        if n > s + self.window:  # evict the middle: keep the sinks and the last `window`
+            all_k = mx.concatenate([all_k[:, :, :s], all_k[:, :, n - self.window:]], axis=2)
+            all_v = mx.concatenate([all_v[:, :, :s], all_v[:, :, n - self.window:]], axis=2)
+        self.keys, self.values = all_k, all_v
+        self.offset = all_k.shape[2]
+        self.tokens_seen += keys.shape[2]
+        return fetched_k, fetched_v
+        # END SOLUTION
+
+    def size(self) -> int:
+        return self.offset
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
+        return create_attention_mask(N, offset=self.offset, return_array=return_array, window_size=window_size)
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    def is_trimmable(self) -> bool:
+        return False
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values = v
+        self.offset = 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def meta_state(self):
+        return tuple(map(str, (self.sink_tokens, self.window, self.tokens_seen)))
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self.sink_tokens, self.window, self.tokens_seen = map(int, v)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class StreamingProcessor:
+    """Feed a (possibly endless) token stream to a model, ``chunk_size`` tokens at a time."""
+
+    def __init__(self, chunk_size: int = 2048, overlap: int = 256, *, sink_tokens: int = 4,
+                 window: int = 4096):
+        # BEGIN SOLUTION
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        self.overlap = check_nonnegative_int("overlap", overlap)
+        self.sink_tokens = check_nonnegative_int("sink_tokens", sink_tokens)
+        self.window = check_positive_int("window", window)
+        self.dropped = 0  # outputs merge_chunk_outputs drops from every chunk after the first
+        self.caches = None  # the caches of the stream being processed (to inspect or save)
+        # END SOLUTION
+
+    def make_cache(self, model) -> list[SinkKVCache]:
+        """One ``SinkKVCache`` per layer, each with its layer's RoPE (mlx-lm layout)."""
+        return [SinkKVCache(self.sink_tokens, self.window,
+                            rope=getattr(getattr(layer, "self_attn", None), "rope", None))
+                for layer in model.layers]
+
+    def process_stream(self, token_stream: Iterable[int], model) -> Iterator[mx.array]:
+        """Yield each chunk's logits ``(n, vocab)``, reading the stream lazily.
+
+        A model with ``layers`` (mlx-lm) is called as ``model(tokens[None],
+        cache=caches)`` and yields the new tokens' logits. Any other callable
+        gets ``model(tokens[None])`` with the previous chunk's last ``overlap``
+        tokens in front, and yields those rows too (``merge_chunk_outputs`` drops them).
+        """
+        # BEGIN SOLUTION
+        stream = iter(token_stream)
+        self.caches = caches = self.make_cache(model) if hasattr(model, "layers") else None
+        self.dropped = 0 if caches is not None else min(self.overlap, self.chunk_size)
+        previous: list[int] = []
+        while chunk := list(itertools.islice(stream, self.chunk_size)):
+            if caches is not None:
+                logits = model(mx.array(chunk)[None], cache=caches)[0]
+                mx.eval(logits, [c.state for c in caches])  # one chunk of graph alive at a time
+            else:
+                logits = model(mx.array(previous[len(previous) - self.dropped:] + chunk)[None])[0]
+                mx.eval(logits)
+                previous = chunk
+            yield logits
+        # END SOLUTION
+
+    def merge_chunk_outputs(self, chunk_outputs: list[mx.array]) -> mx.array:
+        """One ``(tokens, vocab)`` array: every chunk but the first loses its ``overlap`` rows."""
+        # BEGIN SOLUTION
+        if not chunk_outputs:
+            raise ValueError("chunk_outputs must not be empty")
+        return mx.concatenate([chunk_outputs[0]] + [out[self.dropped:] for out in chunk_outputs[1:]], axis=0)
+        # END SOLUTION
+
+
+__all__ = ["SinkKVCache", "StreamingProcessor", "unrotate"]
