@@ -27,13 +27,13 @@ memory ``O(block * L)``, never ``L * L``.
 """
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import mlx.core as mx
 from mlx_lm.models.cache import create_attention_mask
 
-from longctx.checks import check_attention, check_choice, check_nonnegative_int, check_positive_int
+from longctx.checks import (check_attention, check_choice, check_nonnegative_int, check_positive_int,
+                            check_ratio)
 
 METHODS = ("h2o", "snapkv", "knorm", "streaming")
 NEEDS_ATTENTION = ("h2o", "snapkv")
@@ -83,13 +83,6 @@ def select(priority: mx.array, positions: mx.array, length: int, budget: int, si
 def gather(x: mx.array, index: mx.array) -> mx.array:
     """``x (..., L, D)`` rows at ``index (..., n)`` -> ``(..., n, D)``."""
     return mx.take_along_axis(x, index[..., None], axis=-2)
-
-
-def check_ratio(compression_ratio) -> float:
-    if (isinstance(compression_ratio, bool) or not isinstance(compression_ratio, numbers.Real)
-            or not 0 <= compression_ratio < 1):
-        raise ValueError(f"compression_ratio must be a number in [0, 1), got {compression_ratio!r}")
-    return float(compression_ratio)
 
 
 class ContextCompressor:

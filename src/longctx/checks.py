@@ -59,6 +59,14 @@ def check_attention(q, k, v, *, queries_last: bool = True) -> tuple[int, int, in
     return B, Hq, Hkv, Lq, Lk, D
 
 
+def check_ratio(compression_ratio) -> float:
+    """A compression ratio (the fraction removed, as in kvpress): a number in ``[0, 1)``."""
+    if (isinstance(compression_ratio, bool) or not isinstance(compression_ratio, numbers.Real)
+            or not 0 <= compression_ratio < 1):
+        raise ValueError(f"compression_ratio must be a number in [0, 1), got {compression_ratio!r}")
+    return float(compression_ratio)
+
+
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

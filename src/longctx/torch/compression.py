@@ -8,14 +8,14 @@ Same names, arguments and semantics as ``solutions/week3/compression.py``
 """
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-from longctx.checks import check_attention, check_choice, check_nonnegative_int, check_positive_int
+from longctx.checks import (check_attention, check_choice, check_nonnegative_int, check_positive_int,
+                            check_ratio)
 
 METHODS = ("h2o", "snapkv", "knorm", "streaming")
 NEEDS_ATTENTION = ("h2o", "snapkv")
@@ -76,13 +76,6 @@ def select(priority: torch.Tensor, positions: torch.Tensor, length: int, budget:
 def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x (..., L, D)`` rows at ``index (..., n)`` -> ``(..., n, D)``."""
     return x.gather(-2, index.long()[..., None].expand(*index.shape, x.shape[-1]))
-
-
-def check_ratio(compression_ratio) -> float:
-    if (isinstance(compression_ratio, bool) or not isinstance(compression_ratio, numbers.Real)
-            or not 0 <= compression_ratio < 1):
-        raise ValueError(f"compression_ratio must be a number in [0, 1), got {compression_ratio!r}")
-    return float(compression_ratio)
 
 
 class ContextCompressor:
