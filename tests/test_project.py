@@ -38,6 +38,7 @@ def test_installed_wheel_imports_from_any_directory(tmp_path):
             "from longctx.mlx import SlidingWindowAttention as A\n"
             "from longctx.torch import SlidingWindowAttention as B\n"
             "import sys; assert longctx.mlx.__file__.startswith(sys.argv[1]), longctx.mlx.__file__\n"
+            "from longctx.data import corpus; assert len(corpus()) >= 2  # the tokenizer's texts ship\n"
             "print(A(4).window_size + B(4).window_size)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", code, str(site)], cwd=tmp_path, capture_output=True, text=True,

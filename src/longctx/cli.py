@@ -44,6 +44,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_make_model(args) -> int:
+    from longctx.models import make_checkpoint
+    try:
+        path = make_checkpoint(args.path, seed=args.seed, layers=args.layers, vocab_size=args.vocab_size,
+                               tie_word_embeddings=not args.untied)
+    except ValueError as error:
+        print(f"longctx make-model: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote a tiny Qwen3 to {path}: load it with mlx_lm.load({str(path)!r}) or "
+          f"AutoModelForCausalLM.from_pretrained({str(path)!r})")
+    return 0
+
+
 SLOW_GFLOPS = 30  # the bundled reference BLAS gives ~5, OpenBLAS on 2 cores ~200
 
 
@@ -98,6 +111,13 @@ def main(argv=None) -> int:
     p.add_argument("--decode-context", type=int, default=16384,
                    help="Task 4: cached tokens for the compressed-vs-full decode rows (e.g. 131072)")
     p.set_defaults(run=cmd_bench)
+    p = sub.add_parser("make-model", help="write a tiny seeded Qwen3 checkpoint (Hugging Face layout) to PATH")
+    p.add_argument("path")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--untied", action="store_true", help="a separate lm_head instead of tied embeddings")
+    p.set_defaults(run=cmd_make_model)
     p = sub.add_parser("doctor", help="check the set-up (BLAS speed, devices)")
     p.add_argument("--strict", action="store_true", help="exit 1 when MLX uses the slow BLAS")
     p.set_defaults(run=cmd_doctor)

@@ -1,0 +1,68 @@
+"""A tiny Qwen3 checkpoint in the Hugging Face layout, built offline.
+
+``make_checkpoint(path)`` writes ``config.json`` (``model_type: qwen3``),
+``model.safetensors`` (``transformers``' ``save_pretrained``), and a
+byte-level BPE tokenizer trained with ``tokenizers`` on the public-domain
+texts in ``longctx.data``, with Qwen3's special tokens and ChatML template.
+The real loaders read it: ``mlx_lm.load(path)``,
+``AutoModelForCausalLM.from_pretrained(path)``, ``AutoTokenizer.from_pretrained(path)``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from longctx.checks import check_positive_int
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen3's template, without tools and thinking: <|im_start|>role\ncontent<|im_end|>\n per message.
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def train_tokenizer(vocab_size: int = 512):
+    """Byte-level BPE (GPT-2 / Qwen style) trained on the shipped corpus, specials first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from longctx.data import corpus
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus(), trainer=trainer)
+    return tokenizer
+
+
+def make_checkpoint(path, *, seed: int = 0, layers: int = 2, tie_word_embeddings: bool = True,
+                    vocab_size: int = 512) -> Path:
+    """Write the tiny Qwen3 (``longctx.models.torch_qwen3`` weights) and its tokenizer to ``path``."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.utils.logging import disable_progress_bar
+
+    from longctx.models.tiny import torch_qwen3
+    layers = check_positive_int("layers", layers)
+    if check_positive_int("vocab_size", vocab_size) < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), "
+                         f"got {vocab_size}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(vocab_size), eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+    tokenizer.save_pretrained(path)
+    # One home for the template, tokenizer_config.json (transformers 5 also reads a chat_template.jinja).
+    config_file = path / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config["chat_template"] = CHAT_TEMPLATE
+    config_file.write_text(json.dumps(tokenizer_config, indent=2))
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    model = torch_qwen3(seed, num_hidden_layers=layers, tie_word_embeddings=tie_word_embeddings,
+                        vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
+                        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    model.config._attn_implementation = "sdpa"  # what a loader should default to; ours set eager to test
+    disable_progress_bar()
+    model.save_pretrained(path, safe_serialization=True)
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "qwen3", config
+    return path
