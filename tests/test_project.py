@@ -178,3 +178,17 @@ def test_compressed_caches_agree_in_both_models():
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
     assert mc[0].keys.shape[2] == tc.layers[0].keys.shape[2] == 20  # n_kept(50, 0.6)
     assert np.array_equal(np.sort(np.array(mc[1].positions)), np.sort(tc.layers[1].positions.numpy()))
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("dims", [16, 10])
+def test_unrotate_inverts_mlx_rope(traditional, dims):
+    """SinkKVCache stores keys un-rotated: unrotate(rope, rope(x, p), p) == x, partial rotary included."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from longctx.mlx.streaming import unrotate
+    x = mx.array(np.random.default_rng(0).standard_normal((1, 2, 9, 16)).astype(np.float32))
+    rope = nn.RoPE(dims, traditional=traditional, base=10000)
+    np.testing.assert_allclose(np.array(unrotate(rope, rope(x, offset=1000), 1000)), np.array(x), atol=2e-4)
+    assert not np.allclose(np.array(rope(x, offset=1000)), np.array(x), atol=1e-2)

@@ -29,13 +29,9 @@ from longctx.checks import check_nonnegative_int, check_positive_int
 def unrotate(rope, x: mx.array, offset: int) -> mx.array:
     """Undo ``rope(x, offset)``: a rotation by ``-angle`` is the rotation by
     ``angle`` conjugated by negating the second coordinate of each pair."""
-    half = rope.dims // 2
-    if rope.traditional:  # pairs (2i, 2i + 1)
-        sign = mx.where(mx.arange(x.shape[-1]) % 2 == 1, -1.0, 1.0)
-        sign = mx.where(mx.arange(x.shape[-1]) < rope.dims, sign, 1.0)
-    else:  # pairs (i, i + dims / 2)
-        sign = mx.where((mx.arange(x.shape[-1]) >= half) & (mx.arange(x.shape[-1]) < rope.dims), -1.0, 1.0)
-    sign = sign.astype(x.dtype)
+    i = mx.arange(x.shape[-1])
+    second = (i % 2 == 1) if rope.traditional else (i >= rope.dims // 2)  # pairs (2j, 2j+1) or (j, j+dims/2)
+    sign = mx.where(second & (i < rope.dims), -1.0, 1.0).astype(x.dtype)
     return rope(x * sign, offset=offset) * sign
 
 
