@@ -194,6 +194,12 @@ MUTANTS = {
         "mx.full((*pooled.shape[:-1], w), mx.inf)", "mx.full((*pooled.shape[:-1], w), -mx.inf)")]),
     "h2o without the causal mask": ("compression", [(
         "s = mx.where(mx.arange(L) <= qpos[:, None], qb @ kt, -mx.inf)", "s = qb @ kt")]),
+    "missing 1/sqrt(D) in the scores": ("compression", [(
+        "scale = D ** -0.5 if scale is None else scale\n    q = queries", "scale = 1.0\n    q = queries")]),
+    "query positions ignore Lq < L": ("compression", [(
+        "qpos = L - Lq + start + mx.arange(qb.shape[3])", "qpos = start + mx.arange(qb.shape[3])")]),
+    "observation window one too long": ("compression", [(
+        "received = received / w", "received = received / w\n        w += 1")]),
     "GQA groups as h % Hkv": ("compression", [(
         "q = queries.reshape(B, Hkv, G, Lq, D)", "q = queries.reshape(B, G, Hkv, Lq, D).swapaxes(1, 2)")]),
     "cache offset counts entries, not tokens": ("compression", [(

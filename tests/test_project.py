@@ -140,9 +140,6 @@ def test_ring_shard_holds_the_positions_ringrun_checks(layout):
 def test_streaming_mlx_lm_and_transformers_agree_beyond_the_cache():
     """The same tiny Qwen3 weights streamed through mlx-lm + SinkKVCache and HF + SinkKVCache
     (2 layers, well past sinks + window) give the same logits."""
-    import mlx.core as mx
-    import torch
-
     import longctx.mlx
     import longctx.torch
     from longctx.models import mlx_qwen3, torch_qwen3
@@ -155,7 +152,6 @@ def test_streaming_mlx_lm_and_transformers_agree_beyond_the_cache():
     assert got.shape == want.shape == (90, 256)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
     assert max(c.offset for c in a.caches) == b.caches.get_seq_length() == 23
-    assert isinstance(mx.array(0), mx.array) and torch.is_tensor(torch.zeros(1))
 
 
 def test_compressed_caches_agree_in_both_models():
