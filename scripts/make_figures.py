@@ -11,7 +11,9 @@ Writes to book/src/figures/:
   keeps at ratio 0.75 (random keys with planted heavy hitters), with SnapKV's
   pooled scores;
 * attention-sinks.png: the attention mass the seeded tiny Qwen3 puts on its
-  first 4 tokens, and what StreamingLLM's cache holds as a stream goes by.
+  first 4 tokens, and what StreamingLLM's cache holds as a stream goes by;
+* adaptive-context.png: what the Task 6 manager keeps verbatim and folds into
+  its summary, for one 24-message conversation under shrinking budgets.
 """
 from pathlib import Path
 
@@ -169,10 +171,47 @@ def sinks_figure(path: Path, sinks: int = 4, window: int = 24, chunk: int = 8, s
     plt.close(fig)
 
 
+def adaptive_figure(path: Path, budgets=(700, 600, 450, 300, 180)) -> None:
+    from longctx.mlx.adaptive import AdaptiveContextManager
+    from longctx.models import tiny_tokenizer
+    rng = np.random.default_rng(0)
+    facts = ["We meet at 10 am.", "Maria sends the slides.", "Budget: 4,500 dollars.", "Can you book a room?",
+             "Sounds good.", "ok.", "We decided on the train.", "Nice weather today."]
+    history = [{"role": "system", "content": "You are a helpful assistant."}]
+    history += [{"role": ("user", "assistant")[i % 2], "content": " ".join(rng.choice(facts, 2))} for i in range(23)]
+    tok = tiny_tokenizer()
+    grid = np.zeros((len(budgets), len(history) + 1))
+    fig, ax = plt.subplots(figsize=(11, 3.2))
+    for row, budget in enumerate(budgets):
+        m = AdaptiveContextManager(budget, tokenizer=tok, keep_recent_turns=4)
+        prompt = m.manage_context(history, "What did we decide?")
+        tail = prompt
+        for col in range(len(history) - 1, 0, -1):  # the kept turns are the most recent ones
+            block = f"<|im_start|>{history[col]['role']}\n{history[col]['content']}<|im_end|>"
+            grid[row, col] = 2 if block in tail else 1
+            tail = tail[:tail.rfind(block)] if block in tail else ""
+        grid[row, 0] = 3
+        grid[row, -1] = 3
+        summary = prompt.count("\n- ")
+        ax.text(len(history) + 0.7, row, f"{m.count_tokens(prompt)} tokens" + (f", summary of {summary} points"
+                                                                                 if summary else ""),
+                va="center", fontsize=8)
+    cmap = matplotlib.colors.ListedColormap(["white", "#f4b183", "#9dc3e6", "#2e75b6"])
+    ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=3, interpolation="nearest")
+    ax.set_yticks(range(len(budgets)), [f"budget {b}" for b in budgets])
+    ax.set_xticks([0, len(history)], ["system", "current input"])
+    ax.set_xlabel("message (oldest to newest)")
+    ax.set_xlim(-0.5, len(history) + 9)
+    ax.set_title("kept verbatim (blue: recent turns, dark: system and input) or folded into the summary (orange)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     for name, draw in (("sliding-mask.png", sliding_mask_figure), ("dilated-pattern.png", dilated_figure),
                        ("ring-schedule.png", ring_figure), ("compression-survivors.png", compression_figure),
-                       ("attention-sinks.png", sinks_figure)):
+                       ("attention-sinks.png", sinks_figure), ("adaptive-context.png", adaptive_figure)):
         draw(OUT / name)
         print(f"wrote {OUT / name}")

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = ROOT / "solutions" / "week3"
-TASKS = {"sliding": 1, "hierarchical": 2, "ring": 3, "compression": 4, "streaming": 5}
+TASKS = {"sliding": 1, "hierarchical": 2, "ring": 3, "compression": 4, "streaming": 5, "adaptive": 6}
 
 
 def grade(tmp_path, *args) -> tuple[int, dict, str]:
@@ -224,6 +224,24 @@ MUTANTS = {
     "window one too short": ("streaming", [("n - self.window:]", "n - self.window + 1:]")]),
     "stream read eagerly": ("streaming", [("stream = iter(token_stream)", "stream = iter(list(token_stream))")]),
     "overlap rows not dropped": ("streaming", [("[out[self.dropped:] for out", "[out for out")]),
+    # Task 6
+    "summary even when everything fits": ("adaptive", [("        if fits(prompt):\n            return prompt\n", "")]),
+    "oldest turns kept, recent ones folded": ("adaptive", [
+        ("folded = turns[:len(turns) - keep]", "folded = turns[keep:]"),
+        ("kept = turns[len(turns) - keep:]", "kept = turns[:keep]")]),
+    "older turns dropped, not summarised": ("adaptive", [(
+        "lines = [line for line in self.summarizer(text).splitlines() if line.strip()]", "lines = []")]),
+    "summary not cut to the room left": ("adaptive", [(
+        "summary = _summary(lines[len(lines) - lo:], folded[0]) if lo else None",
+        "summary = _summary(lines, folded[0]) if lines else None")]),
+    "reserve_tokens ignored": ("adaptive", [("return self.count_tokens(prompt) <= self.budget",
+                                             "return self.count_tokens(prompt) <= self.max_context"),
+                                            ("if needed > self.budget:", "if needed > self.max_context:")]),
+    "special tokens not counted": ("adaptive", [(
+        "return self.count_tokens(prompt) <= self.budget",
+        "return self.count_tokens(re.sub(r'<[|][a-z_]+[|]>', '', prompt)) <= self.budget")]),
+    "key points not deduplicated": ("adaptive", [("if key and norm not in seen:", "if key:")]),
+    "overflow not detected": ("adaptive", [("if needed > self.budget:", "if False:")]),
 }
 
 

@@ -1,10 +1,11 @@
 """longctx.mlx: the MLX reference (this folder, solutions/week3, installed as longctx.mlx)."""
+from .adaptive import AdaptiveContextManager, ContextOverflowError
 from .compression import CompressedContext, CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention, dilated_attention
 from .ring import RingAttention, RingState, merge_states, ring_attention_distributed, ring_shard
 from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache, StreamingProcessor
 
-__all__ = ["CompressedContext", "CompressedKVCache", "ContextCompressor", "HierarchicalAttention", "RingAttention",
+__all__ = ["AdaptiveContextManager", "CompressedContext", "CompressedKVCache", "ContextCompressor", "ContextOverflowError", "HierarchicalAttention", "RingAttention",
            "RingState", "SinkKVCache", "SlidingWindowAttention", "StreamingProcessor", "dilated_attention",
            "merge_states", "ring_attention_distributed", "ring_shard"]

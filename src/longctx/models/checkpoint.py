@@ -9,6 +9,7 @@ The real loaders read it: ``mlx_lm.load(path)``,
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -34,10 +35,18 @@ def train_tokenizer(vocab_size: int = 512):
     return tokenizer
 
 
+@functools.cache
+def tiny_tokenizer(vocab_size: int = 512):
+    """The checkpoint's tokenizer as transformers loads it (``PreTrainedTokenizerFast``, ChatML
+    template, ``<|im_end|>`` ends a turn), built in memory."""
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(vocab_size), eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
 def make_checkpoint(path, *, seed: int = 0, layers: int = 2, tie_word_embeddings: bool = True,
                     vocab_size: int = 512) -> Path:
     """Write the tiny Qwen3 (``longctx.models.torch_qwen3`` weights) and its tokenizer to ``path``."""
-    from transformers import PreTrainedTokenizerFast
     from transformers.utils.logging import disable_progress_bar
 
     from longctx.models.tiny import torch_qwen3
@@ -47,8 +56,7 @@ def make_checkpoint(path, *, seed: int = 0, layers: int = 2, tie_word_embeddings
                          f"got {vocab_size}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(vocab_size), eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+    tokenizer = tiny_tokenizer(vocab_size)
     tokenizer.save_pretrained(path)
     # One home for the template, tokenizer_config.json (transformers 5 also reads a chat_template.jinja).
     config_file = path / "tokenizer_config.json"

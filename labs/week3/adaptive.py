@@ -1,0 +1,134 @@
+# Learner stub for Task 6, generated from solutions/week3/adaptive.py by `longctx stubs`.
+# Replace each `raise NotImplementedError(...)` with your code; grade it with
+#     pytest labs/week3 --task 6
+"""Task 6: a conversation under a token budget (book chapter "Adaptive context").
+
+A chat is a list of messages; the model sees them rendered by the chat
+template. ``AdaptiveContextManager`` returns the prompt whose token count, by
+the real tokenizer and with every special token of the template, is at most
+``max_context - reserve_tokens`` (the reserve is room for the reply):
+
+* if the whole conversation fits, it is returned verbatim;
+* otherwise system messages and the current input stay verbatim, then the
+  most recent turns (at most ``keep_recent_turns`` non-system messages, as
+  many as fit), and every older turn is folded into one summary message at the
+  place of the first one folded, cut to the room left (its first lines go
+  first);
+* if the verbatim parts alone do not fit, ``ContextOverflowError``.
+
+Every candidate prompt is counted whole, never as a sum of parts: a template
+adds tokens between messages, and BPE may merge across a boundary.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from longctx.checks import check_nonnegative_int, check_positive_int
+
+SUMMARY_HEADER = "Summary of the earlier conversation:"
+# Words that mark a decision, a plan or an obligation (matched as word prefixes).
+DECISION = re.compile(r"\b(decid|agree|will\b|must\b|should\b|need|plan|chose|choose|confirm|approv|deadline|"
+                      r"let's\b|going to\b)", re.I)
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")  # not inside "3.5" or "e.g.x"
+LABEL = re.compile(r"^\s*\w+:\s+")  # "user: " in the folded text
+
+
+class ContextOverflowError(ValueError):
+    """The verbatim parts (system messages, current input, template) exceed the budget."""
+
+    def __init__(self, needed: int, allowed: int):
+        super().__init__(f"system messages and current_input need {needed} tokens, the budget allows {allowed} "
+                         "(max_context - reserve_tokens)")
+        self.needed, self.allowed = needed, allowed
+
+
+class AdaptiveContextManager:
+    """Fits a conversation into ``max_context - reserve_tokens`` tokens.
+
+    ``tokenizer``: a Hugging Face tokenizer (``AutoTokenizer``, or the one
+    ``mlx_lm.load`` returns); prompts are rendered with its chat template when
+    it has one. Without a tokenizer, prompts are ``role: content`` lines and a
+    token is a UTF-8 byte (what a byte-level model reads; an upper bound for
+    byte-level BPE). ``summarizer(text) -> str`` folds the older turns, given
+    as ``role: content`` lines; the default is extractive
+    (``extract_key_points``, one ``- point`` line each).
+    """
+
+    def __init__(self, max_context: int = 32768, *, tokenizer=None, summarizer: Callable[[str], str] | None = None,
+                 reserve_tokens: int = 0, keep_recent_turns: int = 4):
+        raise NotImplementedError("Task 6: AdaptiveContextManager.__init__ -- see the book chapter 'Adaptive context'")
+
+    @property
+    def budget(self) -> int:
+        return self.max_context - self.reserve_tokens
+
+    def render(self, messages: list[dict]) -> str:
+        """The prompt for ``messages``, ending with the assistant's turn to speak."""
+        tok = self.tokenizer
+        if tok is not None and getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+    def count_tokens(self, text: str) -> int:
+        if self.tokenizer is None:
+            return len(text.encode())
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return len(getattr(ids, "ids", ids))  # a list, or a `tokenizers.Encoding`
+
+    def manage_context(self, conversation_history: list[dict], current_input: str) -> str:
+        """The prompt for ``conversation_history`` + ``current_input`` (a user message), within the budget."""
+        raise NotImplementedError("Task 6: AdaptiveContextManager.manage_context -- see the book chapter 'Adaptive context'")
+
+    def extract_key_points(self, text: str) -> list[str]:
+        """Sentences worth keeping, in order, each once: questions, and sentences with a
+        number, a decision word (``decide``, ``will``, ``must``, ``plan`` ...) or a
+        name (a capitalised word that does not start the sentence)."""
+        raise NotImplementedError("Task 6: AdaptiveContextManager.extract_key_points -- see the book chapter 'Adaptive context'")
+
+    def _fits(self, prompt: str) -> bool:
+        return self.count_tokens(prompt) <= self.budget
+
+    def _extractive(self, text: str) -> str:
+        return "\n".join(f"- {point}" for point in self.extract_key_points(text))
+
+
+def _summary(lines: list[str], at: int) -> tuple[int, dict]:
+    return at, {"role": "system", "content": "\n".join([SUMMARY_HEADER, *lines])}
+
+
+def _assemble(history: list[dict], kept: list[int], summary: tuple[int, dict] | None, current: dict) -> list[dict]:
+    """System messages and the kept turns in their order, the summary at its place, then the current input."""
+    out, kept = [], set(kept)
+    for i, m in enumerate(history):
+        if summary is not None and i == summary[0]:
+            out.append(summary[1])
+        if m["role"] == "system" or i in kept:
+            out.append(m)
+    return [*out, current]
+
+
+def _check_history(history) -> list[dict]:
+    if not isinstance(history, (list, tuple)):
+        raise ValueError(f"conversation_history must be a list of messages, got {type(history).__name__}")
+    for i, m in enumerate(history):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"conversation_history[{i}] must be a dict with str 'role' and 'content', got {m!r}")
+    return list(history)
+
+
+def llm_summarizer(model, tokenizer, *, max_tokens: int = 128) -> Callable[[str], str]:
+    """A ``summarizer`` that asks the model itself (an mlx-lm model and its tokenizer,
+    as ``mlx_lm.load`` returns them), greedy, through ``mlx_lm.generate``."""
+    from mlx_lm import generate
+    max_tokens = check_positive_int("max_tokens", max_tokens)
+
+    def summarize(text: str) -> str:
+        request = [{"role": "user", "content": "Summarize the key facts, names, numbers and decisions of this "
+                                               f"conversation as short bullet points:\n\n{text}"}]
+        prompt = tokenizer.apply_chat_template(request, tokenize=False, add_generation_prompt=True)
+        return generate(model, tokenizer, prompt, max_tokens=max_tokens, verbose=False)
+    return summarize
+
+
+__all__ = ["AdaptiveContextManager", "ContextOverflowError", "llm_summarizer"]
