@@ -15,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = ROOT / "solutions" / "week3"
-TASKS = {"sliding": 1, "hierarchical": 2, "ring": 3, "compression": 4, "streaming": 5, "adaptive": 6}
+TASKS = {"sliding": 1, "hierarchical": 2, "ring": 3, "compression": 4, "streaming": 5, "adaptive": 6,
+         "qwen3_long": 8}
 
 
 def grade(tmp_path, *args) -> tuple[int, dict, str]:
@@ -242,6 +243,21 @@ MUTANTS = {
         "return self.count_tokens(re.sub(r'<[|][a-z_]+[|]>', '', prompt)) <= self.budget")]),
     "key points not deduplicated": ("adaptive", [("if key and norm not in seen:", "if key:")]),
     "overflow not detected": ("adaptive", [("if needed > self.budget:", "if False:")]),
+    # Task 8
+    "sliding window one too wide in the model": ("qwen3_long", [(
+        "SlidingWindowAttention(self.max_size, scale)", "SlidingWindowAttention(self.max_size + 1, scale)")]),
+    "streaming keys left rotated": ("qwen3_long", [("rope=layer.self_attn.rope", "rope=None")]),
+    "H2O scores only the last chunk's queries": ("qwen3_long", [(
+        "q = queries if self.queries is None else mx.concatenate([self.queries, queries], axis=2)",
+        "q = queries")]),
+    "cache not compressed after the prompt": ("qwen3_long", [(
+        "            for c in cache:\n                c.compress()", "            pass")]),
+    "prompt's last token fed twice": ("qwen3_long", [("self._prefill(ids[:-1], self.cache)",
+                                                       "self._prefill(ids, self.cache)")]),
+    "unknown options ignored": ("qwen3_long", [("        if unknown:\n            raise ValueError(f\"unknown option(s)",
+                                                "        if False:\n            raise ValueError(f\"unknown option(s)")]),
+    "attention hook not installed": ("qwen3_long", [(
+        "                module.scaled_dot_product_attention = attention\n", "                pass\n")]),
 }
 
 

@@ -72,3 +72,46 @@ def test_cli_writes_a_checkpoint_and_rejects_bad_sizes(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "longctx.cli", "make-model", str(tmp_path / "n"), "--vocab-size",
                           "100"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "vocab_size must be >= 259" in bad.stderr
+
+
+STRATEGIES = [("full", {}), ("sliding", {"window_size": 24, "chunk_size": 16}),
+              ("hierarchical", {"levels": [8, 32], "dilations": [1, 2], "chunk_size": 20}),
+              ("streaming", {"sink_tokens": 4, "window": 20, "chunk_size": 12}),
+              ("compressed", {"compression_ratio": 0.6, "method": "snapkv", "observation_window": 8})]
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    import mlx_lm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path, _ = checkpoint
+    mlx_model, mlx_tokenizer = mlx_lm.load(str(path))
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return mlx_model, mlx_tokenizer, hf_model, AutoTokenizer.from_pretrained(path)
+
+
+def test_full_generate_is_mlx_lm_generate(loaded):
+    """Serving code's view: the checkpoint through mlx_lm.load, greedy, token for token."""
+    from mlx_lm import stream_generate
+
+    from longctx.mlx import LongContextQwen3
+    model, tokenizer, _, _ = loaded
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": TEXTS[0]}], add_generation_prompt=True)
+    want = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=16)]
+    got = list(LongContextQwen3(model, "full").generate(prompt, 16))
+    assert got[:len(want)] == want  # mlx-lm stops early at <|im_end|>; ours yields max_new_tokens
+
+
+@pytest.mark.parametrize("strategy, options", STRATEGIES, ids=[s for s, _ in STRATEGIES])
+def test_mlx_and_torch_wrappers_agree(loaded, strategy, options):
+    """The same checkpoint in mlx-lm and transformers, each wrapped, past every window."""
+    from longctx.mlx import LongContextQwen3 as MLXWrapper
+    from longctx.torch import LongContextQwen3 as TorchWrapper
+    mlx_model, _, hf_model, hf_tokenizer = loaded
+    ids = hf_tokenizer(" ".join(TEXTS) * 2)["input_ids"]
+    assert len(ids) > 60
+    a, b = MLXWrapper(mlx_model, strategy, **options), TorchWrapper(hf_model, strategy, **options)
+    np.testing.assert_allclose(np.array(a.process_long_sequence(ids)), b.process_long_sequence(ids).numpy(),
+                               rtol=1e-4, atol=1e-4)
+    assert list(a.generate(ids, 10)) == list(b.generate(ids, 10))
+    assert hf_model.config._attn_implementation != "longctx", "the model is left as it was"

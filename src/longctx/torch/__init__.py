@@ -2,10 +2,12 @@
 from .adaptive import AdaptiveContextManager, ContextOverflowError
 from .compression import CompressedContext, CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention, dilated_attention
+from .qwen3_long import LongContextQwen3
 from .ring import RingAttention, RingState, merge_states, ring_attention_distributed, ring_shard
 from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache, StreamingProcessor
 
-__all__ = ["AdaptiveContextManager", "CompressedContext", "CompressedKVCache", "ContextCompressor", "ContextOverflowError", "HierarchicalAttention", "RingAttention",
-           "RingState", "SinkKVCache", "SlidingWindowAttention", "StreamingProcessor", "dilated_attention",
-           "merge_states", "ring_attention_distributed", "ring_shard"]
+__all__ = ["AdaptiveContextManager", "CompressedContext", "CompressedKVCache", "ContextCompressor",
+           "ContextOverflowError", "HierarchicalAttention", "LongContextQwen3", "RingAttention", "RingState",
+           "SinkKVCache", "SlidingWindowAttention", "StreamingProcessor", "dilated_attention", "merge_states",
+           "ring_attention_distributed", "ring_shard"]

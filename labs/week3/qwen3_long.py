@@ -1,0 +1,160 @@
+# Learner stub for Task 8, generated from solutions/week3/qwen3_long.py by `longctx stubs`.
+# Replace each `raise NotImplementedError(...)` with your code; grade it with
+#     pytest labs/week3 --task 8
+"""Task 8: Tasks 1-5 inside a real Qwen3 (book chapter "Putting it into Qwen3").
+
+``LongContextQwen3(model, strategy, **options)`` runs an mlx-lm Qwen3
+(``mlx_lm.load(path)`` or ``mlx_lm.models.qwen3.Model``) with a long-context
+strategy, reusing mlx-lm's model code whole. Two seams are enough:
+
+* **The cache.** Every layer's attention calls ``cache.update_and_fetch`` and
+  rotates with ``offset=cache.offset``: a strategy brings its cache (Task 4's
+  ``CompressedKVCache``, Task 5's ``SinkKVCache``, mlx-lm's own
+  ``RotatingKVCache`` for a window, its ``KVCache`` otherwise).
+* **The attention.** mlx-lm's attention ends in
+  ``scaled_dot_product_attention(queries, keys, values, cache=cache, scale=, mask=)``,
+  a name each model module imports from ``mlx_lm.models.base``. We replace
+  that name in the model's module with ``attention``, which calls
+  ``cache.attend(...)`` when the cache has one (Task 1's sliding window,
+  Task 2's dilated levels) and mlx-lm's function otherwise, so every other
+  model and cache in the process is untouched.
+
+Strategies and their options (each also takes ``chunk_size``, the prefill
+step, 2048 as in mlx-lm):
+
+==============  ==============================================  =========================================
+strategy        options                                         exact (base logits) while
+==============  ==============================================  =========================================
+full            --                                              always
+sliding         window_size=4096                                L <= window_size
+hierarchical    levels, dilations (Task 2's)                    L <= min(levels) with every dilation 1
+streaming       sink_tokens=4, window=4096                      L <= sink_tokens + window
+compressed      compression_ratio=0.5, method="snapkv", ...     always for the prompt (the cache is
+                (Task 4's ``ContextCompressor`` arguments)      compressed after it, for generation)
+==============  ==============================================  =========================================
+"""
+from __future__ import annotations
+
+import numbers
+import sys
+from collections.abc import Iterator
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.models import base
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.sample_utils import make_sampler
+
+from longctx.checks import check_choice, check_positive_int
+
+from .compression import NEEDS_ATTENTION, CompressedKVCache, ContextCompressor
+from .hierarchical import HierarchicalAttention
+from .sliding import SlidingWindowAttention
+from .streaming import SinkKVCache
+
+STRATEGIES = ("full", "sliding", "hierarchical", "streaming", "compressed")
+OPTIONS = {
+    "full": {},
+    "sliding": {"window_size": 4096},
+    "hierarchical": {"levels": [2048, 8192, 32768], "dilations": None},
+    "streaming": {"sink_tokens": 4, "window": 4096},
+    "compressed": {"compression_ratio": 0.5, "method": "snapkv", "sink_tokens": 4, "recent_tokens": 32,
+                   "observation_window": 32, "pool_kernel": 5},
+}
+SAMPLING = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p"}
+
+
+def attention(queries, keys, values, cache, scale, mask, sinks=None):
+    """mlx-lm's ``scaled_dot_product_attention``, deferring to ``cache.attend`` when the cache has one."""
+    attend = getattr(cache, "attend", None)
+    if attend is None:
+        return base.scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask,
+                                                 sinks=sinks)
+    return attend(queries, keys, values, scale, mask)
+
+
+class SlidingKVCache(RotatingKVCache):
+    """mlx-lm's rotating cache (the last ``window_size - 1`` entries, plus the new
+    ones), attended by Task 1: ``window_size`` keys per query, in O(L * window)."""
+
+    def __init__(self, window_size: int):
+        super().__init__(max_size=window_size)
+
+    def attend(self, queries, keys, values, scale, mask):
+        raise NotImplementedError("Task 8: SlidingKVCache.attend -- see the book chapter 'Putting it into Qwen3'")
+
+
+class HierarchicalKVCache(KVCache):
+    """mlx-lm's plain cache, attended by Task 2's dilated levels (queries are the last of the keys)."""
+
+    def __init__(self, levels, dilations=None):
+        super().__init__()
+        self.levels, self.dilations = levels, dilations
+
+    def attend(self, queries, keys, values, scale, mask):
+        raise NotImplementedError("Task 8: HierarchicalKVCache.attend -- see the book chapter 'Putting it into Qwen3'")
+
+
+class QueryRecordingCache(CompressedKVCache):
+    """Task 4's cache, keeping the prompt's queries that ``compress`` needs (H2O: all of
+    them; SnapKV: the last ``observation_window``) while attending as mlx-lm does."""
+
+    def __init__(self, compressor: ContextCompressor):
+        super().__init__(compressor)
+        self.queries = None
+
+    def attend(self, queries, keys, values, scale, mask):
+        raise NotImplementedError("Task 8: QueryRecordingCache.attend -- see the book chapter 'Putting it into Qwen3'")
+
+    def compress(self, queries=None) -> None:
+        super().compress(self.queries if queries is None else queries)
+        self.queries = None
+
+
+class LongContextQwen3:
+    """An mlx-lm Qwen3 with a long-context strategy: ``process_long_sequence`` and ``generate``."""
+
+    def __init__(self, base_model, context_strategy: str = "hierarchical", **options):
+        raise NotImplementedError("Task 8: LongContextQwen3.__init__ -- see the book chapter 'Putting it into Qwen3'")
+
+    def make_cache(self) -> list:
+        """A fresh cache per layer for this strategy."""
+        raise NotImplementedError("Task 8: LongContextQwen3.make_cache -- see the book chapter 'Putting it into Qwen3'")
+
+    def process_long_sequence(self, tokens) -> mx.array:
+        """Logits ``(1, L, vocab)`` for ``tokens`` (L ids), prefilled in chunks of
+        ``chunk_size`` through this strategy's cache, kept as ``self.cache``."""
+        raise NotImplementedError("Task 8: LongContextQwen3.process_long_sequence -- see the book chapter 'Putting it into Qwen3'")
+
+    def generate(self, tokens, max_new_tokens: int, **sampling) -> Iterator[int]:
+        """Token ids after the prompt ``tokens``, one at a time, through mlx-lm's
+        ``generate_step`` with this strategy's cache. Greedy unless ``temperature``
+        (and ``top_p``, ``top_k``, ``min_p``) say otherwise."""
+        raise NotImplementedError("Task 8: LongContextQwen3.generate -- see the book chapter 'Putting it into Qwen3'")
+
+    def _prefill(self, ids: list[int], cache: list) -> mx.array:
+        logits = []
+        for start, end in self._chunks(len(ids)):
+            logits.append(self.model(mx.array(ids[start:end])[None], cache=cache))
+            mx.eval(logits[-1], [c.state for c in cache])  # the lazy graph never spans more than a chunk
+        if self.strategy == "compressed":
+            for c in cache:
+                c.compress()
+        return mx.concatenate(logits, axis=1)
+
+    def _chunks(self, n: int):
+        starts = list(range(0, n, self.chunk_size))
+        if len(starts) > 1 and n - starts[-1] == 1:  # Task 4's cache reads a lone token as the first decode step
+            starts.pop()
+        return zip(starts, [*starts[1:], n])
+
+    def _check_tokens(self, tokens) -> list[int]:
+        ids = tokens.tolist() if hasattr(tokens, "tolist") else tokens
+        vocab = self.model.args.vocab_size
+        if (not isinstance(ids, (list, tuple)) or not ids
+                or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab for t in ids)):
+            raise ValueError(f"tokens must be a non-empty 1-D sequence of ids in [0, {vocab}), got {tokens!r:.80}")
+        return [int(t) for t in ids]
+
+
+__all__ = ["STRATEGIES", "LongContextQwen3", "attention"]
