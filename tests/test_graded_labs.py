@@ -254,8 +254,8 @@ MUTANTS = {
         "            for c in cache:\n                c.compress()", "            pass")]),
     "prompt's last token fed twice": ("qwen3_long", [("self._prefill(ids[:-1], self.cache)",
                                                        "self._prefill(ids, self.cache)")]),
-    "unknown options ignored": ("qwen3_long", [("        if unknown:\n            raise ValueError(f\"unknown option(s)",
-                                                "        if False:\n            raise ValueError(f\"unknown option(s)")]),
+    "prompt not chunked": ("qwen3_long", [("for start, end in self._chunks(len(ids)):",
+                                           "for start, end in [(0, len(ids))]:")]),
     "attention hook not installed": ("qwen3_long", [(
         "                module.scaled_dot_product_attention = attention\n", "                pass\n")]),
 }

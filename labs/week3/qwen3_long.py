@@ -45,22 +45,14 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from longctx.checks import check_choice, check_positive_int
+from longctx.checks import STRATEGY_OPTIONS, check_positive_int, check_strategy
 
 from .compression import NEEDS_ATTENTION, CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
 from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache
 
-STRATEGIES = ("full", "sliding", "hierarchical", "streaming", "compressed")
-OPTIONS = {
-    "full": {},
-    "sliding": {"window_size": 4096},
-    "hierarchical": {"levels": [2048, 8192, 32768], "dilations": None},
-    "streaming": {"sink_tokens": 4, "window": 4096},
-    "compressed": {"compression_ratio": 0.5, "method": "snapkv", "sink_tokens": 4, "recent_tokens": 32,
-                   "observation_window": 32, "pool_kernel": 5},
-}
+STRATEGIES = tuple(STRATEGY_OPTIONS)
 SAMPLING = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p"}
 
 

@@ -42,22 +42,14 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from longctx.checks import check_choice, check_positive_int
+from longctx.checks import STRATEGY_OPTIONS, check_positive_int, check_strategy
 
 from .compression import NEEDS_ATTENTION, CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
 from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache
 
-STRATEGIES = ("full", "sliding", "hierarchical", "streaming", "compressed")
-OPTIONS = {
-    "full": {},
-    "sliding": {"window_size": 4096},
-    "hierarchical": {"levels": [2048, 8192, 32768], "dilations": None},
-    "streaming": {"sink_tokens": 4, "window": 4096},
-    "compressed": {"compression_ratio": 0.5, "method": "snapkv", "sink_tokens": 4, "recent_tokens": 32,
-                   "observation_window": 32, "pool_kernel": 5},
-}
+STRATEGIES = tuple(STRATEGY_OPTIONS)
 SAMPLING = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p"}
 
 
@@ -129,16 +121,7 @@ class LongContextQwen3:
             raise ValueError(f"base_model must be an mlx-lm model with layers[i].self_attn (as mlx_lm.load "
                              f"returns), got {type(base_model).__name__}")
         self.model = base_model
-        self.strategy = check_choice("context_strategy", context_strategy, STRATEGIES)
-        self.chunk_size = check_positive_int("chunk_size", options.pop("chunk_size", 2048))
-        unknown = set(options) - set(OPTIONS[self.strategy])
-        if unknown:
-            raise ValueError(f"unknown option(s) {sorted(unknown)} for context_strategy={self.strategy!r}; "
-                             f"it takes {sorted(OPTIONS[self.strategy]) + ['chunk_size']}")
-        self.options = {**OPTIONS[self.strategy], **options}
-        if self.strategy == "compressed" and self.chunk_size < 2:
-            raise ValueError(f"chunk_size must be >= 2 for 'compressed' (a lone token is a decode step), "
-                             f"got {self.chunk_size}")
+        self.strategy, self.chunk_size, self.options = check_strategy(context_strategy, options)
         self.make_cache()  # validates the options now, not at the first call
         for layer in layers:  # the one seam in mlx-lm's attention: see the module docstring
             module = sys.modules[type(layer.self_attn).__module__]

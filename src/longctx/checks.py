@@ -116,3 +116,28 @@ def ring_shard_rows(length: int, rank, size, layout: str) -> list[tuple[int, int
     n = length // chunks
     owned = [rank] if layout == "contiguous" else [rank, chunks - 1 - rank]
     return [(c * n, (c + 1) * n) for c in owned]
+
+
+# The Qwen3 integration's strategies and their options, with defaults (both backends).
+STRATEGY_OPTIONS = {
+    "full": {},
+    "sliding": {"window_size": 4096},
+    "hierarchical": {"levels": [2048, 8192, 32768], "dilations": None},
+    "streaming": {"sink_tokens": 4, "window": 4096},
+    "compressed": {"compression_ratio": 0.5, "method": "snapkv", "sink_tokens": 4, "recent_tokens": 32,
+                   "observation_window": 32, "pool_kernel": 5},
+}
+
+
+def check_strategy(strategy, options: dict) -> tuple[str, int, dict]:
+    """``(strategy, chunk_size, options with defaults)``; unknown names raise."""
+    strategy = check_choice("context_strategy", strategy, tuple(STRATEGY_OPTIONS))
+    options = dict(options)
+    chunk_size = check_positive_int("chunk_size", options.pop("chunk_size", 2048))
+    unknown = set(options) - set(STRATEGY_OPTIONS[strategy])
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for context_strategy={strategy!r}; "
+                         f"it takes {sorted(STRATEGY_OPTIONS[strategy]) + ['chunk_size']}")
+    if strategy == "compressed" and chunk_size < 2:
+        raise ValueError(f"chunk_size must be >= 2 for 'compressed' (a lone token is a decode step), got {chunk_size}")
+    return strategy, chunk_size, {**STRATEGY_OPTIONS[strategy], **options}
