@@ -13,7 +13,9 @@ Writes to book/src/figures/:
 * attention-sinks.png: the attention mass the seeded tiny Qwen3 puts on its
   first 4 tokens, and what StreamingLLM's cache holds as a stream goes by;
 * adaptive-context.png: what the Task 6 manager keeps verbatim and folds into
-  its summary, for one 24-message conversation under shrinking budgets.
+  its summary, for one 24-message conversation under shrinking budgets;
+* qwen3-strategies.png: cache entries each strategy holds inside the tiny
+  Qwen3 as the input grows, and how far its logits are from the full model's.
 """
 from pathlib import Path
 
@@ -208,10 +210,47 @@ def adaptive_figure(path: Path, budgets=(700, 600, 450, 300, 180)) -> None:
     plt.close(fig)
 
 
+def strategies_figure(path: Path, lengths=(64, 128, 256, 512, 1024)) -> None:
+    import mlx.core as mx
+
+    from longctx.mlx import LongContextQwen3
+    from longctx.models import mlx_qwen3
+    model = mlx_qwen3(0)
+    strategies = {"full": {}, "sliding": {"window_size": 128},
+                  "hierarchical": {"levels": [32, 128], "dilations": [1, 4]},
+                  "streaming": {"sink_tokens": 4, "window": 124},
+                  "compressed": {"compression_ratio": 0.75, "method": "knorm"}}
+    ids = np.random.default_rng(0).integers(0, 256, max(lengths)).tolist()
+    full = np.array(model(mx.array(ids)[None])[0])
+    fig, (ax_h, ax_e) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for name, options in strategies.items():
+        wrapper = LongContextQwen3(model, name, chunk_size=64, **options)
+        held, err = [], []
+        for n in lengths:
+            out = np.array(wrapper.process_long_sequence(ids[:n])[0])
+            cache = wrapper.cache[0]
+            held.append(cache.size())
+            err.append(max(np.abs(out - full[:n]).max(), 1e-7))
+        ax_h.plot(lengths, held, marker="o", label=name)
+        ax_e.plot(lengths, err, marker="o", label=name)
+    ax_h.set_xlabel("input tokens")
+    ax_h.set_ylabel("cache entries held (layer 0)")
+    ax_h.set_title("memory: windows stop, compression keeps 1/4")
+    ax_h.legend(fontsize=8)
+    ax_e.set_xlabel("input tokens")
+    ax_e.set_ylabel("max |logits - full model's|")
+    ax_e.set_yscale("log")
+    ax_e.set_title("exact while the input fits the window (128)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     for name, draw in (("sliding-mask.png", sliding_mask_figure), ("dilated-pattern.png", dilated_figure),
                        ("ring-schedule.png", ring_figure), ("compression-survivors.png", compression_figure),
-                       ("attention-sinks.png", sinks_figure), ("adaptive-context.png", adaptive_figure)):
+                       ("attention-sinks.png", sinks_figure), ("adaptive-context.png", adaptive_figure),
+                       ("qwen3-strategies.png", strategies_figure)):
         draw(OUT / name)
         print(f"wrote {OUT / name}")

@@ -254,7 +254,7 @@ MUTANTS = {
         "            for c in cache:\n                c.compress()", "            pass")]),
     "prompt's last token fed twice": ("qwen3_long", [("self._prefill(ids[:-1], self.cache)",
                                                        "self._prefill(ids, self.cache)")]),
-    "prompt not chunked": ("qwen3_long", [("for start, end in self._chunks(len(ids)):",
+    "prompt not chunked": ("qwen3_long", [("for start, end in prefill_chunks(len(ids), self.chunk_size):",
                                            "for start, end in [(0, len(ids))]:")]),
     "attention hook not installed": ("qwen3_long", [(
         "                module.scaled_dot_product_attention = attention\n", "                pass\n")]),

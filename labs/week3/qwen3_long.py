@@ -35,7 +35,6 @@ compressed      compression_ratio=0.5, method="snapkv", ...     always for the p
 """
 from __future__ import annotations
 
-import numbers
 import sys
 from collections.abc import Iterator
 
@@ -45,7 +44,7 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from longctx.checks import STRATEGY_OPTIONS, check_positive_int, check_strategy
+from longctx.checks import STRATEGY_OPTIONS, check_positive_int, check_strategy, check_tokens, prefill_chunks
 
 from .compression import NEEDS_ATTENTION, CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
@@ -126,7 +125,7 @@ class LongContextQwen3:
 
     def _prefill(self, ids: list[int], cache: list) -> mx.array:
         logits = []
-        for start, end in self._chunks(len(ids)):
+        for start, end in prefill_chunks(len(ids), self.chunk_size):
             logits.append(self.model(mx.array(ids[start:end])[None], cache=cache))
             mx.eval(logits[-1], [c.state for c in cache])  # the lazy graph never spans more than a chunk
         if self.strategy == "compressed":
@@ -134,19 +133,8 @@ class LongContextQwen3:
                 c.compress()
         return mx.concatenate(logits, axis=1)
 
-    def _chunks(self, n: int):
-        starts = list(range(0, n, self.chunk_size))
-        if len(starts) > 1 and n - starts[-1] == 1:  # Task 4's cache reads a lone token as the first decode step
-            starts.pop()
-        return zip(starts, [*starts[1:], n])
-
     def _check_tokens(self, tokens) -> list[int]:
-        ids = tokens.tolist() if hasattr(tokens, "tolist") else tokens
-        vocab = self.model.args.vocab_size
-        if (not isinstance(ids, (list, tuple)) or not ids
-                or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab for t in ids)):
-            raise ValueError(f"tokens must be a non-empty 1-D sequence of ids in [0, {vocab}), got {tokens!r:.80}")
-        return [int(t) for t in ids]
+        return check_tokens(tokens, self.model.args.vocab_size)
 
 
 __all__ = ["STRATEGIES", "LongContextQwen3", "attention"]

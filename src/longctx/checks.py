@@ -141,3 +141,22 @@ def check_strategy(strategy, options: dict) -> tuple[str, int, dict]:
     if strategy == "compressed" and chunk_size < 2:
         raise ValueError(f"chunk_size must be >= 2 for 'compressed' (a lone token is a decode step), got {chunk_size}")
     return strategy, chunk_size, {**STRATEGY_OPTIONS[strategy], **options}
+
+
+def check_tokens(tokens, vocab_size: int) -> list[int]:
+    """A non-empty 1-D sequence of token ids (a list, or an array's ``tolist()``) in ``[0, vocab_size)``."""
+    ids = tokens.tolist() if hasattr(tokens, "tolist") else tokens
+    if (not isinstance(ids, (list, tuple)) or not ids
+            or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab_size
+                       for t in ids)):
+        raise ValueError(f"tokens must be a non-empty 1-D sequence of ids in [0, {vocab_size}), got {tokens!r:.80}")
+    return [int(t) for t in ids]
+
+
+def prefill_chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of each prefill chunk; the last is never a lone token
+    (Task 4's cache reads a one-token update as the first decode step)."""
+    starts = list(range(0, n, chunk_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], n]))

@@ -15,7 +15,6 @@ implementation it does not know, so no ``L x L`` mask is ever made.
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Iterator
 
 import torch
@@ -24,7 +23,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from longctx.checks import STRATEGY_OPTIONS, check_positive_int, check_strategy
+from longctx.checks import STRATEGY_OPTIONS, check_positive_int, check_strategy, check_tokens, prefill_chunks
 
 from .compression import NEEDS_ATTENTION, CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
@@ -99,7 +98,8 @@ class LongContextQwen3:
             yield int(token)
 
     def _prefill(self, ids: list[int]) -> torch.Tensor:
-        logits = [self._forward(torch.tensor([ids[start:end]])) for start, end in self._chunks(len(ids))]
+        chunks = prefill_chunks(len(ids), self.chunk_size)
+        logits = [self._forward(torch.tensor([ids[start:end]])) for start, end in chunks]
         if self.strategy == "compressed":
             for i, layer in enumerate(self.cache.layers):
                 layer.compress(self.queries.pop(i, None))
@@ -153,20 +153,8 @@ class LongContextQwen3:
             warpers.append(MinPLogitsWarper(sampling["min_p"]))
         return warpers
 
-    def _chunks(self, n: int):
-        starts = list(range(0, n, self.chunk_size))
-        if len(starts) > 1 and n - starts[-1] == 1:  # Task 4's cache reads a lone token as the first decode step
-            starts.pop()
-        return zip(starts, [*starts[1:], n])
-
     def _check_tokens(self, tokens) -> list[int]:
-        ids = tokens.tolist() if hasattr(tokens, "tolist") else tokens
-        vocab = self.model.config.vocab_size
-        if (not isinstance(ids, (list, tuple)) or not ids
-                or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab
-                           for t in ids)):
-            raise ValueError(f"tokens must be a non-empty 1-D sequence of ids in [0, {vocab}), got {tokens!r:.80}")
-        return [int(t) for t in ids]
+        return check_tokens(tokens, self.model.config.vocab_size)
 
 
 __all__ = ["STRATEGIES", "LongContextQwen3", "attention"]
