@@ -247,6 +247,9 @@ def test_a_dead_or_silent_rank_makes_the_others_raise(lab, xp, fault):
     reports, log = launch(lab, xp, 4, "--length", "64", "--timeout", "3", "--fault", fault, "--fault-rank", "2")
     assert reports, f"no rank reported:\n{log[-3000:]}"
     assert all("error" in r for r in reports), f"a rank finished although rank 2 never took part: {reports}"
-    # Its neighbours (ranks 1 and 3) name it; a launcher may kill some ranks before they report.
-    assert any("rank 2" in r["error"] for r in reports), \
-        "no error names rank 2:\n" + "\n".join(f"rank {r['rank']}: {r['error']}" for r in reports)
+    # Its neighbours (ranks 1 and 3) name it; a launcher may kill some ranks before they report
+    # (under load rank 0, which waits on them, can time out first and be the only report).
+    neighbours = [r for r in reports if r["rank"] in (1, 3)]
+    assert not neighbours or any("rank 2" in r["error"] for r in neighbours), \
+        "no neighbour of rank 2 names it:\n" + "\n".join(f"rank {r['rank']}: {r['error']}" for r in reports)
+    assert neighbours or all("TimeoutError" in r["error"] for r in reports), reports
