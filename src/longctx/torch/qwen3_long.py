@@ -98,6 +98,7 @@ class LongContextQwen3:
             yield int(token)
 
     def _prefill(self, ids: list[int]) -> torch.Tensor:
+        self.queries = {}  # nothing left from an interrupted call
         chunks = prefill_chunks(len(ids), self.chunk_size)
         logits = [self._forward(torch.tensor([ids[start:end]])) for start, end in chunks]
         if self.strategy == "compressed":
