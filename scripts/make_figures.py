@@ -10,8 +10,9 @@ Writes to book/src/figures/:
 * compression-survivors.png: which of 128 cached positions each Task 4 method
   keeps at ratio 0.75 (random keys with planted heavy hitters), with SnapKV's
   pooled scores;
-* attention-sinks.png: the attention mass the seeded tiny Qwen3 puts on its
-  first 4 tokens, and what StreamingLLM's cache holds as a stream goes by;
+* attention-sinks.png: the attention mass the shipped trained model (and, for
+  contrast, the seeded untrained tiny Qwen3) puts on its first 4 tokens, and
+  what StreamingLLM's cache holds as a stream goes by;
 * adaptive-context.png: what the Task 6 manager keeps verbatim and folds into
   its summary, for one 24-message conversation under shrinking budgets;
 * qwen3-strategies.png: cache entries each strategy holds inside the tiny
@@ -137,27 +138,30 @@ def compression_figure(path: Path, L: int = 128, ratio: float = 0.75) -> None:
     plt.close(fig)
 
 
-def sink_mass(L: int = 512, sinks: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Mean attention mass on the first ``sinks`` keys, per query position, in the tiny Qwen3."""
+def sink_mass(model, ids: list[int], sinks: int = 4) -> np.ndarray:
+    """Mean attention mass on the first ``sinks`` keys, per query position (a transformers model)."""
     import torch
-
-    from longctx.models import torch_qwen3
-    ids = torch.tensor(np.random.default_rng(0).integers(0, 256, L))[None]
     with torch.no_grad():
-        attentions = torch_qwen3(0)(ids, output_attentions=True).attentions  # layers x (1, H, L, L)
-    mass = torch.stack([a[0, :, :, :sinks].sum(-1) for a in attentions]).mean(dim=(0, 1)).numpy()
-    return mass, np.minimum(sinks, np.arange(1, L + 1)) / np.arange(1, L + 1)
+        attentions = model(torch.tensor(ids)[None], output_attentions=True).attentions  # layers x (1, H, L, L)
+    return torch.stack([a[0, :, :, :sinks].sum(-1) for a in attentions]).mean(dim=(0, 1)).numpy()
 
 
 def sinks_figure(path: Path, sinks: int = 4, window: int = 24, chunk: int = 8, stream: int = 64) -> None:
-    mass, uniform = sink_mass(sinks=sinks)
+    from longctx.data import tasks
+    from longctx.models import TINY_QWEN3, load_trained, torch_qwen3
+    trained, tokenizer = load_trained("torch")
+    trained.config._attn_implementation = "eager"  # returns the attention weights
+    text = tasks.text(tokenizer, 512)  # the shipped text, <|endoftext|> first, as in training
+    random = np.random.default_rng(0).integers(0, TINY_QWEN3["vocab_size"], 512).tolist()
+    positions = np.arange(1, 513)
     fig, (ax_m, ax_c) = plt.subplots(1, 2, figsize=(12, 3.8))
-    ax_m.loglog(np.arange(1, len(mass) + 1), mass, label="tiny Qwen3 (seeded, untrained)")
-    ax_m.loglog(np.arange(1, len(mass) + 1), uniform, "--", label="uniform over the visible keys")
+    ax_m.loglog(positions, sink_mass(trained, text, sinks), label="trained (shipped model), the shipped text")
+    ax_m.loglog(positions, sink_mass(torch_qwen3(0), random, sinks), label="seeded, untrained, random ids")
+    ax_m.loglog(positions, np.minimum(sinks, positions) / positions, "--", label="uniform over the visible keys")
     ax_m.set_xlabel("query position + 1")
     ax_m.set_ylabel(f"attention on the first {sinks} tokens")
     ax_m.legend(fontsize=8)
-    ax_m.set_title("attention mass on the sinks")
+    ax_m.set_title("attention mass on the sinks (mean over layers and heads)")
     held = np.zeros((stream // chunk, stream))
     for t in range(stream // chunk):
         end = (t + 1) * chunk

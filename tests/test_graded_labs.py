@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = ROOT / "solutions" / "week3"
 TASKS = {"sliding": 1, "hierarchical": 2, "ring": 3, "compression": 4, "streaming": 5, "adaptive": 6,
-         "qwen3_long": 8}
+         "benchmark": 7, "qwen3_long": 8}
 
 
 def grade(tmp_path, *args) -> tuple[int, dict, str]:
@@ -57,8 +57,8 @@ def test_stubs_are_all_todo(tmp_path):
 
 
 def test_task_option_selects_one_task(tmp_path):
-    code, data, out = grade(tmp_path, "--impl", "solutions", "--task", "7")
-    assert code == 5, out  # nothing is graded for a task with no tests yet
+    code, data, out = grade(tmp_path, "--impl", "solutions", "--task", "9")
+    assert code == 5, out  # nothing is graded for a task with no tests
     code, data, out = grade(tmp_path, "--impl", "solutions", "--task", "2")
     assert code == 0 and list(data["tasks"]) == ["2"], out
 
@@ -243,6 +243,23 @@ MUTANTS = {
         "return self.count_tokens(re.sub(r'<[|][a-z_]+[|]>', '', prompt)) <= self.budget")]),
     "key points not deduplicated": ("adaptive", [("if key and norm not in seen:", "if key:")]),
     "overflow not detected": ("adaptive", [("if needed > self.budget:", "if False:")]),
+    # Task 7
+    "no mx.eval in the timed region": ("benchmark", [(
+        "        mx.eval(fn())\n        times.append", "        fn()\n        times.append")]),
+    "skipped technique run anyway": ("benchmark", [(
+        "            if estimate > memory_limit:", "            if False:")]),
+    "estimate without the L x L scores": ("benchmark", [(
+        "extra = 2 * H * L * L * BYTES", "extra = 2 * H * L * BYTES")]),
+    "error against the technique itself": ("benchmark", [(
+        "exact_rows(q, k, v, rows[picked])", "np.array(fn())[:, :, picked]")]),
+    "exact rows without the causal mask": ("benchmark", [("k[:, :, :i + 1]", "k")]),
+    "streaming chunk sees no cache": ("benchmark", [(
+        "keys, values = cache.update_and_fetch(k[:, :, s:e], v[:, :, s:e])",
+        "keys, values = k[:, :, s:e], v[:, :, s:e]")]),
+    "compressed rows not causal": ("benchmark", [("mask=visible)", "mask=None)")]),
+    "tokens/s from the mean time": ("benchmark", [(
+        "return BenchmarkResult(name, L, ms, L / (ms / 1e3), peak",
+        "return BenchmarkResult(name, L, ms, L / (sum(times) / len(times)), peak")]),
     # Task 8
     "sliding window one too wide in the model": ("qwen3_long", [(
         "SlidingWindowAttention(self.max_size, scale)", "SlidingWindowAttention(self.max_size + 1, scale)")]),

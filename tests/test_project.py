@@ -1,5 +1,6 @@
 """The package as users get it: stubs in sync, an installed wheel importable
 from anywhere, the CLI, and the mirror equal to the reference."""
+import json
 import os
 import subprocess
 import sys
@@ -53,20 +54,48 @@ def test_bench_writes_table_json_and_png(tmp_path):
                            "--stream-tokens", "4096,8192", "--decode-context", "2048"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert all(t in proc.stdout for t in ("sliding", "hierarchical", "ring (1 process", "dense mask")), proc.stdout
-    import json
-    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert {(r["backend"], r["technique"]) for r in rows} >= {("mlx", "sliding"), ("torch", "sliding")}
-    assert all(r["ms"] > 0 and r["peak_mib"] >= 0 for r in rows)
-    caches = {r["what"]: r for r in json.loads((tmp_path / "bench.json").read_text())["caches"]}
+    from longctx.mlx.benchmark import TECHNIQUES
+    assert all(t in proc.stdout for t in TECHNIQUES), proc.stdout
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows = data["rows"]
+    assert [(r["backend"], r["technique"], r["length"]) for r in rows] == [
+        (b, t, L) for b in ("mlx", "torch") for t in TECHNIQUES for L in (256, 512)]
+    assert all(r["median_ms"] > 0 and r["peak_memory_bytes"] > 0 and r["quality"] >= 0 for r in rows)
+    assert all(r["quality"] < 1e-5 for r in rows if r["technique"] in ("full", "ring")), rows
+    assert data["config"]["techniques"]["sliding"]["window_size"] == 32
+    caches = {r["what"]: r for r in data["caches"]}
     assert caches["streaming peak memory, longest / shortest"]["value"] < 1.2
     assert caches["decode ms/token, full KVCache"]["value"] > 0
     assert "entries held" in proc.stdout, proc.stdout
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_skips_what_does_not_fit_and_scores_a_model(tmp_path):
+    """At 200k tokens full attention's scores (8 heads: ~2.3 TiB) are skipped with the estimate;
+    ``--model shipped`` runs the strategies on passkey prompts and scores them."""
+    proc = subprocess.run([sys.executable, "-m", "longctx.cli", "bench", "--lengths", "200000", "--backend", "mlx",
+                           "--techniques", "full", "--repeats", "1", "--out", str(tmp_path / "big")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads((tmp_path / "big" / "bench.json").read_text())["rows"]
+    assert row["skipped"] and row["median_ms"] is None and row["memory_estimate_bytes"] > 8 * 200_000 ** 2 * 4
+    proc = subprocess.run([sys.executable, "-m", "longctx.cli", "bench", "--model", "shipped", "--lengths", "256",
+                           "--techniques", "full,sliding", "--window", "32", "--backend", "all", "--repeats", "2",
+                           "--out", str(tmp_path / "model")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "model" / "bench.json").read_text())["rows"]
+    assert [(r["backend"], r["technique"]) for r in rows] == [(b, t) for b in ("mlx", "torch")
+                                                              for t in ("full", "sliding")]
+    assert all(r["quality_metric"] == "passkey accuracy" and r["quality"] in (0.0, 0.5, 1.0) for r in rows), rows
+
+
 @pytest.mark.parametrize("args, message", [(["bench", "--lengths", "0"], ">= 1"),
-                                           (["bench", "--window", "0"], "--window must be >= 1")])
+                                           (["bench", "--window", "0"], "--window must be >= 1"),
+                                           (["bench", "--techniques", "magic"], "techniques must be among"),
+                                           (["bench", "--model", "/nonexistent"], "no config.json"),
+                                           (["bench", "--model", "shipped", "--techniques", "ring"], "ring"),
+                                           (["train-tiny", "x", "--steps", "0"], "--steps must be >= 1"),
+                                           (["train-tiny", "x", "--seq-len", "100"], "seq_len must be >= 256")])
 def test_cli_rejects_bad_arguments(args, message):
     proc = subprocess.run([sys.executable, "-m", "longctx.cli", *args], capture_output=True, text=True)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr

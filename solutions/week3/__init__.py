@@ -1,5 +1,6 @@
 """longctx.mlx: the MLX reference (this folder, solutions/week3, installed as longctx.mlx)."""
 from .adaptive import AdaptiveContextManager, ContextOverflowError
+from .benchmark import BenchmarkResult, benchmark_long_context
 from .compression import CompressedContext, CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention, dilated_attention
 from .qwen3_long import LongContextQwen3
@@ -7,7 +8,7 @@ from .ring import RingAttention, RingState, merge_states, ring_attention_distrib
 from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache, StreamingProcessor
 
-__all__ = ["AdaptiveContextManager", "CompressedContext", "CompressedKVCache", "ContextCompressor",
-           "ContextOverflowError", "HierarchicalAttention", "LongContextQwen3", "RingAttention", "RingState",
-           "SinkKVCache", "SlidingWindowAttention", "StreamingProcessor", "dilated_attention", "merge_states",
-           "ring_attention_distributed", "ring_shard"]
+__all__ = ["AdaptiveContextManager", "BenchmarkResult", "CompressedContext", "CompressedKVCache",
+           "ContextCompressor", "ContextOverflowError", "HierarchicalAttention", "LongContextQwen3", "RingAttention",
+           "RingState", "SinkKVCache", "SlidingWindowAttention", "StreamingProcessor", "benchmark_long_context",
+           "dilated_attention", "merge_states", "ring_attention_distributed", "ring_shard"]

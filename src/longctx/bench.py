@@ -1,12 +1,11 @@
-"""``longctx bench``: every technique against its baselines, in one process.
+"""``longctx bench``: Task 7's ``benchmark_long_context`` for each backend, as a table, a PNG and JSON.
 
-Task 1 sliding-window, Task 2 hierarchical (LongNet levels) and Task 3 ring
-attention (simulated in one process, 4 shards) against the dense-mask
-baseline (``scaled_dot_product_attention`` with an ``L x L`` boolean mask) and
-causal full attention, for MLX and torch, across lengths. Each row has the
-median time, the peak memory, the useful GFLOP/s (only the multiply-adds of
-visible (query, key) pairs count) and, for MLX, its fraction of MLX's own
-2048^3 matmul measured in the same run.
+Every technique runs in one process against ``full`` (causal attention) as
+the baseline, on random attention inputs, or as ``LongContextQwen3``
+strategies in a model (``--model``, scored on passkey retrieval). The table
+adds the ratios against ``full`` at the same length and backend, and the
+useful GFLOP/s where the work is known (only the multiply-adds of visible
+(query, key) pairs count).
 
 ``ring_rows`` (``longctx bench --ring``) runs Task 3 across real processes.
 ``cache_rows`` runs Tasks 4 and 5 through the seeded tiny Qwen3 of
@@ -19,37 +18,37 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 import longctx  # noqa: F401  (fast BLAS before mlx.core)
 from longctx.testing import measure
-from longctx.testing.oracles import sliding_mask
 
-DENSE_LIMIT_BYTES = 8 << 30  # a dense baseline whose score matrix needs more is skipped
-
-
-@dataclass
-class Row:
-    backend: str
-    technique: str
-    length: int
-    ms: float | None
-    peak_mib: float | None
-    gflops: float | None
-    note: str = ""
-
-
-HIERARCHICAL_LEVELS = [64, 256, 1024]  # dilations 1, 4, 16: each segment keeps 64 rows
 RING_SIZE = 4
 
 
-def useful_flops(L: int, window: int, heads: int, dim: int) -> float:
-    """Multiply-adds that matter: QK^T and PV over the visible keys only (2 * 2 FLOPs each)."""
-    visible = sum(min(i + 1, window) for i in range(L))
-    return 4.0 * heads * dim * visible
+def techniques_for(names, window: int) -> dict:
+    """CLI names -> options: one ``window`` for sliding and streaming, LongNet levels from it."""
+    from longctx.mlx.benchmark import TECHNIQUES
+    options = {"sliding": {"window_size": window}, "streaming": {"window": window, "chunk_size": window},
+               "hierarchical": {"levels": [window, 4 * window, 16 * window]},
+               "ring": {"ring_size": RING_SIZE, "block_size": max(window, 256)}}
+    return {name: {**TECHNIQUES[name], **options.get(name, {})} for name in names}
+
+
+def useful_flops(technique: str, L: int, options: dict, heads: int, dim: int) -> float | None:
+    """Multiply-adds over the visible (query, key) pairs, 2 * 2 FLOPs each (QK^T and PV)."""
+    if technique in ("full", "ring"):
+        pairs = L * (L + 1) / 2
+    elif technique == "sliding":
+        w = options["window_size"]
+        pairs = sum(min(i + 1, w) for i in range(L))
+    elif technique == "hierarchical":
+        return hierarchical_flops(L, options["levels"], heads, dim)
+    else:
+        return None
+    return 4.0 * heads * dim * pairs
 
 
 def hierarchical_flops(L: int, levels, heads: int, dim: int) -> float:
@@ -73,98 +72,45 @@ def mlx_matmul_gflops(n: int = 2048) -> float:
     return 2 * n ** 3 / measure.mlx_seconds(lambda: a @ a, repeats=3) / 1e9
 
 
-def _cases(backend: str, window: int):
-    """(technique, make(q, k, v, mask) -> callable) for one backend."""
+def run(backend: str, techniques: dict, lengths, *, model=None, progress=None, **kw) -> list[dict]:
+    """``benchmark_long_context`` of ``backend``, as dicts with ``backend`` and ``gflops`` added."""
     if backend == "mlx":
-        import mlx.core as mx
-
-        from longctx.mlx import HierarchicalAttention, RingAttention, SlidingWindowAttention
-        attn = SlidingWindowAttention(window)
-        levels, ring = HierarchicalAttention(HIERARCHICAL_LEVELS), RingAttention(RING_SIZE, 1024)
-        return [
-            ("sliding", lambda q, k, v, m: lambda: attn(q, k, v)),
-            ("hierarchical", lambda q, k, v, m: lambda: levels(q, k, v)),
-            (f"ring (1 process, P={RING_SIZE})", lambda q, k, v, m: lambda: ring(q, k, v)),
-            ("dense mask", lambda q, k, v, m: lambda: mx.fast.scaled_dot_product_attention(
-                q, k, v, scale=q.shape[-1] ** -0.5, mask=m)),
-            ("causal full", lambda q, k, v, m: lambda: mx.fast.scaled_dot_product_attention(
-                q, k, v, scale=q.shape[-1] ** -0.5, mask="causal")),
-        ]
-    import torch
-
-    from longctx.torch import HierarchicalAttention, RingAttention, SlidingWindowAttention
-    attn = SlidingWindowAttention(window)
-    levels, ring = HierarchicalAttention(HIERARCHICAL_LEVELS), RingAttention(RING_SIZE, 1024)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    return [
-        ("sliding", lambda q, k, v, m: lambda: attn(q, k, v)),
-        ("hierarchical", lambda q, k, v, m: lambda: levels(q, k, v)),
-        (f"ring (1 process, P={RING_SIZE})", lambda q, k, v, m: lambda: ring(q, k, v)),
-        ("dense mask", lambda q, k, v, m: lambda: sdpa(q, k, v, attn_mask=m)),
-        ("causal full", lambda q, k, v, m: lambda: sdpa(q, k, v, is_causal=True)),
-    ]
-
-
-def _measure(backend: str, fn, repeats: int) -> tuple[float, float]:
-    if backend == "mlx":
-        return measure.mlx_seconds(fn, repeats=repeats), measure.mlx_peak_bytes(fn)
-    import torch
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return measure.torch_seconds(fn, repeats=repeats), measure.torch_peak_bytes(fn, device)
-
-
-def run(lengths=(1024, 2048, 4096), window: int = 256, heads: int = 8, dim: int = 64,
-        backends=("mlx", "torch"), repeats: int = 3, progress=None) -> list[Row]:
+        from longctx.mlx.benchmark import benchmark_long_context
+    else:
+        from longctx.torch.benchmark import benchmark_long_context
+    results = benchmark_long_context(techniques, lengths, backend=backend, model=model, progress=progress, **kw)
     rows = []
-    rng = np.random.default_rng(0)
-    for backend in backends:
-        cases = _cases(backend, window)
-        for L in lengths:
-            q, k, v = (rng.standard_normal((1, heads, L, dim)).astype(np.float32) for _ in range(3))
-            mask = sliding_mask(L, L, window)
-            if backend == "mlx":
-                import mlx.core as mx
-                q, k, v, m = mx.array(q), mx.array(k), mx.array(v), mx.array(mask)
-            else:
-                import torch
-                dev = "cuda" if torch.cuda.is_available() else "cpu"
-                q, k, v, m = (torch.from_numpy(x).to(dev) for x in (q, k, v, mask))
-            for technique, make in cases:
-                if technique == "hierarchical":
-                    flops = hierarchical_flops(L, HIERARCHICAL_LEVELS, heads, dim)
-                else:
-                    flops = useful_flops(L, L if technique.startswith(("causal", "ring")) else window, heads, dim)
-                if technique in ("dense mask", "causal full") and heads * L * L * 8 > DENSE_LIMIT_BYTES:
-                    rows.append(Row(backend, technique, L, None, None, None,
-                                    f"skipped: ~{heads * L * L * 8 / 2**30:.0f} GiB of scores"))
-                else:
-                    seconds, peak = _measure(backend, make(q, k, v, m), repeats)
-                    rows.append(Row(backend, technique, L, seconds * 1e3, peak / 2**20, flops / seconds / 1e9))
-                if progress:
-                    progress()
+    for r in results:
+        row = {"backend": backend, **r.to_dict(), "gflops": None}
+        flops = None if model else useful_flops(r.technique, r.length, techniques[r.technique],
+                                                 kw.get("heads", 8), kw.get("head_dim", 64))
+        if flops and r.median_ms:
+            row["gflops"] = flops / (r.median_ms / 1e3) / 1e9
+        rows.append(row)
     return rows
 
 
-def report(rows: list[Row], matmul_gflops: float, window: int, heads: int, dim: int, out: Path, console,
-           ring: list[dict] = (), caches: list[dict] = ()) -> None:
+def report(rows: list[dict], config: dict, out: Path, console, ring: list[dict] = (),
+           caches: list[dict] = ()) -> Path:
+    """The table (ratios against ``full`` at the same backend and length), ``bench.json`` and ``bench.png``."""
     from rich.table import Table
-    table = Table(title=f"Tasks 1-3: sliding W={window}, hierarchical levels {HIERARCHICAL_LEVELS}, ring "
-                        f"P={RING_SIZE}; H={heads}, D={dim}, float32, B=1 "
-                        f"(MLX matmul 2048^3: {matmul_gflops:.0f} GFLOP/s)")
-    for column in ("backend", "technique", "L", "ms", "peak MiB", "useful GFLOP/s", "% matmul",
-                   "speed vs dense", "memory vs dense"):
-        table.add_column(column, justify="right" if column not in ("backend", "technique") else "left")
-    dense = {(r.backend, r.length): r for r in rows if r.technique == "dense mask"}
+    table = Table(title=f"Task 7: {config['title']} (MLX matmul 2048^3: {config['mlx_matmul_gflops']:.0f} GFLOP/s)")
+    for column in ("backend", "technique", "L", "ms", "tokens/s", "peak MiB", "estimate MiB", "useful GFLOP/s",
+                   rows[0]["quality_metric"] if rows else "quality", "speed vs full", "memory vs full"):
+        table.add_column(column, justify="left" if column in ("backend", "technique") else "right")
+    full = {(r["backend"], r["length"]): r for r in rows if r["technique"] == "full" and r["median_ms"]}
     for r in rows:
-        d = dense.get((r.backend, r.length))
-        faster = f"{d.ms / r.ms:.1f}x" if d and d.ms and r.ms else ""
-        smaller = f"{d.peak_mib / r.peak_mib:.1f}x" if d and d.peak_mib and r.peak_mib else ""
-        table.add_row(r.backend, r.technique, str(r.length),
-                      f"{r.ms:.1f}" if r.ms else r.note, f"{r.peak_mib:.1f}" if r.peak_mib else "",
-                      f"{r.gflops:.1f}" if r.gflops else "",
-                      f"{100 * r.gflops / matmul_gflops:.0f}%" if r.gflops and r.backend == "mlx" else "",
-                      faster if r.technique != "dense mask" else "1x",
-                      smaller if r.technique != "dense mask" else "1x")
+        f = full.get((r["backend"], r["length"]))
+        ran = r["median_ms"] is not None
+        table.add_row(r["backend"], r["technique"], str(r["length"]),
+                      f"{r['median_ms']:.1f}" if ran else f"skipped: {r['skipped']}",
+                      f"{r['tokens_per_second']:,.0f}" if ran else "",
+                      f"{r['peak_memory_bytes'] / 2**20:.1f}" if ran else "",
+                      f"{r['memory_estimate_bytes'] / 2**20:.1f}",
+                      f"{r['gflops']:.1f}" if r["gflops"] else "",
+                      f"{r['quality']:.3g}" if ran else "",
+                      f"{f['median_ms'] / r['median_ms']:.1f}x" if f and ran else "",
+                      f"{f['peak_memory_bytes'] / r['peak_memory_bytes']:.1f}x" if f and ran else "")
     console.print(table)
     for title, extra in (("Task 3 across real processes", ring),
                          ("Tasks 4 and 5 in the tiny Qwen3 (MLX)", caches)):
@@ -176,37 +122,71 @@ def report(rows: list[Row], matmul_gflops: float, window: int, heads: int, dim: 
                 extra_table.add_row(r["what"], str(r["length"]), f"{r['value']:.3g}", r["note"])
             console.print(extra_table)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({
+    path = out / "bench.json"
+    path.write_text(json.dumps({
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
-        "config": {"window": window, "heads": heads, "dim": dim, "dtype": "float32", "batch": 1},
-        "mlx_matmul_gflops": matmul_gflops, "rows": [asdict(r) for r in rows], "ring": list(ring),
-        "caches": list(caches)},
-        indent=2))
-    _plot(rows, window, out / "bench.png")
-    console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+        "config": config, "rows": rows, "ring": list(ring), "caches": list(caches)}, indent=2))
+    plot(rows, out / "bench.png", config["title"])
+    console.print(f"wrote {path} and {out / 'bench.png'}")
+    return path
 
 
-def _plot(rows: list[Row], window: int, path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Time and peak memory against length, log-log, one line per (backend, technique)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
-    for (backend, technique) in dict.fromkeys((r.backend, r.technique) for r in rows):
-        pts = [r for r in rows if (r.backend, r.technique) == (backend, technique) and r.ms]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for backend, technique in dict.fromkeys((r["backend"], r["technique"]) for r in rows if r["median_ms"]):
+        pts = [r for r in rows if (r["backend"], r["technique"]) == (backend, technique) and r["median_ms"]]
         style = "-" if backend == "mlx" else "--"
-        ax_t.plot([r.length for r in pts], [r.ms for r in pts], style, marker="o", label=f"{backend} {technique}")
-        ax_m.plot([r.length for r in pts], [r.peak_mib for r in pts], style, marker="o", label=f"{backend} {technique}")
+        label = f"{backend} {technique}"
+        ax_t.plot([r["length"] for r in pts], [r["median_ms"] for r in pts], style, marker="o", label=label)
+        ax_m.plot([r["length"] for r in pts], [r["peak_memory_bytes"] / 2**20 for r in pts], style, marker="o",
+                  label=label)
+    ran = any(r["median_ms"] for r in rows)
     for ax, label in ((ax_t, "median time (ms)"), (ax_m, "peak memory (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length L")
+        if ran:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "every row was skipped (see the table)", ha="center", transform=ax.transAxes)
+        ax.set_xlabel("sequence length L (tokens)")
         ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-    ax_t.legend(fontsize=7)
-    fig.suptitle(f"Sliding window (W={window}), hierarchical, ring vs dense-mask and causal attention")
+        ax.grid(True, which="both", alpha=0.3)
+    if ran:
+        ax_t.legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def log_results(path: Path, rows: list[dict], to: str) -> None:
+    """Mirror the JSON rows to MLflow or TensorBoard (optional extras): one metric per column,
+    stepped by length, under ``backend/technique``."""
+    metrics = ("median_ms", "tokens_per_second", "peak_memory_bytes", "quality")
+    if to == "mlflow":
+        try:
+            import mlflow
+        except ImportError:
+            raise SystemExit("--log mlflow needs the extra: pip install 'longctx[mlflow]'") from None
+        with mlflow.start_run(run_name="longctx-bench"):
+            mlflow.log_artifact(str(path))
+            for r in rows:
+                for m in metrics:
+                    if r[m] is not None:
+                        mlflow.log_metric(f"{r['backend']}.{r['technique']}.{m}", r[m], step=r["length"])
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit("--log tensorboard needs the extra: pip install 'longctx[tensorboard]'") from None
+    with SummaryWriter(log_dir=str(path.parent / "tensorboard")) as writer:
+        for r in rows:
+            for m in metrics:
+                if r[m] is not None:
+                    writer.add_scalar(f"{r['backend']}/{r['technique']}/{m}", r[m], global_step=r["length"])
 
 
 def ring_rows(backend: str = "mlx", processes: int = 4, length: int = 65536, check_length: int = 4096,

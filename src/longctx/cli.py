@@ -1,4 +1,5 @@
-"""The ``longctx`` command: ``bench`` (the main job), ``doctor``, ``stubs``."""
+"""The ``longctx`` command: ``bench`` (the main job), ``eval``, ``train-tiny``, ``make-model``, ``doctor``,
+``stubs``."""
 from __future__ import annotations
 
 import argparse
@@ -18,29 +19,86 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
+def _names(text: str) -> list[str]:
+    from longctx.mlx.benchmark import TECHNIQUES
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in TECHNIQUES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"techniques must be among {', '.join(TECHNIQUES)}, got {text!r}")
+    return names
+
+
+def _model_path(text: str) -> Path:
+    from longctx.models import TRAINED
+    path = TRAINED if text == "shipped" else Path(text)
+    if not (path / "config.json").exists():
+        raise argparse.ArgumentTypeError(f"no config.json in {text!r}: give a Hugging Face model folder or 'shipped'")
+    return path
+
+
 def cmd_bench(args) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
     from longctx import bench
-    console = Console(width=None if sys.stdout.isatty() else 130)
+    from longctx.mlx.benchmark import TECHNIQUES
+    from longctx.models import load_trained
+    console = Console(width=None if sys.stdout.isatty() else 160)
     if not longctx.blas.has_fast_blas():
         console.print(f"[yellow]slow reference BLAS in use (see `longctx doctor`); fix: {longctx.blas.FIX}")
     backends = ("mlx", "torch") if args.backend == "all" else (args.backend,)
+    names = args.techniques or [t for t in TECHNIQUES if not (args.model and t == "ring")]
+    if args.model and "ring" in names:
+        print("longctx bench: 'ring' has no model strategy; drop it from --techniques with --model", file=sys.stderr)
+        return 2
+    techniques = bench.techniques_for(names, args.window)
+    shape = {} if args.model else {"heads": args.heads, "head_dim": args.dim}
+    title = (f"passkey prompts through LongContextQwen3 in {args.model}" if args.model else
+             f"random attention inputs, H={args.heads}, D={args.dim}, float32") + f", window {args.window}"
+    rows = []
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("benchmarking", total=len(backends) * len(args.lengths) * 5 + 1 + args.ring)
+        task = progress.add_task("benchmarking", total=len(backends) * len(names) * len(args.lengths) + 2 + args.ring)
         matmul = bench.mlx_matmul_gflops()
         progress.advance(task)
-        rows = bench.run(args.lengths, args.window, args.heads, args.dim, backends, args.repeats,
-                         progress=lambda: progress.advance(task))
+        for backend in backends:
+            model = load_trained(backend, args.model) if args.model else None
+            kw = {"device": args.device} if backend == "torch" else {}
+            rows += bench.run(backend, techniques, args.lengths, model=model, repeats=args.repeats, **shape, **kw,
+                              progress=lambda r: progress.update(task, advance=1, description=f"{r.technique} "
+                                                                                              f"L={r.length}"))
         ring = []
         if args.ring:
             progress.update(task, description=f"ring: {args.ring_processes} processes, L={args.ring_length}")
             ring = bench.ring_rows(backends[0], args.ring_processes, args.ring_length)
             progress.advance(task)
         progress.update(task, description=f"caches: stream {args.stream_tokens}, decode at {args.decode_context}")
-        caches = bench.cache_rows(args.stream_tokens, args.decode_context)
-    bench.report(rows, matmul, args.window, args.heads, args.dim, Path(args.out), console, ring, caches)
+        caches = [] if args.model else bench.cache_rows(args.stream_tokens, args.decode_context)
+    config = {"title": title, "mlx_matmul_gflops": matmul, "lengths": args.lengths, "techniques": techniques,
+              "model": str(args.model) if args.model else None, "repeats": args.repeats, **shape}
+    path = bench.report(rows, config, Path(args.out), console, ring, caches)
+    if args.log:
+        bench.log_results(path, rows, args.log)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rich.console import Console
+
+    from longctx import eval as suite
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    suite.run_suite(args.model, Path(args.out), console, backend=args.backend, quick=args.quick)
+    return 0
+
+
+def cmd_train_tiny(args) -> int:
+    from longctx.models.train import train
+    try:
+        path = train(args.path, steps=args.steps, short_steps=args.short_steps, batch_size=args.batch_size,
+                     seq_len=args.seq_len, seed=args.seed)
+    except ValueError as error:
+        print(f"longctx train-tiny: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}; score it with `longctx eval --model {path}`")
     return 0
 
 
@@ -94,14 +152,23 @@ def cmd_stubs(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="longctx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("bench", help="benchmark the techniques against their baselines")
-    p.add_argument("--lengths", type=_positive_ints, default=[1024, 2048, 4096], help="e.g. 2048,8192")
-    p.add_argument("--window", type=int, default=256)
+    p = sub.add_parser("bench", help="Task 7: every technique against full attention, as a table, PNG and JSON")
+    p.add_argument("--lengths", type=_positive_ints, default=[1024, 2048, 4096], help="e.g. 50000,100000,200000")
+    p.add_argument("--techniques", type=_names, default=None,
+                   help="comma-separated, from full,sliding,hierarchical,ring,streaming,compressed (default: all)")
+    p.add_argument("--window", type=int, default=256,
+                   help="sliding window, streaming window, first LongNet segment (levels w, 4w, 16w)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--backend", choices=["all", "mlx", "torch"], default="all")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--model", type=_model_path, default=None,
+                   help="a Hugging Face Qwen3 folder (or 'shipped'): time LongContextQwen3 strategies on passkey "
+                        "prompts and score them")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
+    p.add_argument("--log", choices=["mlflow", "tensorboard"], default=None,
+                   help="also log the rows there (optional extras longctx[mlflow] / longctx[tensorboard])")
     p.add_argument("--ring", action="store_true",
                    help="also run Task 3 across real processes (mlx.launch / torchrun on this host)")
     p.add_argument("--ring-length", type=int, default=65536)
@@ -111,6 +178,21 @@ def main(argv=None) -> int:
     p.add_argument("--decode-context", type=int, default=16384,
                    help="Task 4: cached tokens for the compressed-vs-full decode rows (e.g. 131072)")
     p.set_defaults(run=cmd_bench)
+    p = sub.add_parser("eval", help="the evaluation suite (passkey, needle grid, perplexity by position, copy, "
+                                    "lost in the middle) for every strategy, with plots")
+    p.add_argument("--model", type=_model_path, default="shipped", help="a Hugging Face Qwen3 folder or 'shipped'")
+    p.add_argument("--backend", choices=["mlx", "torch"], default="mlx")
+    p.add_argument("--out", default="eval-out", help="folder for eval.json and the plots")
+    p.add_argument("--quick", action="store_true", help="fewer trials and lengths (a smoke run)")
+    p.set_defaults(run=cmd_eval)
+    p = sub.add_parser("train-tiny", help="train the small Qwen3 that ships with longctx (MLX, CPU)")
+    p.add_argument("path")
+    p.add_argument("--steps", type=int, default=1000, help="steps at --seq-len (the second phase)")
+    p.add_argument("--short-steps", type=int, default=1200, help="steps on 64-token rows (the first phase)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_train_tiny)
     p = sub.add_parser("make-model", help="write a tiny seeded Qwen3 checkpoint (Hugging Face layout) to PATH")
     p.add_argument("path")
     p.add_argument("--seed", type=int, default=0)
@@ -126,7 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=".", help="the repository root")
     p.set_defaults(run=cmd_stubs)
     args = parser.parse_args(argv)
-    for name in ("window", "heads", "dim", "repeats", "ring_length", "ring_processes", "decode_context"):
+    for name in ("window", "heads", "dim", "repeats", "ring_length", "ring_processes", "decode_context", "steps",
+                 "short_steps", "batch_size", "seq_len"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args.run(args)

@@ -44,6 +44,18 @@ def tiny_tokenizer(vocab_size: int = 512):
                                    pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
 
 
+def save_tokenizer(tokenizer, path: Path):
+    """``tokenizer.save_pretrained(path)``, with the chat template in one home, ``tokenizer_config.json``
+    (transformers 5 also writes a ``chat_template.jinja``; older mlx-lm versions only read the config)."""
+    tokenizer.save_pretrained(path)
+    config_file = path / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config["chat_template"] = CHAT_TEMPLATE
+    config_file.write_text(json.dumps(tokenizer_config, indent=2))
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    return tokenizer
+
+
 def make_checkpoint(path, *, seed: int = 0, layers: int = 2, tie_word_embeddings: bool = True,
                     vocab_size: int = 512) -> Path:
     """Write the tiny Qwen3 (``longctx.models.torch_qwen3`` weights) and its tokenizer to ``path``."""
@@ -56,14 +68,7 @@ def make_checkpoint(path, *, seed: int = 0, layers: int = 2, tie_word_embeddings
                          f"got {vocab_size}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = tiny_tokenizer(vocab_size)
-    tokenizer.save_pretrained(path)
-    # One home for the template, tokenizer_config.json (transformers 5 also reads a chat_template.jinja).
-    config_file = path / "tokenizer_config.json"
-    tokenizer_config = json.loads(config_file.read_text())
-    tokenizer_config["chat_template"] = CHAT_TEMPLATE
-    config_file.write_text(json.dumps(tokenizer_config, indent=2))
-    (path / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer = save_tokenizer(tiny_tokenizer(vocab_size), path)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     model = torch_qwen3(seed, num_hidden_layers=layers, tie_word_embeddings=tie_word_embeddings,
                         vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],

@@ -186,6 +186,14 @@ def tiny_model(tiny_models):
     return tiny_models()
 
 
+@pytest.fixture(scope="session")
+def shipped_model(xp):
+    """``(model, tokenizer)``: the trained model that ships with longctx (``longctx.models.TRAINED``),
+    through the real loaders: ``mlx_lm.load`` or transformers' ``from_pretrained``."""
+    from longctx.models import load_trained
+    return load_trained(xp.name)
+
+
 @pytest.fixture
 def record(request):
     """``record(label, text)``: a speed/memory figure for this task's row of the table."""

@@ -1,0 +1,238 @@
+"""The evaluation suite (``longctx eval``): does a long-context strategy keep what matters?
+
+Every function takes a ``LongContextQwen3`` (``longctx.mlx`` over an mlx-lm
+model, e.g. ``mlx_lm.load(path)``, or ``longctx.torch`` over transformers)
+and its tokenizer, so any strategy of any Qwen3 folder is evaluated the same
+way. Prompts come from ``longctx.data.tasks``; answers are greedy.
+
+* ``passkey_accuracy``: Landmark Attention's passkey retrieval.
+* ``needle_grid``: needle-in-a-haystack accuracy over depth x length (a heatmap).
+* ``perplexity_by_position``: mean negative log-likelihood of the shipped
+  text, bucketed by position (where windowed attention loses its sinks).
+* ``copy_accuracy``: repeat a random string.
+* ``lost_in_the_middle``: key-value recall accuracy by the asked pair's
+  position (Liu et al. 2023, "Lost in the Middle").
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from longctx.checks import check_positive_int
+from longctx.data import tasks
+
+
+def greedy_answer(long_model, tokenizer, prompt: tasks.Prompt) -> str:
+    """The greedy continuation of ``prompt``, as long as its answer plus one token."""
+    n = len(tokenizer.encode(" " + prompt.answer, add_special_tokens=False)) + 1
+    return tokenizer.decode(list(long_model.generate(prompt.ids, n)))
+
+
+def _fractions(name: str, values) -> list[float]:
+    values = [float(d) for d in values]
+    if not values or any(not 0 <= d <= 1 for d in values):
+        raise ValueError(f"{name} must be a non-empty list of numbers in [0, 1], got {values!r}")
+    return values
+
+
+def passkey_accuracy(long_model, tokenizer, length: int, *, depths=(0.1, 0.3, 0.5, 0.7, 0.9), trials: int = 2,
+                     seed: int = 0) -> float:
+    """Fraction of passkeys retrieved from prompts of ``length`` tokens, ``trials`` per depth."""
+    rng = np.random.default_rng(seed)
+    prompts = [tasks.passkey(tokenizer, length, d, int(rng.integers(10_000, 100_000)))
+               for d in _fractions("depths", depths) for _ in range(check_positive_int("trials", trials))]
+    return float(np.mean([p.score(greedy_answer(long_model, tokenizer, p)) for p in prompts]))
+
+
+def needle_grid(long_model, tokenizer, lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), *, trials: int = 2,
+                seed: int = 0) -> np.ndarray:
+    """Needle accuracy, ``(len(depths), len(lengths))``: the magic number at each depth of the text."""
+    rng = np.random.default_rng(seed)
+    depths = _fractions("depths", depths)
+    grid = np.zeros((len(depths), len(lengths)))
+    for j, length in enumerate(lengths):
+        for i, d in enumerate(depths):
+            for _ in range(check_positive_int("trials", trials)):
+                p = tasks.needle(tokenizer, length, d, int(rng.integers(10_000, 100_000)),
+                                 start=int(rng.integers(1000)))
+                grid[i, j] += p.score(greedy_answer(long_model, tokenizer, p)) / trials
+    return grid
+
+
+def token_nll(long_model, ids: list[int]) -> np.ndarray:
+    """``-log p(ids[t] | ids[:t])`` for t = 1 .. L-1 through the strategy's ``process_long_sequence``."""
+    logits = _numpy(long_model.process_long_sequence(ids))[0, :-1].astype(np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
+    return log_z - logits[np.arange(len(ids) - 1), ids[1:]]
+
+
+def perplexity_by_position(long_model, tokenizer, length: int, *, bucket: int = 128, start: int = 0):
+    """``(bucket_starts, mean NLL per bucket)`` over ``length`` tokens of the shipped text."""
+    nll = token_nll(long_model, tasks.text(tokenizer, length, start=start))
+    starts = np.arange(1, length, check_positive_int("bucket", bucket))
+    return starts, np.array([nll[s - 1:s - 1 + bucket].mean() for s in starts])
+
+
+def copy_accuracy(long_model, tokenizer, chars: int, *, trials: int = 10, seed: int = 0) -> float:
+    """Fraction of random ``chars``-character strings repeated exactly."""
+    rng = np.random.default_rng(seed)
+    prompts = [tasks.copy(tokenizer, chars, rng) for _ in range(check_positive_int("trials", trials))]
+    return float(np.mean([p.score(greedy_answer(long_model, tokenizer, p)) for p in prompts]))
+
+
+def lost_in_the_middle(long_model, tokenizer, pairs: int, positions=None, *, trials: int = 10,
+                       seed: int = 0) -> tuple[list[int], np.ndarray]:
+    """Key-value recall accuracy with the asked pair at each of ``positions`` (default: 5 spread
+    from first to last) among ``pairs`` lines: ``(positions, accuracy per position)``."""
+    pairs = check_positive_int("pairs", pairs)
+    positions = list(positions) if positions is not None else sorted({round(f * (pairs - 1))
+                                                                      for f in (0, 0.25, 0.5, 0.75, 1)})
+    rng = np.random.default_rng(seed)
+    accuracy = np.zeros(len(positions))
+    for i, asked in enumerate(positions):
+        for _ in range(check_positive_int("trials", trials)):
+            p = tasks.kv_recall(tokenizer, pairs, asked, rng)
+            accuracy[i] += p.score(greedy_answer(long_model, tokenizer, p)) / trials
+    return positions, accuracy
+
+
+# ---------------------------------------------------------------- the suite (`longctx eval`)
+
+def run_suite(path, out, console, *, backend: str = "mlx", quick: bool = False, window: int = 128) -> dict:
+    """Every experiment on the model at ``path``, each strategy through ``LongContextQwen3``:
+    a table, ``eval.json`` and one PNG per experiment in ``out``. Lengths are set from the
+    model's training length ``T`` (``max_position_embeddings``, at most 512 here on a CPU)."""
+    import json
+
+    from longctx.models import load_trained
+    model, tokenizer = load_trained(backend, path)
+    wrapper = _wrapper(backend)
+    config = model.args if backend == "mlx" else model.config
+    T = min(512, getattr(config, "max_position_embeddings", 512))
+    trials = 1 if quick else 4
+    strategies = {"full": {}, "sliding": {"window_size": window},
+                  "streaming": {"sink_tokens": 4, "window": window, "chunk_size": 16},
+                  "hierarchical": {"levels": [window, 4 * window], "dilations": [1, 4]},
+                  "compressed": {"compression_ratio": 0.75, "method": "snapkv"}}
+    lengths = [T // 2, T] if quick else [T // 2, T, 2 * T, 4 * T]
+    results = {"model": str(path), "backend": backend, "training_length": T, "window": window, "trials": trials}
+
+    def long(strategy, **options):
+        return wrapper(model, strategy, **{**strategies.get(strategy, {}), **options})
+
+    console.print(f"evaluating {path} ({backend}), training length {T}, window {window}")
+    results["passkey"] = {s: {L: passkey_accuracy(long(s), tokenizer, L, trials=trials) for L in lengths}
+                          for s in strategies}
+    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    grid_lengths = sorted({*lengths, T // 8, 3 * T // 4, 3 * T // 2})
+    results["needle"] = {s: needle_grid(long(s), tokenizer, grid_lengths, depths, trials=trials).tolist()
+                         for s in ("full", "sliding")}
+    ppl_length = 2 * T if quick else 4 * T
+    ppl = {"full": long("full"), "sliding (window, no sinks)": long("sliding"),
+           "streaming, 0 sinks": long("streaming", sink_tokens=0), "streaming, 4 sinks": long("streaming")}
+    results["perplexity"] = {}
+    for name, m in ppl.items():
+        starts, nll = perplexity_by_position(m, tokenizer, ppl_length, bucket=T // 8)
+        results["perplexity"][name] = {"starts": starts.tolist(), "nll": nll.tolist()}
+    results["copy"] = {s: {c: copy_accuracy(long(s), tokenizer, c, trials=3 * trials) for c in (16, 48)}
+                       for s in strategies}
+    pairs = 40
+    positions, acc = lost_in_the_middle(long("full"), tokenizer, pairs, trials=5 * trials)
+    results["lost_in_the_middle"] = {"pairs": pairs, "positions": positions, "accuracy": acc.tolist()}
+    ratios = [0.5, 0.75, 0.9]
+    results["compression"] = {method: {r: passkey_accuracy(long("compressed", method=method, compression_ratio=r),
+                                                           tokenizer, T, trials=trials) for r in ratios}
+                              for method in ("snapkv", "h2o", "knorm", "streaming")}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    _plots(results, depths, grid_lengths, out)
+    _table(results, console)
+    console.print(f"wrote {out / 'eval.json'} and eval-*.png")
+    return results
+
+
+def _wrapper(backend: str):
+    if backend == "mlx":
+        from longctx.mlx import LongContextQwen3
+    else:
+        from longctx.torch import LongContextQwen3
+    return LongContextQwen3
+
+
+def _table(results: dict, console) -> None:
+    from rich.table import Table
+    table = Table(title=f"passkey accuracy (training length {results['training_length']}, "
+                        f"window {results['window']})")
+    lengths = list(next(iter(results["passkey"].values())))
+    for column in ("strategy", *map(str, lengths), "copy 16 chars", "copy 48 chars"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for s, row in results["passkey"].items():
+        table.add_row(s, *(f"{row[L]:.0%}" for L in lengths), *(f"{v:.0%}" for v in results["copy"][s].values()))
+    console.print(table)
+    table = Table(title="compressed cache: passkey accuracy at the training length, by method and ratio removed")
+    ratios = list(next(iter(results["compression"].values())))
+    for column in ("method", *map(str, ratios)):
+        table.add_column(column)
+    for method, row in results["compression"].items():
+        table.add_row(method, *(f"{row[r]:.0%}" for r in ratios))
+    console.print(table)
+    lim = results["lost_in_the_middle"]
+    console.print(f"lost in the middle ({lim['pairs']} pairs), accuracy by asked position: "
+                  + ", ".join(f"{p}: {a:.0%}" for p, a in zip(lim["positions"], lim["accuracy"])))
+
+
+def _plots(results: dict, depths, grid_lengths, out) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results["needle"]), figsize=(5 * len(results["needle"]), 3.6))
+    for ax, (s, grid) in zip(np.atleast_1d(axes), results["needle"].items()):
+        im = ax.imshow(np.array(grid), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(grid_lengths)), grid_lengths)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"needle in a haystack: {s}")
+    fig.colorbar(im, ax=axes, label="accuracy")
+    fig.savefig(out / "eval-needle.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, curve in results["perplexity"].items():
+        ax.plot(curve["starts"], np.exp(curve["nll"]), marker=".", label=name)
+    ax.axvline(results["training_length"], color="gray", ls=":", label="training length")
+    ax.set_yscale("log")
+    ax.set_xlabel("position (tokens)")
+    ax.set_ylabel("perplexity of the bucket")
+    ax.legend(fontsize=8)
+    ax.set_title("perplexity by position on the shipped text")
+    fig.tight_layout()
+    fig.savefig(out / "eval-perplexity.png", dpi=110)
+    plt.close(fig)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    lim = results["lost_in_the_middle"]
+    ax1.plot(lim["positions"], lim["accuracy"], marker="o")
+    ax1.set_ylim(-0.05, 1.05)
+    ax1.set_xlabel(f"position of the asked pair (of {lim['pairs']})")
+    ax1.set_ylabel("key-value recall accuracy")
+    ax1.set_title("lost in the middle (full attention)")
+    for method, row in results["compression"].items():
+        ax2.plot([float(r) for r in row], list(row.values()), marker="o", label=method)
+    ax2.set_ylim(-0.05, 1.05)
+    ax2.set_xlabel("compression ratio (fraction of the cache removed)")
+    ax2.set_ylabel("passkey accuracy")
+    ax2.set_title("which entries to keep")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "eval-recall.png", dpi=110)
+    plt.close(fig)
+
+
+def _numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch
+        return x.detach().float().cpu().numpy()
+    import mlx.core as mx
+    return np.array(x.astype(mx.float32))
+
+
+__all__ = ["copy_accuracy", "greedy_answer", "lost_in_the_middle", "needle_grid", "passkey_accuracy",
+           "perplexity_by_position", "run_suite", "token_nll"]

@@ -1,0 +1,153 @@
+"""The task prompts, the evaluation suite and the trained model that ships with longctx."""
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longctx import eval as suite
+from longctx.data import tasks
+from longctx.models import TRAINED, load_trained, tiny_tokenizer
+from longctx.testing.oracles import qwen3_logits
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return {"mlx": load_trained("mlx"), "torch": load_trained("torch")}
+
+
+def wrap(backend, model, strategy="full", **options):
+    if backend == "mlx":
+        from longctx.mlx import LongContextQwen3
+    else:
+        from longctx.torch import LongContextQwen3
+    return LongContextQwen3(model, strategy, **options)
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(160, 900), depth=st.floats(0, 1), key=st.integers(10_000, 99_999))
+def test_passkey_prompt_is_exact_and_holds_the_needle(length, depth, key):
+    tok = tiny_tokenizer()
+    p = tasks.passkey(tok, length, depth, key)
+    assert len(p.ids) == length and p.answer == str(key)
+    assert p.ids[0] == tok.convert_tokens_to_ids(tasks.BOS)
+    needle = list(tok.encode(tasks.PASSKEY_NEEDLE.format(key, key), add_special_tokens=False))
+    assert p.ids[p.needle_at:p.needle_at + len(needle)] == needle
+    assert tok.decode(p.ids).endswith(tasks.PASSKEY_QUESTION)
+    head = 1 + len(tok.encode(tasks.PASSKEY_PREFIX, add_special_tokens=False))
+    room = length - head - len(tok.encode(tasks.PASSKEY_QUESTION, add_special_tokens=False)) - len(needle)
+    filler = len(tok.encode(tasks.FILLER, add_special_tokens=False))
+    assert abs(p.needle_at - head - depth * room) <= filler, "the needle sits at the filler boundary nearest depth"
+
+
+@pytest.mark.parametrize("builder", ["needle", "kv_recall", "copy"])
+def test_other_prompts_hold_their_answer(builder):
+    tok, rng = tiny_tokenizer(), np.random.default_rng(0)
+    p = {"needle": lambda: tasks.needle(tok, 300, 0.5, 12345, start=7),
+         "kv_recall": lambda: tasks.kv_recall(tok, 20, 13, rng),
+         "copy": lambda: tasks.copy(tok, 30, rng)}[builder]()
+    text = tok.decode(p.ids)
+    assert p.answer in text and p.score(" " + p.answer + ".") == 1.0 and p.score("nope") == 0.0
+    if builder == "needle":
+        assert len(p.ids) == 300 and text.endswith(tasks.NEEDLE_QUESTION)
+    if builder == "kv_recall":
+        asked = tok.decode(p.ids[p.needle_at:]).split(".")[0]
+        assert asked.endswith(f" is {p.answer}") and text.count(asked.split(" is ")[0] + " is") == 2  # line, question
+
+
+@pytest.mark.parametrize("call,name", [(lambda t: tasks.passkey(t, 100, 0.5, 12345), "length"),
+                                       (lambda t: tasks.passkey(t, 400, 1.5, 12345), "depth"),
+                                       (lambda t: tasks.passkey(t, 400, 0.5, 123), "key"),
+                                       (lambda t: tasks.kv_recall(t, 5, 5, np.random.default_rng(0)), "asked")])
+def test_bad_task_arguments_raise(call, name):
+    with pytest.raises(ValueError, match=name):
+        call(tiny_tokenizer())
+
+
+def test_shipped_model_loads_the_same_in_mlx_lm_and_transformers(shipped):
+    (mlx_model, mlx_tok), (hf_model, hf_tok) = shipped["mlx"], shipped["torch"]
+    config = json.loads((TRAINED / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and (TRAINED / "README.md").is_file() and (TRAINED / "loss.png").is_file()
+    assert sum(p.stat().st_size for p in TRAINED.iterdir()) < 8 << 20, "the shipped model stays a few MB"
+    ids = tasks.passkey(hf_tok, 300, 0.5, 31415).ids
+    assert mlx_tok.encode("The pass key is") == hf_tok.encode("The pass key is")
+    with torch.no_grad():
+        hf = hf_model(torch.tensor(ids)[None]).logits[0].numpy()
+    mlx = np.array(mlx_model(mx.array(ids)[None])[0])
+    from safetensors.numpy import load_file
+    oracle = qwen3_logits(load_file(TRAINED / "model.safetensors"), config, ids)
+    assert np.abs(hf - oracle).max() < 1e-3 and np.abs(mlx - oracle).max() < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_greedy_answer_is_the_oracles_greedy_continuation(shipped, backend):
+    """The suite's answer is the float64 oracle's argmax continuation, token for token."""
+    model, tok = shipped[backend]
+    config = json.loads((TRAINED / "config.json").read_text())
+    from safetensors.numpy import load_file
+    weights = load_file(TRAINED / "model.safetensors")
+    p = tasks.passkey(tok, 200, 0.4, 27182)
+    ids = list(p.ids)
+    n = len(tok.encode(" " + p.answer, add_special_tokens=False)) + 1
+    for _ in range(n):
+        ids.append(int(qwen3_logits(weights, config, ids)[-1].argmax()))
+    assert suite.greedy_answer(wrap(backend, model), tok, p) == tok.decode(ids[len(p.ids):])
+
+
+def test_perplexity_by_position_is_the_oracle_nll(shipped):
+    model, tok = shipped["mlx"]
+    config = json.loads((TRAINED / "config.json").read_text())
+    from safetensors.numpy import load_file
+    ids = tasks.text(tok, 200, start=3)
+    logits = qwen3_logits(load_file(TRAINED / "model.safetensors"), config, ids)[:-1]
+    top = logits.max(-1, keepdims=True)
+    want = (top[:, 0] + np.log(np.exp(logits - top).sum(-1))) - logits[np.arange(199), ids[1:]]
+    starts, nll = suite.perplexity_by_position(wrap("mlx", model, chunk_size=64), tok, 200, bucket=50, start=3)
+    assert starts.tolist() == [1, 51, 101, 151]
+    np.testing.assert_allclose(nll, [want[s - 1:s + 49].mean() for s in starts], rtol=1e-4, atol=1e-4)
+
+
+def test_suite_functions_agree_across_backends(shipped):
+    """The same answers and perplexities through the MLX and the torch LongContextQwen3 (streaming)."""
+    rng = np.random.default_rng(0)
+    tok = shipped["mlx"][1]
+    prompts = [tasks.passkey(tok, 300, 0.2, 31337), tasks.copy(tok, 20, rng), tasks.kv_recall(tok, 10, 3, rng),
+               tasks.needle(tok, 250, 1.0, 42424)]
+    got = {}
+    for backend, (model, tok) in shipped.items():
+        long = wrap(backend, model, "streaming", sink_tokens=4, window=64, chunk_size=32)
+        got[backend] = ([suite.greedy_answer(long, tok, p) for p in prompts],
+                        suite.perplexity_by_position(long, tok, 300, bucket=100)[1])
+    assert got["mlx"][0] == got["torch"][0]
+    np.testing.assert_allclose(got["mlx"][1], got["torch"][1], rtol=1e-4, atol=1e-4)
+
+
+def test_eval_cli_writes_json_and_plots(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "longctx.cli", "eval", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert set(data["passkey"]) == {"full", "sliding", "streaming", "hierarchical", "compressed"}
+    assert all(0 <= a <= 1 for row in data["passkey"].values() for a in row.values())
+    assert set(data["perplexity"]) == {"full", "sliding (window, no sinks)", "streaming, 0 sinks",
+                                       "streaming, 4 sinks"}
+    for name in ("eval-needle.png", "eval-perplexity.png", "eval-recall.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_tiny_writes_a_loadable_model_with_its_card(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "longctx.cli", "train-tiny", str(tmp_path / "m"), "--steps", "3",
+                           "--short-steps", "2", "--batch-size", "2", "--seq-len", "256"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = json.loads((tmp_path / "m" / "train.json").read_text())
+    assert len(log["losses"]) == 5 and all(np.isfinite(log["losses"]))
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "passkey at 256 tokens" in card and "seed 0" in card
+    model, tok = load_trained("torch", tmp_path / "m")
+    assert model.config.max_position_embeddings == 256 and len(tok) == model.config.vocab_size
