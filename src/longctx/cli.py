@@ -63,6 +63,8 @@ def cmd_bench(args) -> int:
         for backend in backends:
             model = load_trained(backend, args.model) if args.model else None
             kw = {"device": args.device} if backend == "torch" else {}
+            if model and backend == "torch" and args.device:
+                model = (model[0].to(args.device), model[1])
             rows += bench.run(backend, techniques, args.lengths, model=model, repeats=args.repeats, **shape, **kw,
                               progress=lambda r: progress.update(task, advance=1, description=f"{r.technique} "
                                                                                               f"L={r.length}"))
