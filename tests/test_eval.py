@@ -53,6 +53,7 @@ def test_other_prompts_hold_their_answer(builder):
          "copy": lambda: tasks.copy(tok, 30, rng)}[builder]()
     text = tok.decode(p.ids)
     assert p.answer in text and p.score(" " + p.answer + ".") == 1.0 and p.score("nope") == 0.0
+    assert p.score(p.answer) == 1.0 and p.score(" " + p.answer + "7") == 0.0, "a longer answer is wrong"
     if builder == "needle":
         assert len(p.ids) == 300 and text.endswith(tasks.NEEDLE_QUESTION)
     if builder == "kv_recall":

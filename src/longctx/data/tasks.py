@@ -46,8 +46,9 @@ class Prompt:
     needle_at: int = -1  # token index of the needle's first token (-1: no needle)
 
     def score(self, text: str) -> float:
-        """1.0 when the continuation starts with the answer (leading spaces ignored), else 0.0."""
-        return float(text.strip().startswith(self.answer))
+        """1.0 when the continuation starts with the whole answer (leading spaces ignored; the
+        answer must end there: "714321" does not answer "71432"), else 0.0."""
+        return float(re.match(re.escape(self.answer) + r"(?![0-9A-Za-z])", text.strip()) is not None)
 
 
 @functools.cache
