@@ -128,6 +128,19 @@ def test_suite_functions_agree_across_backends(shipped):
     np.testing.assert_allclose(got["mlx"][1], got["torch"][1], rtol=1e-4, atol=1e-4)
 
 
+def test_the_shipped_model_retrieves_at_its_training_length_and_a_window_loses_what_it_cannot_see(shipped):
+    """What the shipped model is for: the passkey at its training length (fresh keys and depths,
+    not the model card's), and sliding-window attention failing once the needle is outside it."""
+    model, tok = shipped["mlx"]
+    assert model.args.max_position_embeddings == 512
+    full = suite.passkey_accuracy(wrap("mlx", model), tok, 512, depths=[d / 7 for d in range(8)], trials=5, seed=7)
+    assert full >= 0.85, full
+    # A 64-token window holds the question and some filler: the needle, at depth <= 0.6, is >= 150 tokens back.
+    far = dict(depths=(0.0, 0.3, 0.6), trials=5, seed=7)
+    assert suite.passkey_accuracy(wrap("mlx", model), tok, 512, **far) >= 0.8
+    assert suite.passkey_accuracy(wrap("mlx", model, "sliding", window_size=64), tok, 512, **far) <= 0.1
+
+
 def test_eval_cli_writes_json_and_plots(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "longctx.cli", "eval", "--quick", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
