@@ -250,7 +250,7 @@ Load it with `mlx_lm.load(path)` or `AutoModelForCausalLM.from_pretrained(path)`
   then cosine to lr/20 over the last stage), gradient clipping 1.0; final loss {np.mean(losses[-50:]):.3f}
   (mean of the last 50 steps).
 - **The induction head:** the loss on the second half of held-out repeats (random ids seen once
-  before) stays near ln(vocab) = 6.2 until the model learns to copy from earlier in the context, then
+  before) stays near (or above) ln(vocab) = 6.2 until the model learns to copy from earlier in the context, then
   falls. At the end: {log["copy_losses"][-1][1]:.2f}.
 - **Training length:** {T} tokens (`max_position_embeddings`). Beyond it, full attention meets RoPE
   positions it never saw: the point of the book's long-context chapters.
