@@ -154,6 +154,17 @@ def test_eval_cli_writes_json_and_plots(tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("short_steps, steps, seq_len", [(1800, 1400, 512), (2, 3, 256), (7, 1, 300), (1, 5, 4096)])
+def test_the_training_plan_spends_exactly_the_steps_asked_on_rows_shorter_than_seq_len(short_steps, steps, seq_len):
+    from longctx.models.train import CURRICULUM, MIX, plan
+    stages = plan(short_steps, steps, seq_len)
+    assert stages[-1] == (seq_len, steps, MIX)
+    assert sum(k for _, k, _ in stages[:-1]) == short_steps and all(k > 0 for _, k, _ in stages)
+    lengths = [n for n, _, _ in stages[:-1]]
+    assert lengths == sorted(lengths) and all(n < seq_len for n in lengths)
+    assert set(lengths) <= {n for n, _, _ in CURRICULUM}
+
+
 def test_train_tiny_writes_a_loadable_model_with_its_card(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "longctx.cli", "train-tiny", str(tmp_path / "m"), "--steps", "3",
                            "--short-steps", "2", "--batch-size", "2", "--seq-len", "256"],

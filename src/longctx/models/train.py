@@ -120,7 +120,7 @@ def train(path, *, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, s
     rng = np.random.default_rng(seed)
     model = Model(ModelArgs.from_dict(config))
     mx.eval(model.parameters())
-    warmup = 50
+    warmup = min(50, short_steps)  # the warm-up ends before the last stage's cosine starts
     schedule = optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup), lambda _: lr,
                                      optim.cosine_decay(lr, steps, lr / 20)], [warmup, short_steps])
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
