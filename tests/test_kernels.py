@@ -31,6 +31,33 @@ def test_dispatch_takes_the_ops_path_on_cpu_and_unsupported_head_dims():
         mx.set_default_device(previous)
 
 
+def test_a_kernel_that_fails_to_compile_falls_back_to_the_ops_path_with_one_warning(monkeypatch):
+    """The Metal kernel has not run on a Mac yet: if its first compile or launch raises, the call
+    still returns the right values (the ops path), with one warning, and later calls skip the kernel."""
+    launched = []
+
+    def broken(**kwargs):
+        launched.append(kwargs)
+        raise RuntimeError("Unable to build metal library from source")
+    monkeypatch.setattr(sliding, "_FAILED", set())
+    monkeypatch.setattr(sliding, "_CHECKED", set())
+    monkeypatch.setattr(sliding, "_backend", lambda: "metal")  # as on an Apple GPU
+    monkeypatch.setattr(sliding, "_fused_kernel_for", lambda q: None if "metal" in sliding._FAILED else "metal")
+    monkeypatch.setattr(sliding, "_kernel", lambda backend: broken)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, 40, 64)).astype(np.float32) for _ in range(3))
+    attn = sliding.SlidingWindowAttention(9)
+    with pytest.warns(RuntimeWarning, match="metal sliding-window kernel failed") as caught:
+        out = attn(*map(mx.array, (q, k, v)))
+    assert_close(np.array(out), sliding_window_attention(q, k, v, 9), rtol=1e-4, atol=1e-4)
+    assert len(caught) == 1 and len(launched) == 1
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attn(*map(mx.array, (q, k, v)))  # no second warning, no second launch
+    assert len(launched) == 1
+
+
 @pytest.mark.skipif(not on_gpu, reason="needs an Apple GPU (Metal) or MLX's CUDA backend")
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("B, Hq, Hkv, Lq, Lk, D, W", [(1, 4, 2, 100, 100, 64, 17), (2, 8, 8, 1, 300, 128, 64),
@@ -61,7 +88,7 @@ def test_cuda_kernel_body_compiles_for_every_dtype(tmp_path):
     (tmp_path / "k.cu").write_text(
         "#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
         "template <typename T, int D, int W>\n__global__ void longctx_sliding(const T* q, const T* k, const T* v, "
-        "const int* dims, const float* scale, T* out) {\n" + sliding._CUDA_SOURCE + "}\n" + instances + "\n")
+        "const int* dims, const float* scale, T* out) {\n" + sliding._kernel_source("cuda") + "}\n" + instances + "\n")
     proc = subprocess.run(["nvcc", "-c", "k.cu", "-o", "k.o"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr

@@ -2,6 +2,8 @@
 from anywhere, the CLI, and the mirror equal to the reference."""
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +56,7 @@ def test_bench_writes_table_json_and_png(tmp_path):
                            "--stream-tokens", "4096,8192", "--decode-context", "2048"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    from longctx.mlx.benchmark import TECHNIQUES
+    from longctx.techniques import TECHNIQUES
     assert all(t in proc.stdout for t in TECHNIQUES), proc.stdout
     data = json.loads((tmp_path / "bench.json").read_text())
     rows = data["rows"]
@@ -103,7 +105,24 @@ def test_cli_rejects_bad_arguments(args, message):
 
 def test_doctor_reports_blas():
     proc = subprocess.run([sys.executable, "-m", "longctx.cli", "doctor"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "GFLOP/s" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "GFLOP/s" in proc.stdout and "BLAS for MLX" in proc.stdout, \
+        proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+                    reason="the mkl wheel is longctx's BLAS on Linux x86-64")
+def test_pip_alone_makes_mlx_fast_on_linux():
+    """With MKL from the pip wheel (forced: a system OpenBLAS would be preferred), MLX's matmuls
+    leave the bundled reference BLAS far behind: ``doctor --strict`` passes (over 50 GFLOP/s)."""
+    env = {**os.environ, "LONGCTX_BLAS": "mkl"}
+    proc = subprocess.run([sys.executable, "-m", "longctx.cli", "doctor", "--strict"], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0 and "MKL" in proc.stdout, proc.stdout + proc.stderr
+    gflops = float(re.search(r"matmul on the CPU: (\d+) GFLOP/s", proc.stdout).group(1))
+    assert gflops > 50, proc.stdout
+    bad = subprocess.run([sys.executable, "-c", "import longctx"], capture_output=True, text=True,
+                         env={**os.environ, "LONGCTX_BLAS": "fast"})
+    assert bad.returncode != 0 and "LONGCTX_BLAS" in bad.stderr, bad.stderr
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -217,3 +236,43 @@ def test_unrotate_inverts_mlx_rope(traditional, dims):
     rope = nn.RoPE(dims, traditional=traditional, base=10000)
     np.testing.assert_allclose(np.array(unrotate(rope, rope(x, offset=1000), 1000)), np.array(x), atol=2e-4)
     assert not np.allclose(np.array(rope(x, offset=1000)), np.array(x), atol=1e-2)
+
+
+def test_long_context_qwen3_rebinds_mlx_lm_attention_only_inside_its_calls():
+    """Between calls, and between the tokens ``generate`` yields, the model's module calls mlx-lm's
+    own ``scaled_dot_product_attention``: the same model used directly is untouched."""
+    import sys as _sys
+
+    from mlx_lm.models import base
+
+    from longctx.mlx import LongContextQwen3
+    from longctx.models import mlx_qwen3
+    model = mlx_qwen3(0)
+    module = _sys.modules[type(model.layers[0].self_attn).__module__]
+    long = LongContextQwen3(model, "sliding", window_size=8)
+    assert module.scaled_dot_product_attention is base.scaled_dot_product_attention
+    long.process_long_sequence(list(range(20)))
+    assert module.scaled_dot_product_attention is base.scaled_dot_product_attention
+    for _ in long.generate(list(range(20)), 3):
+        assert module.scaled_dot_product_attention is base.scaled_dot_product_attention
+
+
+def test_reading_a_compressed_cache_leaves_its_buffers_alone():
+    """A decode step leaves an eviction pending; reading ``keys`` (or ``state``) shows the cache
+    as it is after the eviction, without applying it to the buffers."""
+    import mlx.core as mx
+
+    from longctx.mlx import CompressedKVCache, ContextCompressor
+    rng = np.random.default_rng(0)
+    cache = CompressedKVCache(ContextCompressor(0.5, method="knorm", sink_tokens=1, recent_tokens=2))
+    k, v = (mx.array(rng.standard_normal((1, 2, 30, 8)).astype(np.float32)) for _ in range(2))
+    cache.update_and_fetch(k[:, :, :20], v[:, :, :20])
+    for t in range(20, 23):  # the budget, int(tokens / 2), grows every other step: this one evicts
+        cache.update_and_fetch(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    assert cache._victim is not None, "a decode step leaves its eviction pending"
+    buffers, n = [np.array(b) for b in cache._buffers], cache._n
+    first = np.array(cache.keys)
+    second, state = np.array(cache.keys), cache.state
+    assert cache._victim is not None and cache._n == n
+    assert all((np.array(b) == a).all() for b, a in zip(cache._buffers, buffers)), "reading changed the buffers"
+    assert (first == second).all() and first.shape[2] == cache.size() == state[0].shape[2]

@@ -27,9 +27,14 @@ from collections.abc import Callable
 from longctx.checks import check_nonnegative_int, check_positive_int
 
 SUMMARY_HEADER = "Summary of the earlier conversation:"
-# Words that mark a decision, a plan or an obligation (matched as word prefixes).
+# Words that mark a decision, a plan, an obligation or importance (matched as word prefixes),
+# and dates said in words (numbers already count).
 DECISION = re.compile(r"\b(decid|agree|will\b|must\b|should\b|need|plan|chose|choose|confirm|approv|deadline|"
-                      r"let's\b|going to\b)", re.I)
+                      r"let's\b|going to\b|important|crucial|critical|essential|key\b|remember|note\b|"
+                      r"priorit|require|urgent|never\b|always\b)", re.I)
+DATE = re.compile(r"\b(today|tomorrow|tonight|yesterday|(mon|tues|wednes|thurs|fri|satur|sun)day|"
+                  r"jan(uary)?|feb(ruary)?|march|april|june|july|aug(ust)?|sep(tember)?|oct(ober)?|"
+                  r"nov(ember)?|dec(ember)?|next (week|month|year))\b", re.I)
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")  # not inside "3.5" or "e.g.x"
 LABEL = re.compile(r"^\s*\w+:\s+")  # "user: " in the folded text
 
@@ -57,7 +62,17 @@ class AdaptiveContextManager:
 
     def __init__(self, max_context: int = 32768, *, tokenizer=None, summarizer: Callable[[str], str] | None = None,
                  reserve_tokens: int = 0, keep_recent_turns: int = 4):
-        raise NotImplementedError("Task 6: AdaptiveContextManager.__init__ -- see the book chapter 'Adaptive context'")
+        self.max_context = check_positive_int("max_context", max_context)
+        self.reserve_tokens = check_nonnegative_int("reserve_tokens", reserve_tokens)
+        if self.reserve_tokens >= self.max_context:
+            raise ValueError(f"reserve_tokens must be < max_context ({max_context}), got {reserve_tokens}")
+        self.keep_recent_turns = check_nonnegative_int("keep_recent_turns", keep_recent_turns)
+        if tokenizer is not None and not callable(getattr(tokenizer, "encode", None)):
+            raise ValueError(f"tokenizer must have an encode method, got {type(tokenizer).__name__}")
+        if summarizer is not None and not callable(summarizer):
+            raise ValueError(f"summarizer must be callable or None, got {summarizer!r}")
+        self.tokenizer = tokenizer
+        self.summarizer = summarizer or self._extractive
 
     @property
     def budget(self) -> int:
@@ -77,13 +92,29 @@ class AdaptiveContextManager:
         return len(getattr(ids, "ids", ids))  # a list, or a `tokenizers.Encoding`
 
     def manage_context(self, conversation_history: list[dict], current_input: str) -> str:
-        """The prompt for ``conversation_history`` + ``current_input`` (a user message), within the budget."""
+        """The prompt for ``conversation_history`` + ``current_input`` (a user message), within the budget.
+
+        Count whole rendered prompts (``self.render``, ``self._fits``), never sums of
+        parts. Whole conversation if it fits; else ``ContextOverflowError`` if the system
+        messages and the input alone do not; else keep the most recent turns that fit
+        (at most ``keep_recent_turns``, at least one turn folded) and fold the older ones
+        into one summary message (``self.summarizer``, its lines cut from the front to
+        the room left) at the place of the first folded turn (``_assemble``,
+        ``_summary``). About 25 lines."""
+        history = _check_history(conversation_history)
+        if not isinstance(current_input, str):
+            raise ValueError(f"current_input must be a str, got {type(current_input).__name__}")
         raise NotImplementedError("Task 6: AdaptiveContextManager.manage_context -- see the book chapter 'Adaptive context'")
 
     def extract_key_points(self, text: str) -> list[str]:
         """Sentences worth keeping, in order, each once: questions, and sentences with a
-        number, a decision word (``decide``, ``will``, ``must``, ``plan`` ...) or a
-        name (a capitalised word that does not start the sentence)."""
+        number, a date in words (``Friday``, ``tomorrow``, ``March``), a decision or
+        importance word (``decided``, ``will``, ``must``, ``plan``, ``important`` ...) or a
+        name (a capitalised word that does not start the sentence). Split with
+        ``SENTENCE_END``; ``LABEL`` strips a ``role:`` prefix; ``DECISION`` and ``DATE``
+        match the words. About 12 lines."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
         raise NotImplementedError("Task 6: AdaptiveContextManager.extract_key_points -- see the book chapter 'Adaptive context'")
 
     def _fits(self, prompt: str) -> bool:

@@ -55,17 +55,17 @@ def attention_received(queries: mx.array, keys: mx.array, scale: float | None = 
 
     ``queries (B, Hq, Lq, D)`` are the last ``Lq`` positions of ``keys (B, Hkv, L, D)``;
     returns float32 ``(B, Hq, L)``. A block of queries at a time, so the
-    score matrix alive is ``(B, Hq, block, L)``, not ``L x L``.
+    score matrix alive is ``(B, Hq, block, L)``, not ``L x L`` (``SCORE_BLOCK``
+    floats at most). About 15 lines.
     """
     raise NotImplementedError("Task 4: attention_received -- see the book chapter 'Context compression'")
 
 
 def avg_pool(x: mx.array, kernel: int) -> mx.array:
-    """``avg_pool1d(kernel, stride=1, padding=kernel // 2)`` along the last axis, zeros counted."""
-    pad = kernel // 2
-    n = x.shape[-1]
-    padded = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, pad)])
-    return sum(padded[..., j:j + n] for j in range(kernel)) / kernel
+    """``avg_pool1d(kernel, stride=1, padding=kernel // 2)`` along the last axis, zeros counted
+    (SnapKV's smoothing: an entry next to an important one counts too). Same shape as ``x``
+    for an odd ``kernel``. About 4 lines."""
+    raise NotImplementedError("Task 4: avg_pool -- see the book chapter 'Context compression'")
 
 
 def select(priority: mx.array, positions: mx.array, length: int, budget: int, sink_tokens: int,
@@ -75,7 +75,8 @@ def select(priority: mx.array, positions: mx.array, length: int, budget: int, si
     ``positions`` are the entries' positions in a sequence of ``length``;
     positions ``< sink_tokens`` and ``>= length - recent_tokens`` are kept
     first (when they alone exceed the budget: the sinks, then the most recent),
-    then the highest ``priority``, ties to the earlier entry.
+    then the highest ``priority``, ties to the earlier entry. ``priority (..., n)``,
+    ``positions (n,)`` or like ``priority``; returns ``(..., budget)``. About 12 lines.
     """
     raise NotImplementedError("Task 4: select -- see the book chapter 'Context compression'")
 
@@ -90,7 +91,15 @@ class ContextCompressor:
 
     def __init__(self, compression_ratio: float = 0.5, *, method: str = "snapkv", sink_tokens: int = 4,
                  recent_tokens: int = 32, observation_window: int = 32, pool_kernel: int = 5):
-        raise NotImplementedError("Task 4: ContextCompressor.__init__ -- see the book chapter 'Context compression'")
+        self.compression_ratio = check_ratio(compression_ratio)
+        self.method = check_choice("method", method, METHODS)
+        self.sink_tokens = check_nonnegative_int("sink_tokens", sink_tokens)
+        self.recent_tokens = check_nonnegative_int("recent_tokens", recent_tokens)
+        self.observation_window = check_positive_int("observation_window", observation_window)
+        self.pool_kernel = check_positive_int("pool_kernel", pool_kernel)
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be odd (avg_pool1d with padding k // 2 keeps the length), "
+                             f"got {pool_kernel}")
 
     def compute_importance(self, tokens: mx.array, attention_weights: mx.array | None = None) -> mx.array:
         """Scores with the shape of ``tokens`` without its feature axis (``(L,)`` for ids).
@@ -103,19 +112,42 @@ class ContextCompressor:
         multiple of theirs (keys: ``(B, Hq, Lq, L)``, GQA groups averaged).
         """
         lead, L = self._score_shape(tokens)
+        groups = self._check_weights(tokens, attention_weights, lead, L)
         raise NotImplementedError("Task 4: ContextCompressor.compute_importance -- see the book chapter 'Context compression'")
+
+    def _check_weights(self, tokens, attention_weights, lead: tuple, L: int) -> int:
+        """Given: check what ``method`` needs; returns how many query heads share a score row
+        (``G``: the weights are read as ``(*lead, G, Lq, L)``)."""
+        if self.method == "knorm" and tokens.ndim == 1:
+            raise ValueError(f"method 'knorm' needs feature vectors, got tokens of shape {tuple(tokens.shape)} (ids)")
+        if self.method not in NEEDS_ATTENTION:
+            return 1
+        if attention_weights is None:
+            raise ValueError(f"method {self.method!r} needs attention_weights, got None")
+        a = attention_weights
+        if a.ndim not in (len(lead) + 2, len(lead) + 3) or a.shape[-1] != L:
+            raise ValueError(f"attention_weights must have shape (..., Lq, {L}) for tokens "
+                             f"{tuple(tokens.shape)}, got {tuple(a.shape)}")
+        if a.ndim == len(lead) + 3:  # a head axis the tokens do not have: average it
+            ok, groups = tuple(a.shape[:len(lead)]) == lead, a.shape[len(lead)]
+        elif lead:  # keys: Hq query heads, a multiple of the Hkv kv heads
+            ok = tuple(a.shape[:len(lead) - 1]) == lead[:-1] and a.shape[len(lead) - 1] % lead[-1] == 0
+            groups = a.shape[len(lead) - 1] // lead[-1]
+        else:
+            ok, groups = True, 1
+        if not ok:
+            raise ValueError(f"attention_weights must have leading axes {lead} (or a multiple of the heads), "
+                             f"got shape {tuple(a.shape)}")
+        return groups
 
     def _reduce(self, received: mx.array, w: int) -> mx.array:
         """``(..., G, L)`` attention received per query head -> ``(..., L)`` scores.
 
-        ``snapkv``: the last ``w`` entries (the observation window) score ``+inf``.
+        ``h2o``: the mean over the ``G`` query heads. ``snapkv``: the entries before
+        the observation window (the last ``w``) pooled with ``avg_pool(pool_kernel)``,
+        then averaged over the heads; the window itself scores ``+inf``. About 6 lines.
         """
-        if self.method == "h2o":
-            return received.mean(axis=-2)
-        L = received.shape[-1]
-        w = min(w, L)
-        pooled = avg_pool(received[..., :L - w], self.pool_kernel).mean(axis=-2)
-        return mx.concatenate([pooled, mx.full((*pooled.shape[:-1], w), mx.inf)], axis=-1)
+        raise NotImplementedError("Task 4: ContextCompressor._reduce -- see the book chapter 'Context compression'")
 
     def compress_context(self, tokens: mx.array, importance_scores: mx.array) -> CompressedContext:
         """Keep the budget along the sequence axis: ``(L,)``, ``(B, L, D)`` or ``(B, H, L, D)``."""
@@ -206,7 +238,39 @@ class CompressedKVCache:
         self.compressed = False
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        raise NotImplementedError("Task 4: CompressedKVCache.update_and_fetch -- see the book chapter 'Context compression'")
+        """Given: the buffers, the offset, and when to compress; it asks ``decode_victim``
+        which entry leaves at each decode step."""
+        S = keys.shape[2]
+        prefill_done = S == 1 and not self.compressed and self._buffers is not None
+        if prefill_done and self.compressor.method in NEEDS_ATTENTION:
+            raise ValueError(f"method {self.compressor.method!r} needs queries: call cache.compress(queries) "
+                             "after prefill (the cache protocol never passes queries)")
+        self._settle()
+        positions = mx.broadcast_to(self.offset + mx.arange(S, dtype=mx.int32), keys.shape[:3])
+        self._append(keys, values, positions, self._decode_scores(keys, positions))
+        self.offset += S
+        fetched = self.keys, self.values  # this step attends to all it held plus the new entries
+        budget = n_kept(self.offset, self.compressor.compression_ratio)
+        c = self.compressor
+        if prefill_done:
+            self.compress()
+        elif self.compressed and self._n == budget + 1:  # decode: one entry leaves, chosen now, moved later
+            self._victim = self.decode_victim(self.positions, self.scores, budget)
+        elif self.compressed and self._n > budget:
+            self._take(mx.argsort(self.positions, axis=-1))  # position order: ties go to the earlier one
+            self._take(select(self.scores, self.positions, self.offset, budget, c.sink_tokens, c.recent_tokens))
+        return fetched
+
+    def decode_victim(self, positions: mx.array, scores: mx.array, budget: int) -> mx.array:
+        """The entry to evict after a decode step: ``(B, H)`` indices into the held entries.
+
+        ``positions``, ``scores (B, H, budget + 1)``: every held entry, the new one
+        included; ``self.offset`` tokens seen. The first ``sink_tokens`` and the
+        last ``recent_tokens`` positions (each cut to the budget, sinks first, as in
+        ``select``) are protected; of the rest, the lowest score leaves, ties to the
+        later position. About 6 lines.
+        """
+        raise NotImplementedError("Task 4: CompressedKVCache.decode_victim -- see the book chapter 'Context compression'")
 
     def compress(self, queries: mx.array | None = None) -> None:
         """Compress what is cached to ``n_kept(offset)`` and hold the ratio from now on."""
@@ -245,11 +309,14 @@ class CompressedKVCache:
         """Apply a pending eviction: the last entry moves into the evicted slot."""
         if self._victim is None:
             return
-        last, slot = self._n - 1, self._victim[:, :, None]
-        self._buffers = [mx.put_along_axis(b, slot.reshape(*slot.shape, *([1] * (b.ndim - 3))),
-                                           b[:, :, last:last + 1], axis=2) for b in self._buffers]
+        self._buffers = [self._settled(b) for b in self._buffers]
         self._n -= 1
         self._victim = None
+
+    def _settled(self, b: mx.array) -> mx.array:
+        """Buffer ``b`` with the pending eviction applied (a new array: ``b`` is unchanged)."""
+        last, slot = self._n - 1, self._victim[:, :, None]
+        return mx.put_along_axis(b, slot.reshape(*slot.shape, *([1] * (b.ndim - 3))), b[:, :, last:last + 1], axis=2)
 
     def _store(self, *arrays) -> None:
         self._buffers, self._n = list(arrays), arrays[0].shape[2]
@@ -260,8 +327,12 @@ class CompressedKVCache:
                     mx.take_along_axis(score, index, axis=-1))
 
     def _held(self, i: int):
-        self._settle()
-        return None if self._buffers is None else self._buffers[i][:, :, :self._n]
+        """What the cache holds of buffer ``i``; reading never changes the buffers."""
+        if self._buffers is None:
+            return None
+        if self._victim is None:
+            return self._buffers[i][:, :, :self._n]
+        return self._settled(self._buffers[i])[:, :, :self._n - 1]
 
     keys = property(lambda self: self._held(0))
     values = property(lambda self: self._held(1))

@@ -22,7 +22,7 @@ import math
 
 import mlx.core as mx
 
-from longctx.checks import check_attention, check_level, check_levels, check_scale
+from longctx.checks import check_attention, check_level, check_levels, check_scale, self_attention_inputs
 
 LOG2E = math.log2(math.e)
 
@@ -34,7 +34,16 @@ def dilated_attention(q: mx.array, k: mx.array, v: mx.array, segment_size: int, 
 
     ``out`` has the dtype of ``q`` and is 0 where the head does not keep the
     query; ``lse`` (float32, natural log of the softmax denominator) is ``-inf`` there.
+
+    Segments start at multiples of ``segment_size`` (absolute positions; the
+    queries are the last ``Lq`` of the ``Lk`` keys). Gather each head's kept
+    rows of each segment into dense ``(segments, ceil(w / r), D)`` blocks,
+    attend inside them (causally: row order is position order), then gather
+    the outputs back to the query positions. No ``Lq x Lk`` array. About 35 lines.
     """
+    B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
+    w, r = check_level(segment_size, dilation)
+    scale = D ** -0.5 if check_scale(scale) is None else scale
     raise NotImplementedError("Task 2: dilated_attention -- see the book chapter 'Hierarchical (dilated) attention'")
 
 
@@ -43,10 +52,18 @@ class HierarchicalAttention:
 
     def __init__(self, levels: list[int] = [64, 512, 4096], dilations: list[int] | None = None,  # noqa: B006
                  causal: bool = True, scale: float | None = None):
-        raise NotImplementedError("Task 2: HierarchicalAttention.__init__ -- see the book chapter 'Hierarchical (dilated) attention'")
+        self.levels, self.dilations = check_levels(levels, dilations)  # dilations default to w // levels[0]
+        self.causal = bool(causal)
+        self.scale = check_scale(scale)
 
-    def hierarchical_forward(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        """``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` -> ``(B, Hq, Lq, D)``, dtype of ``q``."""
+    def hierarchical_forward(self, q: mx.array, k: mx.array | None = None, v: mx.array | None = None) -> mx.array:
+        """``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` -> ``(B, Hq, Lq, D)``, dtype of ``q``.
+
+        ``hierarchical_forward(x)`` is self-attention of ``x`` with itself (``q = k = v = x``).
+        Run ``dilated_attention`` per level and mix the levels by their softmax
+        denominators: ``sum_i exp(lse_i - logsumexp_i lse_i) * out_i``. About 8 lines."""
+        k, v = self_attention_inputs(q, k, v)
+        check_attention(q, k, v)
         raise NotImplementedError("Task 2: HierarchicalAttention.hierarchical_forward -- see the book chapter 'Hierarchical (dilated) attention'")
 
     __call__ = hierarchical_forward

@@ -13,11 +13,16 @@ strategy, reusing mlx-lm's model code whole. Two seams are enough:
   ``RotatingKVCache`` for a window, its ``KVCache`` otherwise).
 * **The attention.** mlx-lm's attention ends in
   ``scaled_dot_product_attention(queries, keys, values, cache=cache, scale=, mask=)``,
-  a name each model module imports from ``mlx_lm.models.base``. We replace
-  that name in the model's module with ``attention``, which calls
-  ``cache.attend(...)`` when the cache has one (Task 1's sliding window,
-  Task 2's dilated levels) and mlx-lm's function otherwise, so every other
-  model and cache in the process is untouched.
+  a name each model module imports from ``mlx_lm.models.base``. Inside its
+  own calls only, ``LongContextQwen3`` replaces that name in the model's
+  module with ``attention``, which calls ``cache.attend(...)`` when the cache
+  has one (Task 1's sliding window, Task 2's dilated levels) and mlx-lm's
+  function otherwise, and puts mlx-lm's back when the call returns (or a
+  ``generate`` step yields): no other model or cache is touched.
+
+Which cache a strategy uses, and its options with their defaults, are
+declared once in ``longctx.techniques``; ``make_cache`` builds
+``cls(**options)`` (and passes the layer's ``rope`` to a cache that takes it).
 
 Strategies and their options (each also takes ``chunk_size``, the prefill
 step, 2048 as in mlx-lm):
@@ -35,6 +40,8 @@ compressed      compression_ratio=0.5, method="snapkv", ...     always for the p
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import sys
 from collections.abc import Iterator
 
@@ -44,14 +51,14 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from longctx.checks import STRATEGY_OPTIONS, check_positive_int, check_strategy, check_tokens, prefill_chunks
+from longctx.checks import check_positive_int, check_tokens, prefill_chunks
+from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
 
 from .compression import NEEDS_ATTENTION, CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
 from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache
 
-STRATEGIES = tuple(STRATEGY_OPTIONS)
 SAMPLING = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p"}
 
 
@@ -90,8 +97,8 @@ class QueryRecordingCache(CompressedKVCache):
     """Task 4's cache, keeping the prompt's queries that ``compress`` needs (H2O: all of
     them; SnapKV: the last ``observation_window``) while attending as mlx-lm does."""
 
-    def __init__(self, compressor: ContextCompressor):
-        super().__init__(compressor)
+    def __init__(self, **compressor_options):
+        super().__init__(ContextCompressor(**compressor_options))
         self.queries = None
 
     def attend(self, queries, keys, values, scale, mask):
@@ -106,11 +113,40 @@ class LongContextQwen3:
     """An mlx-lm Qwen3 with a long-context strategy: ``process_long_sequence`` and ``generate``."""
 
     def __init__(self, base_model, context_strategy: str = "hierarchical", **options):
-        raise NotImplementedError("Task 8: LongContextQwen3.__init__ -- see the book chapter 'Putting it into Qwen3'")
+        layers = getattr(base_model, "layers", None)
+        if not layers or not all(hasattr(layer, "self_attn") for layer in layers):
+            raise ValueError(f"base_model must be an mlx-lm model with layers[i].self_attn (as mlx_lm.load "
+                             f"returns), got {type(base_model).__name__}")
+        self.model = base_model
+        self.strategy, self.chunk_size, self.options = check_strategy(context_strategy, options)
+        self.modules = {sys.modules[type(layer.self_attn).__module__] for layer in layers}
+        for module in self.modules:
+            if getattr(module, "scaled_dot_product_attention", None) not in (base.scaled_dot_product_attention,
+                                                                             attention) and self.strategy != "full":
+                raise ValueError(f"{module.__name__} does not call mlx_lm.models.base.scaled_dot_product_attention:"
+                                 f" context_strategy={self.strategy!r} cannot reach its attention")
+        self.make_cache()  # validates the options now, not at the first call
+        self.cache = None
 
     def make_cache(self) -> list:
-        """A fresh cache per layer for this strategy."""
-        raise NotImplementedError("Task 8: LongContextQwen3.make_cache -- see the book chapter 'Putting it into Qwen3'")
+        """A fresh cache per layer for this strategy: the registry's cache class, built from the options."""
+        name = TECHNIQUES[self.strategy].cache
+        cls = globals()[name] if name else KVCache
+        takes_rope = "rope" in inspect.signature(cls).parameters
+        return [cls(**self.options, **({"rope": layer.self_attn.rope} if takes_rope else {}))
+                for layer in self.model.layers]
+
+    @contextlib.contextmanager
+    def _attention_seam(self):
+        """mlx-lm's attention name points at ``attention`` for the duration of one call."""
+        before = {module: module.scaled_dot_product_attention for module in self.modules}
+        for module in self.modules:
+            module.scaled_dot_product_attention = attention
+        try:
+            yield
+        finally:
+            for module, function in before.items():
+                module.scaled_dot_product_attention = function
 
     def process_long_sequence(self, tokens) -> mx.array:
         """Logits ``(1, L, vocab)`` for ``tokens`` (L ids), prefilled in chunks of
@@ -126,10 +162,11 @@ class LongContextQwen3:
     def _prefill(self, ids: list[int], cache: list) -> mx.array:
         logits = []
         for start, end in prefill_chunks(len(ids), self.chunk_size):
-            logits.append(self.model(mx.array(ids[start:end])[None], cache=cache))
-            mx.eval(logits[-1], [c.state for c in cache])  # the lazy graph never spans more than a chunk
-        if self.strategy == "compressed":
-            for c in cache:
+            with self._attention_seam():
+                logits.append(self.model(mx.array(ids[start:end])[None], cache=cache))
+                mx.eval(logits[-1], [c.state for c in cache])  # the lazy graph never spans more than a chunk
+        for c in cache:
+            if isinstance(c, CompressedKVCache):
                 c.compress()
         return mx.concatenate(logits, axis=1)
 

@@ -43,7 +43,10 @@ class RingState(NamedTuple):
 
 
 def merge_states(a: RingState, b: RingState) -> RingState:
-    """The log-sum-exp merge of two partials over disjoint keys (associative, commutative)."""
+    """The log-sum-exp merge of two partials over disjoint keys (associative, commutative).
+
+    ``out (B, H, n, D)`` float32, normalised; ``lse (B, H, n)``. Two empty partials
+    (``lse = -inf``) merge to an empty one: zeros, never NaN. About 5 lines."""
     raise NotImplementedError("Task 3: merge_states -- see the book chapter 'Ring attention'")
 
 
@@ -67,7 +70,10 @@ class RingAttention:
 
     def __init__(self, ring_size: int, block_size: int = 1024, causal: bool = True,
                  scale: float | None = None):
-        raise NotImplementedError("Task 3: RingAttention.__init__ -- see the book chapter 'Ring attention'")
+        self.ring_size = check_positive_int("ring_size", ring_size)
+        self.block_size = check_positive_int("block_size", block_size)
+        self.causal = bool(causal)
+        self.scale = check_scale(scale)
 
     def ring_attention_step(self, q_block: mx.array, k_block: mx.array, v_block: mx.array,
                             ring_position: int, state: RingState | None = None, *,
@@ -77,15 +83,38 @@ class RingAttention:
         ``q_block (B, Hq, n, D)``, ``k_block, v_block (B, Hkv, n_k, D)``. With
         ``causal``: a later shard changes nothing, the diagonal is causal inside
         the block, an earlier shard is fully visible.
+
+        Given: the checks and an empty ``state`` to start from. Yours: skip a
+        later shard, then scores in tiles of at most ``block_size`` keys, each
+        tile's ``(out, lse)`` merged into the state (``merge_states``). About 20 lines.
         """
+        B, Hq, Hkv, nq, nk, D = check_attention(q_block, k_block, v_block, queries_last=False)
+        ring_position = check_nonnegative_int("ring_position", ring_position)
+        query_position = check_nonnegative_int("query_position", query_position)
+        if state is None:
+            state = empty_state(q_block)
+        elif tuple(state.out.shape) != (B, Hq, nq, D) or tuple(state.lse.shape) != (B, Hq, nq):
+            raise ValueError(f"state must hold out {(B, Hq, nq, D)} and lse {(B, Hq, nq)}, got "
+                             f"out {tuple(state.out.shape)} and lse {tuple(state.lse.shape)}")
+        diagonal = self.causal and ring_position == query_position
+        if diagonal and nq != nk:
+            raise ValueError(f"the diagonal step needs equal q and kv shards, got {nq} and {nk}")
         raise NotImplementedError("Task 3: RingAttention.ring_attention_step -- see the book chapter 'Ring attention'")
 
     def finalize(self, state: RingState, dtype=None) -> mx.array:
         """The attention output: the merged ``out`` (already normalised), cast to ``dtype``."""
-        raise NotImplementedError("Task 3: RingAttention.finalize -- see the book chapter 'Ring attention'")
+        return state.out if dtype is None else state.out.astype(dtype)
 
     def __call__(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        """Simulate the ring in one process: ``q, k, v`` over the whole sequence (``Lq == Lk``)."""
+        """Simulate the ring in one process: ``q, k, v`` over the whole sequence (``Lq == Lk``).
+
+        Shards of ``ceil(L / ring_size)`` rows (the last ones shorter or empty); rank
+        ``r`` at step ``t`` holds the kv shard that started on rank ``r - t``. Returns
+        ``(B, Hq, L, D)`` in the dtype of ``q``. About 15 lines."""
+        B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
+        if Lq != Lk:
+            raise ValueError(f"ring attention splits one sequence: q length must equal k length, "
+                             f"got Lq={Lq} and Lk={Lk}")
         raise NotImplementedError("Task 3: RingAttention.__call__ -- see the book chapter 'Ring attention'")
 
 
@@ -98,9 +127,56 @@ def ring_attention_distributed(q: mx.array, k: mx.array, v: mx.array, group=None
     full ``q, k, v``) and gets its shard of the output. kv shards travel to
     rank ``r + 1``; each transfer overlaps with the current shard's compute. A
     rank that dies or stops sending makes the others raise within ``timeout``
-    seconds, naming it.
+    seconds, naming it. Given (the handshake and the transport); it runs your
+    ``ring_attention_step`` on every (query chunk, kv chunk) pair it meets.
     """
-    raise NotImplementedError("Task 3: ring_attention_distributed -- see the book chapter 'Ring attention'")
+    B, Hq, Hkv, n, Lk, D = check_attention(q, k, v)
+    check_choice("layout", layout, LAYOUTS)
+    if n != Lk:
+        raise ValueError(f"each rank holds one shard of one sequence: q length must equal k length, "
+                         f"got Lq={n} and Lk={Lk}")
+    if layout == "zigzag" and n % 2:
+        raise ValueError(f"layout 'zigzag' holds two equal chunks per rank: the shard length must be even, got {n}")
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    group = mx.distributed.init() if group is None else group
+    rank, size = group.rank(), group.size()
+    ring = RingAttention(size if layout == "contiguous" else 2 * size, block_size, causal, scale)
+
+    # A handshake around the ring: each rank checks that its predecessor holds
+    # a shard of its own shape (recv would misread any other), and a dead or
+    # silent neighbour shows up here, named, before any work is done.
+    prv, nxt = (rank - 1) % size, (rank + 1) % size
+    suspect = f"rank {prv} (recv) or rank {nxt} (send)"
+    mine = [B, Hq, Hkv, n, D]
+    if size > 1:
+        theirs = _Background(lambda: _exchange(mx.array(mine), group, rank, size)).wait(
+            timeout, f"rank {rank}, handshake", suspect).tolist()
+        if theirs != mine:
+            raise ValueError(f"every rank must hold a shard of one shape (B, Hq, Hkv, n, D): rank {rank} has "
+                             f"{mine} but rank {prv} has {theirs}")
+
+    def chunks(x, owner):  # (shard index in the ring's numbering, rows) pairs a rank holds
+        if layout == "contiguous":
+            return [(owner, x)]
+        h = x.shape[2] // 2
+        return [(owner, x[:, :, :h]), (2 * size - 1 - owner, x[:, :, h:])]
+
+    queries = chunks(q, rank)
+    states = [None] * len(queries)
+    kv = mx.stack([k, v])  # (2, B, Hkv, n, D): one message per step
+    mx.eval(kv)
+    for step in range(size):
+        owner = (rank - step) % size  # the rank this kv shard started on
+        # Start passing this shard on while it is being used: transfer and compute overlap.
+        transfer = _Background(lambda kv=kv: _exchange(kv, group, rank, size)) if step < size - 1 else None
+        for i, (qpos, q_chunk) in enumerate(queries):
+            for (kpos, k_chunk), (_, v_chunk) in zip(chunks(kv[0], owner), chunks(kv[1], owner)):
+                states[i] = ring.ring_attention_step(q_chunk, k_chunk, v_chunk, kpos, states[i],
+                                                     query_position=qpos)
+        if transfer is not None:
+            kv = transfer.wait(timeout, f"rank {rank}, ring step {step + 1} of {size - 1}", suspect)
+    return mx.concatenate([ring.finalize(s, q.dtype) for s in states], axis=2)
 
 
 class _Background:
@@ -140,4 +216,11 @@ def _exchange(kv, group, rank: int, size: int):
 
     Even ranks send first and odd ranks receive first: if every rank blocked
     in ``send`` at the same moment, the ring would deadlock."""
-    raise NotImplementedError("Task 3: _exchange -- see the book chapter 'Ring attention'")
+    nxt, prv = (rank + 1) % size, (rank - 1) % size
+    if rank % 2 == 0:
+        mx.eval(mx.distributed.send(kv, nxt, group=group))
+        return mx.distributed.recv_like(kv, prv, group=group)
+    received = mx.distributed.recv_like(kv, prv, group=group)
+    mx.eval(received)
+    mx.eval(mx.distributed.send(kv, nxt, group=group))
+    return received

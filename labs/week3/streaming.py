@@ -45,11 +45,24 @@ class SinkKVCache:
     """
 
     def __init__(self, sink_tokens: int = 4, window: int = 1024, *, rope=None):
-        raise NotImplementedError("Task 5: SinkKVCache.__init__ -- see the book chapter 'Streaming with attention sinks'")
+        self.sink_tokens = check_nonnegative_int("sink_tokens", sink_tokens)
+        self.window = check_positive_int("window", window)
+        if rope is not None and not (hasattr(rope, "dims") and hasattr(rope, "traditional")):
+            raise ValueError(f"rope must be a RoPE module with dims and traditional, got {type(rope).__name__}")
+        self.rope = rope
+        self.keys = self.values = None  # (B, H, held, D); keys un-rotated when rope is set
+        self.offset = 0  # entries held = the position the next token gets
+        self.tokens_seen = 0
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """``keys``, ``values (B, H, S, D)``, rotated by the model at ``offset``;
-        returns the cache plus them, every key at its position in the cache."""
+        returns the cache plus them, every key at its position in the cache.
+
+        Store keys un-rotated (``unrotate``), rotate the whole cache at positions
+        ``0 .. n - 1`` on the way out (``self.rope(keys)``), then evict the middle:
+        keep the first ``sink_tokens`` and the last ``window``. Set ``self.keys``,
+        ``self.values``, ``self.offset`` (entries held) and ``self.tokens_seen``
+        (``state``, ``size`` and the model read them). About 20 lines."""
         raise NotImplementedError("Task 5: SinkKVCache.update_and_fetch -- see the book chapter 'Streaming with attention sinks'")
 
     def size(self) -> int:
@@ -91,7 +104,11 @@ class StreamingProcessor:
 
     def __init__(self, chunk_size: int = 2048, overlap: int = 256, *, sink_tokens: int = 4,
                  window: int = 4096):
-        raise NotImplementedError("Task 5: StreamingProcessor.__init__ -- see the book chapter 'Streaming with attention sinks'")
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        self.overlap = check_nonnegative_int("overlap", overlap)
+        self.sink_tokens = check_nonnegative_int("sink_tokens", sink_tokens)
+        self.window = check_positive_int("window", window)
+        self.caches = None  # the caches of the stream being processed (to inspect or save)
 
     def make_cache(self, model) -> list[SinkKVCache]:
         """One ``SinkKVCache`` per layer, each with its layer's RoPE (mlx-lm layout)."""
@@ -100,18 +117,28 @@ class StreamingProcessor:
                 for layer in model.layers]
 
     def process_stream(self, token_stream: Iterable[int], model) -> Iterator[mx.array]:
-        """Yield each chunk's logits ``(n, vocab)``, reading the stream lazily.
+        """Yield each chunk's logits ``(n, vocab)``, one row per new token, reading the stream lazily.
 
         A model with ``layers`` (mlx-lm) is called as ``model(tokens[None],
-        cache=caches)`` and yields the new tokens' logits. Any other callable
-        gets ``model(tokens[None])`` with the previous chunk's last ``overlap``
-        tokens in front, and yields those rows too (``merge_chunk_outputs`` drops them).
+        cache=caches)``: context crosses chunks through the caches. Any other
+        callable gets ``model(tokens[None])`` with the previous chunk's last
+        ``overlap`` tokens in front, as context; their rows are dropped before
+        the chunk is yielded. Read the stream ``chunk_size`` tokens at a time
+        (``itertools.islice``: it may be endless) and evaluate each chunk before
+        yielding it. About 12 lines.
         """
+        stream = iter(token_stream)
+        self.caches = caches = self.make_cache(model) if hasattr(model, "layers") else None
         raise NotImplementedError("Task 5: StreamingProcessor.process_stream -- see the book chapter 'Streaming with attention sinks'")
 
     def merge_chunk_outputs(self, chunk_outputs: list[mx.array]) -> mx.array:
-        """One ``(tokens, vocab)`` array: every chunk but the first loses its ``overlap`` rows."""
-        raise NotImplementedError("Task 5: StreamingProcessor.merge_chunk_outputs -- see the book chapter 'Streaming with attention sinks'")
+        """One ``(tokens, vocab)`` array from the chunks' outputs, in order. ``process_stream``
+        yields only the new tokens' rows (the overlap's rows were context), so merging needs
+        nothing from an earlier call."""
+        if not chunk_outputs or any(getattr(out, "ndim", None) != 2 for out in chunk_outputs):
+            raise ValueError(f"chunk_outputs must be a non-empty list of (n, vocab) arrays, got "
+                             f"{[tuple(getattr(o, 'shape', ())) for o in chunk_outputs] or chunk_outputs!r}")
+        return mx.concatenate(list(chunk_outputs), axis=0)
 
 
 __all__ = ["SinkKVCache", "StreamingProcessor", "unrotate"]

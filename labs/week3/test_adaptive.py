@@ -148,7 +148,9 @@ def test_without_a_tokenizer_counts_bytes(lab):
 
 
 def test_bad_arguments_raise(lab, tok):
+    """The given checks refuse bad options and messages, naming them; good input still fits."""
     A = lab("adaptive").AdaptiveContextManager
+    assert "hello" in A(1000, tokenizer=tok).manage_context([{"role": "user", "content": "hello"}], "x")
     for kw, name in (({"max_context": 0}, "max_context"), ({"max_context": 10, "reserve_tokens": 10}, "reserve"),
                      ({"keep_recent_turns": -1}, "keep_recent_turns"), ({"reserve_tokens": -1}, "reserve_tokens"),
                      ({"summarizer": "text"}, "summarizer"), ({"tokenizer": 3}, "tokenizer")):

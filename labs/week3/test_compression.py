@@ -45,13 +45,13 @@ def check_kept(got, want, what="kept positions"):
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 3), rep=st.sampled_from([1, 2]), L=st.integers(2, 70),
        q_frac=st.sampled_from([1.0, 0.5, 0.1]), D=st.sampled_from([4, 8]), method=st.sampled_from(METHODS),
        window=st.integers(1, 12), kernel=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16))
-def test_importance_from_attention_weights(lab, xp, B, Hkv, rep, L, q_frac, D, method, window, kernel, seed):
+def test_importance_from_attention_weights(lab, arrays, B, Hkv, rep, L, q_frac, D, method, window, kernel, seed):
     """``compute_importance(keys, weights)`` equals the oracle for every method (GQA, Lq < L)."""
     Lq = max(1, int(L * q_frac))
     q, k, _ = make_qkv(seed, B, Hkv * rep, Hkv, Lq, L, D)
     c = compressor(lab, method=method, observation_window=window, pool_kernel=kernel)
     a = attention_weights(q, k)
-    got = xp.numpy(c.compute_importance(xp.asarray(k), xp.asarray(a)))
+    got = arrays.numpy(c.compute_importance(arrays.asarray(k), arrays.asarray(a)))
     want = compression_scores(method, k, q, observation_window=window, pool_kernel=kernel)
     assert got.shape == want.shape, f"scores shape {got.shape}, expected (B, Hkv, L) = {want.shape}"
     inf = np.isinf(want)
@@ -66,7 +66,7 @@ def test_importance_from_attention_weights(lab, xp, B, Hkv, rep, L, q_frac, D, m
                  axes=("B", "H", "L"), mistakes=mistakes)
 
 
-def test_importance_for_ids_and_hidden_states(lab, xp):
+def test_importance_for_ids_and_hidden_states(lab, arrays):
     """Scores have the shape of the tokens without their feature axis; heads are averaged."""
     rng = np.random.default_rng(0)
     q, k, _ = make_qkv(1, 2, 3, 1, 9, 9, 8)
@@ -76,84 +76,84 @@ def test_importance_for_ids_and_hidden_states(lab, xp):
     for method in ("h2o", "snapkv"):
         c = compressor(lab, method=method, observation_window=3)
         want = compression_scores(method, k, q, observation_window=3)  # (2, 1, 9): one kv head = all heads
-        got = xp.numpy(c.compute_importance(xp.asarray(hidden), xp.asarray(a)))
+        got = arrays.numpy(c.compute_importance(arrays.asarray(hidden), arrays.asarray(a)))
         assert got.shape == (2, 9), f"{method}: hidden (B, L, D) gives scores (B, L), got {got.shape}"
         assert_close(np.where(np.isinf(want[:, 0]), 0, got), np.where(np.isinf(want[:, 0]), 0, want[:, 0]),
                      rtol=1e-4, atol=1e-6, name=f"{method} scores (hidden)")
         for weights in (a[0], a[0, 0]):  # (H, Lq, L) and (Lq, L)
-            got = xp.numpy(c.compute_importance(xp.asarray(ids, "int32"), xp.asarray(weights)))
+            got = arrays.numpy(c.compute_importance(arrays.asarray(ids, "int32"), arrays.asarray(weights)))
             ref = compression_scores(method, k[:1], q[:1, :weights.shape[0]] if weights.ndim == 3 else q[:1, :1],
                                      observation_window=3)[0, 0]
             assert got.shape == (9,), f"{method}: ids (L,) give scores (L,), got {got.shape}"
             assert_close(np.where(np.isinf(ref), 0, got), np.where(np.isinf(ref), 0, ref), rtol=1e-4, atol=1e-6,
                          name=f"{method} scores (ids, weights {weights.shape})")
-    knorm = xp.numpy(compressor(lab, method="knorm").compute_importance(xp.asarray(hidden)))
+    knorm = arrays.numpy(compressor(lab, method="knorm").compute_importance(arrays.asarray(hidden)))
     assert_close(knorm, -np.linalg.norm(hidden.astype(np.float32), axis=-1), rtol=1e-5, atol=1e-5,
                  name="knorm scores (hidden)")
     with pytest.raises(ValueError, match="knorm"):
-        compressor(lab, method="knorm").compute_importance(xp.asarray(ids, "int32"))
+        compressor(lab, method="knorm").compute_importance(arrays.asarray(ids, "int32"))
 
 
 # ---------------------------------------------------------------- keeping
 
 @given(shape=st.sampled_from([(1, 1), (2, 3), (1, 2)]), L=st.integers(1, 90), ratio=st.floats(0, 0.95),
        sinks=st.integers(0, 6), recent=st.integers(0, 12), ties=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_compress_context_keeps_budget_sinks_recent_order(lab, xp, shape, L, ratio, sinks, recent, ties, seed):
+def test_compress_context_keeps_budget_sinks_recent_order(lab, arrays, shape, L, ratio, sinks, recent, ties, seed):
     """Exact budget per row and head, sinks and recent kept, ties to the earlier position, order kept."""
     rng = np.random.default_rng(seed)
     scores = rng.integers(0, 3, (*shape, L)).astype(np.float64) if ties else rng.standard_normal((*shape, L))
     keys = rng.standard_normal((*shape, L, 4))
     c = compressor(lab, ratio, method="knorm", sink_tokens=sinks, recent_tokens=recent)
-    kept = c.compress_context(xp.asarray(keys), xp.asarray(scores))
+    kept = c.compress_context(arrays.asarray(keys), arrays.asarray(scores))
     want = kept_indices(scores, n_kept(L, ratio), sinks, recent)
-    check_kept(xp.numpy(kept.positions), want)
-    assert xp.dtype_name(kept.positions) == "int32", f"positions dtype {xp.dtype_name(kept.positions)}"
-    assert_close(xp.numpy(kept.tokens), np.take_along_axis(keys, want[..., None], axis=-2), rtol=0, atol=1e-6,
+    check_kept(arrays.numpy(kept.positions), want)
+    assert arrays.dtype_name(kept.positions) == "int32", f"positions dtype {arrays.dtype_name(kept.positions)}"
+    assert_close(arrays.numpy(kept.tokens), np.take_along_axis(keys, want[..., None], axis=-2), rtol=0, atol=1e-6,
                  name="kept tokens")
 
 
-def test_compress_context_ids(lab, xp):
+def test_compress_context_ids(lab, arrays):
     ids = np.array([5, 9, 2, 7, 7, 1, 3, 8, 6, 4])
     scores = np.array([0, 1, 5, 1, 5, 0, 2, 0, 0, 0], dtype=np.float64)
     kept = compressor(lab, 0.5, method="h2o", sink_tokens=1, recent_tokens=1).compress_context(
-        xp.asarray(ids, "int32"), xp.asarray(scores))
+        arrays.asarray(ids, "int32"), arrays.asarray(scores))
     want = kept_indices(scores, 5, 1, 1)  # [0, 2, 4, 6, 9]: the sink, the two 5s, the 2, the last
-    check_kept(xp.numpy(kept.positions), want)
-    assert xp.numpy(kept.tokens).tolist() == ids[want].tolist()
+    check_kept(arrays.numpy(kept.positions), want)
+    assert arrays.numpy(kept.tokens).tolist() == ids[want].tolist()
 
 
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 2), rep=st.sampled_from([1, 2, 4]), L=st.integers(1, 80),
        q_frac=st.sampled_from([1.0, 0.3]), method=st.sampled_from(METHODS), ratio=st.floats(0, 0.9),
        sinks=st.integers(0, 4), recent=st.integers(0, 8), window=st.integers(1, 10),
        seed=st.integers(0, 2 ** 16))
-def test_compress_kv_equals_oracle(lab, xp, B, Hkv, rep, L, q_frac, method, ratio, sinks, recent, window, seed):
+def test_compress_kv_equals_oracle(lab, arrays, B, Hkv, rep, L, q_frac, method, ratio, sinks, recent, window, seed):
     """``compress_kv`` computes its own attention (blockwise) and keeps the oracle's entries."""
     Lq = max(1, int(L * q_frac))
     q, k, v = make_qkv(seed, B, Hkv * rep, Hkv, Lq, L, 8, std=2.0)
     c = compressor(lab, ratio, method=method, sink_tokens=sinks, recent_tokens=recent, observation_window=window)
-    ck, cv, pos = c.compress_kv(xp.asarray(k), xp.asarray(v), xp.asarray(q))
+    ck, cv, pos = c.compress_kv(arrays.asarray(k), arrays.asarray(v), arrays.asarray(q))
     scores = compression_scores(method, k, q, observation_window=window)
     want = kept_indices(scores, n_kept(L, ratio), sinks, recent)
-    check_kept(xp.numpy(pos), want)
-    assert_close(xp.numpy(ck), np.take_along_axis(k, want[..., None], axis=2), rtol=0, atol=1e-6, name="kept keys")
-    assert_close(xp.numpy(cv), np.take_along_axis(v, want[..., None], axis=2), rtol=0, atol=1e-6,
+    check_kept(arrays.numpy(pos), want)
+    assert_close(arrays.numpy(ck), np.take_along_axis(k, want[..., None], axis=2), rtol=0, atol=1e-6, name="kept keys")
+    assert_close(arrays.numpy(cv), np.take_along_axis(v, want[..., None], axis=2), rtol=0, atol=1e-6,
                  name="kept values")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("method", ["h2o", "snapkv", "knorm"])
-def test_low_precision_with_large_logits(lab, xp, dtype, method):
+def test_low_precision_with_large_logits(lab, arrays, dtype, method):
     """bfloat16/float16 keys and queries with logits in the hundreds: scores accumulate in float32, no
     overflow, and the kept set is the oracle's on the same (rounded) numbers."""
     q, k, v = make_qkv(9, 1, 4, 2, 24, 96, 16, std=6.0)
-    qa, ka, va = (xp.asarray(x, dtype) for x in (q, k, v))
-    q, k, v = (xp.numpy(x) for x in (qa, ka, va))  # what the backend holds after rounding
+    qa, ka, va = (arrays.asarray(x, dtype) for x in (q, k, v))
+    q, k, v = (arrays.numpy(x) for x in (qa, ka, va))  # what the backend holds after rounding
     c = compressor(lab, 0.6, method=method, sink_tokens=2, recent_tokens=4, observation_window=8)
     ck, _, pos = c.compress_kv(ka, va, qa)
-    assert xp.dtype_name(ck) == dtype, f"kept keys dtype {xp.dtype_name(ck)}, expected {dtype}"
+    assert arrays.dtype_name(ck) == dtype, f"kept keys dtype {arrays.dtype_name(ck)}, expected {dtype}"
     scores = compression_scores(method, k, q, observation_window=8)
     want = kept_indices(scores, n_kept(96, 0.6), 2, 4)
-    got = xp.numpy(pos).astype(int)
+    got = arrays.numpy(pos).astype(int)
     assert got.shape == want.shape and (np.diff(got, axis=-1) > 0).all(), "budget kept, in order"
     # Peaky attention makes SnapKV's pooled scores tie up to rounding: accept a different pick
     # only where the scores agree to float32 precision.
@@ -164,17 +164,17 @@ def test_low_precision_with_large_logits(lab, xp, dtype, method):
             f"kept {sorted(set(got[idx]) - set(want[idx]))} instead of {sorted(set(want[idx]) - set(got[idx]))}"
 
 
-def test_ratio_zero_keeps_everything_and_attention_is_unchanged(lab, xp):
+def test_ratio_zero_keeps_everything_and_attention_is_unchanged(lab, arrays):
     q, k, v = make_qkv(3, 1, 4, 2, 5, 40, 8)
     for method in METHODS:
-        ck, cv, pos = compressor(lab, 0.0, method=method).compress_kv(xp.asarray(k), xp.asarray(v), xp.asarray(q))
-        assert xp.numpy(pos).astype(int).tolist() == [[list(range(40))] * 2], f"{method}: ratio 0 keeps all"
+        ck, cv, pos = compressor(lab, 0.0, method=method).compress_kv(arrays.asarray(k), arrays.asarray(v), arrays.asarray(q))
+        assert arrays.numpy(pos).astype(int).tolist() == [[list(range(40))] * 2], f"{method}: ratio 0 keeps all"
         decode = q[:, :, -1:]
-        assert_close(attention(decode, xp.numpy(ck), xp.numpy(cv)), attention(decode, k, v), rtol=1e-6,
+        assert_close(attention(decode, arrays.numpy(ck), arrays.numpy(cv)), attention(decode, k, v), rtol=1e-6,
                      atol=1e-7, name=f"{method}: attention over the ratio-0 cache")
 
 
-def test_compression_keeps_most_of_the_attention(lab, xp):
+def test_compression_keeps_most_of_the_attention(lab, arrays):
     """The point of h2o/snapkv: at ratio 0.75 the last query's output stays close; streaming does worse
     here because the heavy hitters sit in the middle."""
     q, k, v = make_qkv(5, 1, 2, 1, 64, 256, 16)
@@ -183,51 +183,51 @@ def test_compression_keeps_most_of_the_attention(lab, xp):
     errors = {}
     for method in METHODS:
         ck, cv, _ = compressor(lab, 0.75, method=method, recent_tokens=8).compress_kv(
-            xp.asarray(k), xp.asarray(v), xp.asarray(q))
-        errors[method] = np.abs(attention(q[:, :, -1:], xp.numpy(ck), xp.numpy(cv)) - full).max()
+            arrays.asarray(k), arrays.asarray(v), arrays.asarray(q))
+        errors[method] = np.abs(attention(q[:, :, -1:], arrays.numpy(ck), arrays.numpy(cv)) - full).max()
     assert errors["h2o"] < errors["streaming"] and errors["snapkv"] < errors["streaming"], errors
 
 
-def test_compress_kv_memory_is_blockwise(lab, xp, record):
+def test_compress_kv_memory_is_blockwise(lab, arrays, record):
     """Scores for h2o come from all queries, but never as an L x L matrix."""
     L, H = 8192, 2
     q, k, v = make_qkv(0, 1, H, H, L, L, 16)
     c = compressor(lab, 0.9, method="h2o")
-    qa, ka, va = xp.asarray(q), xp.asarray(k), xp.asarray(v)
-    peak = xp.peak_bytes(lambda: c.compress_kv(ka, va, qa)[0])
+    qa, ka, va = arrays.asarray(q), arrays.asarray(k), arrays.asarray(v)
+    peak = arrays.peak_bytes(lambda: c.compress_kv(ka, va, qa)[0])
     dense = H * L * L * 4
     record("h2o compress_kv peak (L=8192)", f"{peak / 2**20:.0f} MiB ({dense / max(peak, 1):.0f}x under one "
                                              f"L x L float32 score matrix per head)")
     assert peak < dense / 8, f"peak {peak / 2**20:.0f} MiB: an L x L score matrix is {dense / 2**20:.0f} MiB"
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"compression_ratio": 1.0}, "compression_ratio"), ({"compression_ratio": -0.1}, "compression_ratio"),
-    ({"compression_ratio": True}, "compression_ratio"), ({"compression_ratio": float("nan")}, "compression_ratio"),
-    ({"method": "random"}, "method"), ({"sink_tokens": -1}, "sink_tokens"), ({"recent_tokens": 1.5}, "recent_tokens"),
-    ({"observation_window": 0}, "observation_window"), ({"pool_kernel": 4}, "pool_kernel"),
-])
-def test_bad_arguments_raise(lab, kwargs, match):
-    ratio = kwargs.pop("compression_ratio", 0.5)
-    with pytest.raises(ValueError, match=match):
-        lab("compression").ContextCompressor(ratio, **kwargs)
-
-
-def test_bad_shapes_raise(lab, xp):
+def test_bad_input_raises_naming_the_argument(lab, arrays):
+    """The given checks refuse bad options and shapes, naming the argument; good input around
+    them still computes."""
     q, k, v = make_qkv(0, 1, 4, 2, 6, 10, 8)
     snap, h2o = compressor(lab, method="snapkv"), compressor(lab, method="h2o")
+    assert arrays.numpy(snap.compress_kv(arrays.asarray(k), arrays.asarray(v), arrays.asarray(q))[0]).shape[2] == 5
+    for kwargs, match in [({"compression_ratio": 1.0}, "compression_ratio"),
+                          ({"compression_ratio": -0.1}, "compression_ratio"),
+                          ({"compression_ratio": True}, "compression_ratio"),
+                          ({"compression_ratio": float("nan")}, "compression_ratio"), ({"method": "random"}, "method"),
+                          ({"sink_tokens": -1}, "sink_tokens"), ({"recent_tokens": 1.5}, "recent_tokens"),
+                          ({"observation_window": 0}, "observation_window"), ({"pool_kernel": 4}, "pool_kernel")]:
+        ratio = kwargs.pop("compression_ratio", 0.5)
+        with pytest.raises(ValueError, match=match):
+            lab("compression").ContextCompressor(ratio, **kwargs)
     with pytest.raises(ValueError, match="tokens"):
-        snap.compute_importance(xp.asarray(np.zeros((3, 4))), xp.asarray(attention_weights(q, k)))
+        snap.compute_importance(arrays.asarray(np.zeros((3, 4))), arrays.asarray(attention_weights(q, k)))
     with pytest.raises(ValueError, match="attention_weights"):
-        snap.compute_importance(xp.asarray(k), xp.asarray(attention_weights(q, k)[..., :9]))
+        snap.compute_importance(arrays.asarray(k), arrays.asarray(attention_weights(q, k)[..., :9]))
     with pytest.raises(ValueError, match="attention_weights"):
-        h2o.compute_importance(xp.asarray(k), None)
+        h2o.compute_importance(arrays.asarray(k), None)
     with pytest.raises(ValueError, match="importance_scores"):
-        snap.compress_context(xp.asarray(k), xp.asarray(np.zeros((1, 2, 9))))
+        snap.compress_context(arrays.asarray(k), arrays.asarray(np.zeros((1, 2, 9))))
     with pytest.raises(ValueError, match="queries"):
-        snap.compress_kv(xp.asarray(k), xp.asarray(v))
-    with pytest.raises(ValueError):
-        snap.compress_kv(xp.asarray(k), xp.asarray(v), xp.asarray(q[:, :3]))  # 3 query heads, 2 kv heads
+        snap.compress_kv(arrays.asarray(k), arrays.asarray(v))
+    with pytest.raises(ValueError, match="heads"):
+        snap.compress_kv(arrays.asarray(k), arrays.asarray(v), arrays.asarray(q[:, :3]))  # 3 query heads, 2 kv heads
 
 
 # ---------------------------------------------------------------- the cache
@@ -236,15 +236,13 @@ def new_cache(lab, **kw):
     return lab("compression").CompressedKVCache(compressor(lab, **kw))
 
 
-def update(xp, cache, k, v):
-    if xp.name == "torch":
-        return cache.update(k, v, 0)
-    return cache.update_and_fetch(k, v)
+def update(arrays, cache, k, v):
+    return arrays.cache_update(cache, k, v)
 
 
-def layer(xp, cache):
+def layer(arrays, cache):
     """The object holding one layer's entries (the cache itself in mlx-lm, ``layers[0]`` in transformers)."""
-    return cache.layers[0] if xp.name == "torch" else cache
+    return arrays.cache_layers(cache)[0]
 
 
 def by_first_feature(x):
@@ -253,7 +251,7 @@ def by_first_feature(x):
 
 
 @pytest.mark.parametrize("method", ["knorm", "streaming"])
-def test_cache_compresses_after_prefill_and_holds_its_budget(lab, xp, method):
+def test_cache_compresses_after_prefill_and_holds_its_budget(lab, arrays, method):
     """Prefill (chunked), then decode: between steps the cache holds ``n_kept(tokens seen)`` entries,
     chosen as the oracle chooses, with their true positions; a step attends to those plus itself."""
     ratio, sinks, recent, prompt, steps = 0.7, 2, 4, 37, 12
@@ -261,44 +259,43 @@ def test_cache_compresses_after_prefill_and_holds_its_budget(lab, xp, method):
     cache = new_cache(lab, ratio=ratio, method=method, sink_tokens=sinks, recent_tokens=recent)
     for start in range(0, prompt, 16):  # mlx-lm prefills in chunks
         end = min(prompt, start + 16)
-        got_k, _ = update(xp, cache, xp.asarray(k[:, :, start:end]), xp.asarray(v[:, :, start:end]))
-        assert xp.numpy(got_k).shape[2] == end, "before compression the cache is a plain cache"
+        got_k, _ = update(arrays, cache, arrays.asarray(k[:, :, start:end]), arrays.asarray(v[:, :, start:end]))
+        assert arrays.numpy(got_k).shape[2] == end, "before compression the cache is a plain cache"
     held = np.broadcast_to(np.arange(prompt), (1, 2, prompt))  # compressed at the first decode step
     for t in range(prompt, prompt + steps):
-        got_k, got_v = update(xp, cache, xp.asarray(k[:, :, t:t + 1]), xp.asarray(v[:, :, t:t + 1]))
+        got_k, got_v = update(arrays, cache, arrays.asarray(k[:, :, t:t + 1]), arrays.asarray(v[:, :, t:t + 1]))
         candidates = np.concatenate([held, np.full((1, 2, 1), t)], axis=2)
         scores = np.take_along_axis(compression_scores(method, k[:, :, :t + 1]), candidates, axis=2)
         budget = n_kept(t + 1, ratio)
         held = np.take_along_axis(candidates, kept_indices(scores, budget, sinks, recent, candidates, t + 1), axis=2)
-        check_kept(np.sort(xp.numpy(layer(xp, cache).positions), axis=-1), held, f"positions held after token {t}")
+        check_kept(np.sort(arrays.numpy(layer(arrays, cache).positions), axis=-1), held, f"positions held after token {t}")
         for name, got, want in (("keys", got_k, k), ("values", got_v, v)):
-            assert_close(by_first_feature(xp.numpy(got)), by_first_feature(np.take_along_axis(
+            assert_close(by_first_feature(arrays.numpy(got)), by_first_feature(np.take_along_axis(
                 want, candidates[..., None], axis=2)), rtol=0, atol=1e-6,
                 name=f"{name} token {t} attends to (what was held, and itself)")
-    offset = cache.get_seq_length() if xp.name == "torch" else cache.offset
+    offset = arrays.cache_offset(cache)
     assert offset == prompt + steps, f"offset {offset}: it must count every token (RoPE positions)"
 
 
-def test_cache_snapkv_with_queries(lab, xp):
+def test_cache_snapkv_with_queries(lab, arrays):
     q, k, v = make_qkv(2, 1, 4, 2, 30, 30, 8)
     cache = new_cache(lab, ratio=0.5, method="snapkv", observation_window=6, recent_tokens=0, sink_tokens=1)
-    update(xp, cache, xp.asarray(k), xp.asarray(v))
-    layer(xp, cache).compress(xp.asarray(q))
+    update(arrays, cache, arrays.asarray(k), arrays.asarray(v))
+    layer(arrays, cache).compress(arrays.asarray(q))
     want = kept_indices(compression_scores("snapkv", k, q, observation_window=6), 15, 1, 0)
-    check_kept(np.sort(xp.numpy(layer(xp, cache).positions), axis=-1), want)
+    check_kept(np.sort(arrays.numpy(layer(arrays, cache).positions), axis=-1), want)
     lazy = new_cache(lab, ratio=0.5, method="snapkv")
-    update(xp, lazy, xp.asarray(k), xp.asarray(v))
+    update(arrays, lazy, arrays.asarray(k), arrays.asarray(v))
     with pytest.raises(ValueError, match="queries"):  # no queries reach a cache: say so, never guess
-        update(xp, lazy, xp.asarray(k[:, :, :1]), xp.asarray(v[:, :, :1]))
+        update(arrays, lazy, arrays.asarray(k[:, :, :1]), arrays.asarray(v[:, :, :1]))
 
 
-def test_cache_in_the_model_ratio_zero_equals_full_cache(lab, xp, tiny_model):
+def test_cache_in_the_model_ratio_zero_equals_full_cache(lab, arrays, tiny_model):
     """Prefill + decode through the tiny Qwen3: ratio 0 gives the full cache's logits."""
     model, forward, full_cache = tiny_model
     ids = np.random.default_rng(0).integers(0, 256, 24)
-    plain, comp = full_cache(), new_cache(lab, ratio=0.0, method="knorm")
-    if xp.name == "mlx":
-        comp = [comp] + [new_cache(lab, ratio=0.0, method="knorm") for _ in model.layers[1:]]
+    plain = full_cache()
+    comp = arrays.model_cache(lambda: new_cache(lab, ratio=0.0, method="knorm"), model)
     for chunk in (ids[:20], ids[20:21], ids[21:22], ids[22:]):
-        assert_close(xp.numpy(forward(chunk, comp)), xp.numpy(forward(chunk, plain)), rtol=1e-4, atol=1e-4,
+        assert_close(arrays.numpy(forward(chunk, comp)), arrays.numpy(forward(chunk, plain)), rtol=1e-4, atol=1e-4,
                      name="logits with the ratio-0 compressed cache")

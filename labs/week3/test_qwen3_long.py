@@ -32,17 +32,17 @@ def wrap(lab, model, strategy, **options):
     return lab("qwen3_long").LongContextQwen3(model, strategy, **options)
 
 
-def logits(xp, wrapper, ids):
-    out = xp.numpy(wrapper.process_long_sequence(ids))
+def logits(arrays, wrapper, ids):
+    out = arrays.numpy(wrapper.process_long_sequence(ids))
     assert out.shape == (1, len(ids), TINY_QWEN3["vocab_size"]), f"logits must be (1, L, vocab), got {out.shape}"
     return out[0]
 
 
-def test_full_is_the_base_model(lab, xp, tiny_model, weights):
+def test_full_is_the_base_model(lab, arrays, tiny_model, weights):
     model, forward, _ = tiny_model
     ids = tokens(45)
-    got = logits(xp, wrap(lab, model, "full", chunk_size=16), ids)
-    assert_close(got, xp.numpy(forward(ids)), rtol=1e-5, atol=1e-5, name="full vs the base model")
+    got = logits(arrays, wrap(lab, model, "full", chunk_size=16), ids)
+    assert_close(got, arrays.numpy(forward(ids)), rtol=1e-5, atol=1e-5, name="full vs the base model")
     assert_close(got, qwen3_logits(weights, TINY_QWEN3, ids), rtol=1e-4, atol=1e-4, name="full vs the oracle")
 
 
@@ -53,24 +53,24 @@ def test_full_is_the_base_model(lab, xp, tiny_model, weights):
     ("compressed", {"compression_ratio": 0.5, "method": "knorm", "chunk_size": 16}),
     ("compressed", {"compression_ratio": 0.9, "method": "h2o", "chunk_size": 13}),
 ])
-def test_each_strategy_is_exact_while_the_input_fits(lab, xp, tiny_model, strategy, options):
+def test_each_strategy_is_exact_while_the_input_fits(lab, arrays, tiny_model, strategy, options):
     model, forward, _ = tiny_model
     ids = tokens(40, seed=1)
-    assert_close(logits(xp, wrap(lab, model, strategy, **options), ids), xp.numpy(forward(ids)), rtol=1e-4,
+    assert_close(logits(arrays, wrap(lab, model, strategy, **options), ids), arrays.numpy(forward(ids)), rtol=1e-4,
                  atol=1e-4, name=f"{strategy} {options}: an input inside the window must give the base logits")
 
 
 @pytest.mark.parametrize("window, chunk", [(1, 16), (8, 16), (13, 5), (16, 64)])
-def test_sliding_beyond_the_window(lab, xp, tiny_model, weights, window, chunk):
+def test_sliding_beyond_the_window(lab, arrays, tiny_model, weights, window, chunk):
     model, _, _ = tiny_model
     ids = tokens(50, seed=2)
     want = qwen3_logits(weights, TINY_QWEN3, ids, lambda i, q, k, v: sliding_window_attention(q, k, v, window))
-    assert_close(logits(xp, wrap(lab, model, "sliding", window_size=window, chunk_size=chunk), ids), want,
+    assert_close(logits(arrays, wrap(lab, model, "sliding", window_size=window, chunk_size=chunk), ids), want,
                  rtol=1e-4, atol=1e-4, name=f"sliding, window {window}, chunks of {chunk}", axes=("token", "vocab"))
 
 
 @pytest.mark.parametrize("levels, dilations, chunk", [([8, 16], [1, 2], 64), ([4, 12, 32], [1, 2, 4], 10)])
-def test_hierarchical_is_longnet_in_every_layer(lab, xp, tiny_model, weights, levels, dilations, chunk):
+def test_hierarchical_is_longnet_in_every_layer(lab, arrays, tiny_model, weights, levels, dilations, chunk):
     """LongNet mixes its levels by their denominators: one softmax over the union of the
     keys each level gives a query, a key counted once per level that gives it."""
     model, _, _ = tiny_model
@@ -86,19 +86,19 @@ def test_hierarchical_is_longnet_in_every_layer(lab, xp, tiny_model, weights, le
         p = np.exp(s - s.max(-1, keepdims=True))
         return (p / p.sum(-1, keepdims=True)) @ vr
     want = qwen3_logits(weights, TINY_QWEN3, ids, longnet)
-    got = logits(xp, wrap(lab, model, "hierarchical", levels=levels, dilations=dilations, chunk_size=chunk), ids)
+    got = logits(arrays, wrap(lab, model, "hierarchical", levels=levels, dilations=dilations, chunk_size=chunk), ids)
     assert_close(got, want, rtol=1e-4, atol=1e-4, name=f"hierarchical {levels} {dilations}", axes=("token", "vocab"))
 
 
 @pytest.mark.parametrize("sinks, window, chunk", [(4, 12, 8), (1, 20, 6), (0, 9, 16)])
-def test_streaming_beyond_the_window(lab, xp, tiny_models, sinks, window, chunk):
+def test_streaming_beyond_the_window(lab, arrays, tiny_models, sinks, window, chunk):
     """One layer (its keys depend on token and position only): chunk t is a fresh forward over the
     sinks, the last ``window`` tokens and the chunk, at positions 0 .. n-1 (StreamingLLM)."""
     model, _, _ = tiny_models(num_hidden_layers=1)
     w1 = {name: t.detach().numpy() for name, t in torch_qwen3(0, num_hidden_layers=1).state_dict().items()}
     config = {**TINY_QWEN3, "num_hidden_layers": 1}
     ids = tokens(50, seed=6)
-    got = logits(xp, wrap(lab, model, "streaming", sink_tokens=sinks, window=window, chunk_size=chunk), ids)
+    got = logits(arrays, wrap(lab, model, "streaming", sink_tokens=sinks, window=window, chunk_size=chunk), ids)
     for start in range(0, len(ids), chunk):
         end = start + chunk if len(ids) - start - chunk != 1 else len(ids)  # no lone last token
         context = ids[:min(sinks, start)] + ids[max(sinks, start - window):start]
@@ -110,7 +110,7 @@ def test_streaming_beyond_the_window(lab, xp, tiny_models, sinks, window, chunk)
 
 
 @pytest.mark.parametrize("method, ratio", [("knorm", 0.5), ("snapkv", 0.6), ("h2o", 0.7), ("streaming", 0.8)])
-def test_compressed_generation_sees_what_task4_keeps(lab, xp, tiny_model, weights, method, ratio):
+def test_compressed_generation_sees_what_task4_keeps(lab, arrays, tiny_model, weights, method, ratio):
     """The prompt is prefilled whole, then each layer's cache keeps Task 4's entries (scored
     from that layer's own keys and prompt queries): the first new token attends to them and itself."""
     model, _, _ = tiny_model
@@ -132,7 +132,7 @@ def test_compressed_generation_sees_what_task4_keeps(lab, xp, tiny_model, weight
         f"{method}: first new token {first}, but attending to Task 4's kept entries gives {int(np.argmax(want))}"
 
 
-def test_greedy_generate_continues_the_base_model(lab, xp, tiny_model, weights):
+def test_greedy_generate_continues_the_base_model(lab, arrays, tiny_model, weights):
     model, _, _ = tiny_model
     ids = tokens(20, seed=5)
     got = list(wrap(lab, model, "full").generate(ids, 6))
@@ -153,7 +153,7 @@ def test_bad_arguments_raise(lab, tiny_model):
         with pytest.raises(ValueError, match=name):
             L(*args, **kw)
     w = L(model, "full")
-    for ids in ([], [[1, 2]], [300], [-1], "abc"):
+    for ids in ([], [[1, 2], [3, 4]], [300], [-1], "abc"):
         with pytest.raises(ValueError, match="tokens"):
             w.process_long_sequence(ids)
     with pytest.raises(ValueError, match="max_new_tokens"):

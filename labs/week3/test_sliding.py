@@ -17,15 +17,15 @@ pytestmark = pytest.mark.task(1)
 
 
 
-def run(lab, xp, window, q, k, v, *, scale=None, dtype="float32"):
+def run(lab, arrays, window, q, k, v, *, scale=None, dtype="float32"):
     attn = lab("sliding").SlidingWindowAttention(window_size=window, scale=scale)
-    return attn(xp.asarray(q, dtype), xp.asarray(k, dtype), xp.asarray(v, dtype))
+    return attn(arrays.asarray(q, dtype), arrays.asarray(k, dtype), arrays.asarray(v, dtype))
 
 
-def check(lab, xp, window, q, k, v, *, scale=None, rtol=2e-4, atol=2e-5):
-    out = run(lab, xp, window, q, k, v, scale=scale)
-    assert xp.dtype_name(out) == "float32", f"output dtype {xp.dtype_name(out)}, expected float32 (the dtype of q)"
-    assert_close(xp.numpy(out), sliding_window_attention(q, k, v, window, scale=scale), rtol=rtol, atol=atol,
+def check(lab, arrays, window, q, k, v, *, scale=None, rtol=2e-4, atol=2e-5):
+    out = run(lab, arrays, window, q, k, v, scale=scale)
+    assert arrays.dtype_name(out) == "float32", f"output dtype {arrays.dtype_name(out)}, expected float32 (the dtype of q)"
+    assert_close(arrays.numpy(out), sliding_window_attention(q, k, v, window, scale=scale), rtol=rtol, atol=atol,
                  mistakes=sliding_mistakes(q, k, v, window, scale=scale))
 
 
@@ -33,9 +33,9 @@ def check(lab, xp, window, q, k, v, *, scale=None, rtol=2e-4, atol=2e-5):
 
 @pytest.mark.parametrize("seq_len, offset, window", [(1, 0, 1), (7, 0, 3), (9, 0, 1), (10, 0, 20),
                                                      (6, 5, 4), (3, 17, 8), (33, 2, 32)])
-def test_mask_shape_and_row_sums(lab, xp, seq_len, offset, window):
+def test_mask_shape_and_row_sums(lab, arrays, seq_len, offset, window):
     attn = lab("sliding").SlidingWindowAttention(window_size=window)
-    mask = xp.numpy(attn.create_sliding_mask(seq_len, offset))
+    mask = arrays.numpy(attn.create_sliding_mask(seq_len, offset))
     assert mask.shape == (seq_len, offset + seq_len), f"mask shape {mask.shape}, expected {(seq_len, offset + seq_len)}"
     rows = mask.sum(axis=1)
     want = np.minimum(offset + np.arange(seq_len) + 1, window)
@@ -43,8 +43,8 @@ def test_mask_shape_and_row_sums(lab, xp, seq_len, offset, window):
 
 
 @given(seq_len=st.integers(1, 70), offset=st.integers(0, 40), window=st.integers(1, 90))
-def test_mask_equals_oracle(lab, xp, seq_len, offset, window):
-    mask = xp.numpy(lab("sliding").SlidingWindowAttention(window_size=window).create_sliding_mask(seq_len, offset))
+def test_mask_equals_oracle(lab, arrays, seq_len, offset, window):
+    mask = arrays.numpy(lab("sliding").SlidingWindowAttention(window_size=window).create_sliding_mask(seq_len, offset))
     lk = offset + seq_len
     p, j = np.arange(offset, lk)[:, None], np.arange(lk)[None, :]
     assert_mask_equal(mask, sliding_mask(seq_len, lk, window), mistakes={
@@ -60,11 +60,11 @@ def test_mask_equals_oracle(lab, xp, seq_len, offset, window):
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 3), rep=st.sampled_from([1, 2, 3]), Lk=st.integers(1, 300),
        q_frac=st.sampled_from([1.0, 1.0, 0.5, 0.0]), D=st.sampled_from([3, 8, 16, 24]),
        window=st.integers(1, 320), seed=st.integers(0, 2 ** 16))
-def test_equals_oracle_random_shapes(lab, xp, B, Hkv, rep, Lk, q_frac, D, window, seed):
+def test_equals_oracle_random_shapes(lab, arrays, B, Hkv, rep, Lk, q_frac, D, window, seed):
     """Random shapes: L not a multiple of any block, W = 1, W >= L, GQA, Lq < Lk, batch > 1."""
     Lq = max(1, int(Lk * q_frac))
     q, k, v = make_qkv(seed, B, Hkv * rep, Hkv, Lq, Lk, D)
-    check(lab, xp, window, q, k, v)
+    check(lab, arrays, window, q, k, v)
 
 
 @pytest.mark.parametrize("B, Hq, Hkv, Lq, Lk, D, window", [
@@ -77,90 +77,106 @@ def test_equals_oracle_random_shapes(lab, xp, B, Hkv, rep, Lk, q_frac, D, window
     (1, 2, 2, 17, 300, 16, 50),   # a chunk of 17 queries at the end of 300 keys
     (3, 2, 1, 64, 64, 8, 16),     # batch rows must not mix
 ])
-def test_equals_oracle_awkward_cases(lab, xp, B, Hq, Hkv, Lq, Lk, D, window):
+def test_equals_oracle_awkward_cases(lab, arrays, B, Hq, Hkv, Lq, Lk, D, window):
     q, k, v = make_qkv(B * 1000 + Lk, B, Hq, Hkv, Lq, Lk, D)
-    check(lab, xp, window, q, k, v)
+    check(lab, arrays, window, q, k, v)
 
 
-def test_window_one_returns_own_value(lab, xp):
+def test_window_one_returns_own_value(lab, arrays):
     q, k, v = make_qkv(7, 1, 4, 2, 20, 20, 8)
-    out = xp.numpy(run(lab, xp, 1, q, k, v))
+    out = arrays.numpy(run(lab, arrays, 1, q, k, v))
     want = np.repeat(v, 2, axis=1)  # query head h reads kv head h // 2
     assert_close(out, want, rtol=1e-5, atol=1e-6, mistakes={
         "GQA heads mapped as h % Hkv instead of h // (Hq // Hkv)": v[:, [0, 1, 0, 1]]})
 
 
 @given(L=st.integers(1, 150), extra=st.integers(0, 60), seed=st.integers(0, 999))
-def test_window_at_least_length_is_causal_attention(lab, xp, L, extra, seed):
+def test_window_at_least_length_is_causal_attention(lab, arrays, L, extra, seed):
     from longctx.testing.oracles import attention, causal_mask
     q, k, v = make_qkv(seed, 1, 2, 1, L, L, 8)
-    out = xp.numpy(run(lab, xp, L + extra, q, k, v))
+    out = arrays.numpy(run(lab, arrays, L + extra, q, k, v))
     assert_close(out, attention(q, k, v, causal_mask(L, L)), rtol=2e-4, atol=2e-5)
 
 
-def test_custom_scale(lab, xp):
+def test_custom_scale(lab, arrays):
     q, k, v = make_qkv(3, 1, 2, 2, 40, 40, 16)
-    check(lab, xp, 9, q, k, v, scale=0.37)
+    check(lab, arrays, 9, q, k, v, scale=0.37)
 
 
 @pytest.mark.parametrize("L, window, steps", [(96, 16, 5), (70, 200, 3), (130, 1, 4)])
-def test_decode_rows_equal_prefill_rows(lab, xp, L, window, steps):
+def test_decode_rows_equal_prefill_rows(lab, arrays, L, window, steps):
     """Decoding the last tokens one at a time (Lq = 1, Lk growing) gives the prefill's last rows."""
     q, k, v = make_qkv(L, 2, 4, 2, L, L, 16)
-    full = xp.numpy(run(lab, xp, window, q, k, v))
+    full = arrays.numpy(run(lab, arrays, window, q, k, v))
     for t in range(L - steps, L):
-        step = xp.numpy(run(lab, xp, window, q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1]))
+        step = arrays.numpy(run(lab, arrays, window, q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1]))
         assert_close(step, full[:, :, t:t + 1], rtol=2e-4, atol=2e-5, name=f"decode step at position {t}",
                      mistakes=sliding_mistakes(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], window))
 
 
 @pytest.mark.parametrize("dtype, tol", [("float16", 1e-2), ("bfloat16", 3e-2)])
-def test_low_precision_with_large_logits(lab, xp, dtype, tol):
+def test_low_precision_with_large_logits(lab, arrays, dtype, tol):
     """Scores up to ~1e5 before scaling overflow float16: accumulate in float32, subtract the row max."""
     q, k, v = make_qkv(11, 1, 4, 2, 80, 80, 64, std=60.0)
-    q16, k16, v16 = (xp.numpy(xp.asarray(x, dtype)) for x in (q, k, v))  # the values the kernel really sees
-    out = run(lab, xp, 24, q, k, v, dtype=dtype)
-    assert xp.dtype_name(out) == dtype, f"output dtype {xp.dtype_name(out)}, expected {dtype} (the dtype of q)"
-    assert_close(xp.numpy(out), sliding_window_attention(q16, k16, v16, 24), rtol=tol, atol=tol)
+    q16, k16, v16 = (arrays.numpy(arrays.asarray(x, dtype)) for x in (q, k, v))  # the values the kernel really sees
+    out = run(lab, arrays, 24, q, k, v, dtype=dtype)
+    assert arrays.dtype_name(out) == dtype, f"output dtype {arrays.dtype_name(out)}, expected {dtype} (the dtype of q)"
+    assert_close(arrays.numpy(out), sliding_window_attention(q16, k16, v16, 24), rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------- stretch: the fused kernel
+
+@pytest.mark.task(1, stretch=True)
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("float16", 5e-3)])
+def test_stretch_fused_kernel_equals_the_oracle(lab, arrays, dtype, tol):
+    """``_kernel_source`` (the stretch exercise), launched by the given ``_fused``, on an Apple GPU
+    or MLX's CUDA backend: GQA, a decode-like ``Lq < Lk``, a window wider than the keys."""
+    if not arrays.gpu_kernels:
+        pytest.skip("the fused kernel runs on an Apple GPU or MLX's CUDA backend")
+    sliding = lab("sliding")
+    for B, Hq, Hkv, Lq, Lk, D, W in [(1, 4, 2, 100, 100, 64, 17), (2, 8, 8, 1, 300, 128, 64),
+                                     (1, 2, 1, 37, 260, 32, 500)]:
+        q, k, v = make_qkv(D + W, B, Hq, Hkv, Lq, Lk, D)
+        seen = [arrays.numpy(arrays.asarray(x, dtype)) for x in (q, k, v)]
+        out = sliding._fused(*(arrays.asarray(x, dtype) for x in (q, k, v)), W, D ** -0.5)
+        assert_close(arrays.numpy(out), sliding_window_attention(*seen, W), rtol=tol, atol=tol,
+                     name=f"fused kernel, {dtype}, B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lk={Lk} D={D} W={W}")
 
 
 # ---------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("window", [0, -3, 2.5, True, None])
-def test_bad_window_raises(lab, window):
-    with pytest.raises(ValueError, match="window_size"):
-        lab("sliding").SlidingWindowAttention(window_size=window)
-
-
-@pytest.mark.parametrize("what, shapes, match", [
-    ("q is 3-D", ((2, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4)), "q"),
-    ("Hq % Hkv != 0", ((1, 3, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4)), "Hq=3"),
-    ("k and v differ", ((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 9, 4)), "k and v"),
-    ("Lq > Lk", ((1, 2, 9, 4), (1, 2, 8, 4), (1, 2, 8, 4)), "Lq=9"),
-    ("head dims differ", ((1, 2, 8, 4), (1, 2, 8, 5), (1, 2, 8, 5)), "head dim"),
-    ("batches differ", ((2, 2, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4)), "batch"),
-])
-def test_bad_shapes_raise(lab, xp, what, shapes, match):
-    q, k, v = (xp.asarray(np.zeros(s)) for s in shapes)
-    with pytest.raises(ValueError, match=match):
-        lab("sliding").SlidingWindowAttention(window_size=4)(q, k, v)
-
-
-@pytest.mark.parametrize("seq_len, offset, match", [(0, 0, "seq_len"), (4, -1, "offset")])
-def test_bad_mask_arguments_raise(lab, seq_len, offset, match):
-    with pytest.raises(ValueError, match=match):
-        lab("sliding").SlidingWindowAttention(window_size=4).create_sliding_mask(seq_len, offset)
+def test_bad_input_raises_naming_the_argument(lab, arrays):
+    """The given checks (``longctx.checks``, called before your code) refuse bad input with a
+    ``ValueError`` naming the argument; good input around them still computes."""
+    sliding = lab("sliding")
+    attn = sliding.SlidingWindowAttention(window_size=4)
+    x = arrays.asarray(np.ones((1, 2, 8, 4)))
+    assert arrays.numpy(attn(x, x, x)).shape == (1, 2, 8, 4) and arrays.numpy(attn.create_sliding_mask(3)).shape == (3, 3)
+    for window in (0, -3, 2.5, True, None):
+        with pytest.raises(ValueError, match="window_size"):
+            sliding.SlidingWindowAttention(window_size=window)
+    for shapes, match in [(((2, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4)), "q"),  # q is 3-D
+                          (((1, 3, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4)), "Hq=3"),  # Hq % Hkv != 0
+                          (((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 9, 4)), "k and v"),
+                          (((1, 2, 9, 4), (1, 2, 8, 4), (1, 2, 8, 4)), "Lq=9"),
+                          (((1, 2, 8, 4), (1, 2, 8, 5), (1, 2, 8, 5)), "head dim"),
+                          (((2, 2, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4)), "batch")]:
+        with pytest.raises(ValueError, match=match):
+            attn(*(arrays.asarray(np.zeros(shape)) for shape in shapes))
+    for seq_len, offset, match in [(0, 0, "seq_len"), (4, -1, "offset")]:
+        with pytest.raises(ValueError, match=match):
+            attn.create_sliding_mask(seq_len, offset)
 
 
 # ---------------------------------------------------------------- growth, not time
 
-def test_peak_memory_grows_linearly_in_length(lab, xp, record):
+def test_peak_memory_grows_linearly_in_length(lab, arrays, record):
     """At a fixed window, 4x the length may cost ~4x the memory (an L x L score matrix costs 16x)."""
     attn = lab("sliding").SlidingWindowAttention(window_size=32)
     peaks = {}
     for L in (1024, 2048, 4096):
-        q, k, v = (xp.asarray(x) for x in make_qkv(L, 1, 2, 2, L, L, 16))
-        peaks[L] = xp.peak_bytes(lambda: attn(q, k, v))
+        q, k, v = (arrays.asarray(x) for x in make_qkv(L, 1, 2, 2, L, L, 16))
+        peaks[L] = arrays.peak_bytes(lambda: attn(q, k, v))
     growth = peaks[4096] / max(peaks[1024], 1)
     record("peak memory L=4096 vs 1024", f"{growth:.1f}x (linear 4x, quadratic 16x)")
     assert peaks[1024] > 0, "no memory measured: is the work done lazily and never evaluated?"
@@ -168,15 +184,15 @@ def test_peak_memory_grows_linearly_in_length(lab, xp, record):
                           f"({ {L: f'{b / 2**20:.1f} MiB' for L, b in peaks.items()} }): something is L x L")
 
 
-def test_faster_than_dense_masked_attention(lab, xp, record):
+def test_faster_than_dense_masked_attention(lab, arrays, record):
     """Against the naive baseline in the same process: a dense L x L masked softmax.
     Doing the band's work only must win by far; visiting every key (quadratic time) cannot."""
     L, W = 4096, 32
     attn = lab("sliding").SlidingWindowAttention(window_size=W)
-    q, k, v = (xp.asarray(x) for x in make_qkv(5, 1, 2, 2, L, L, 16))
+    q, k, v = (arrays.asarray(x) for x in make_qkv(5, 1, 2, 2, L, L, 16))
     mask = sliding_mask(L, L, W)
-    sliding = xp.seconds(lambda: attn(q, k, v), repeats=5)
-    dense = xp.seconds(lambda: xp.masked_attention(q, k, v, mask), repeats=3)
+    sliding = arrays.seconds(lambda: attn(q, k, v), repeats=5)
+    dense = arrays.seconds(lambda: arrays.masked_attention(q, k, v, mask), repeats=3)
     record("speed vs dense masked SDPA (L=4096, W=32)", f"{dense / sliding:.1f}x faster")
     assert sliding < 0.5 * dense, (f"sliding took {sliding * 1e3:.1f} ms, the dense masked baseline "
                                    f"{dense * 1e3:.1f} ms: the work should grow as L * W, not L * L")

@@ -1,14 +1,31 @@
-"""longctx.mlx: the MLX reference (this folder, solutions/week3, installed as longctx.mlx)."""
-from .adaptive import AdaptiveContextManager, ContextOverflowError
-from .benchmark import BenchmarkResult, benchmark_long_context
-from .compression import CompressedContext, CompressedKVCache, ContextCompressor
-from .hierarchical import HierarchicalAttention, dilated_attention
-from .qwen3_long import LongContextQwen3
-from .ring import RingAttention, RingState, merge_states, ring_attention_distributed, ring_shard
-from .sliding import SlidingWindowAttention
-from .streaming import SinkKVCache, StreamingProcessor
+"""longctx.mlx: the MLX reference (this folder, solutions/week3, installed as longctx.mlx).
 
-__all__ = ["AdaptiveContextManager", "BenchmarkResult", "CompressedContext", "CompressedKVCache",
-           "ContextCompressor", "ContextOverflowError", "HierarchicalAttention", "LongContextQwen3", "RingAttention",
-           "RingState", "SinkKVCache", "SlidingWindowAttention", "StreamingProcessor", "benchmark_long_context",
-           "dilated_attention", "merge_states", "ring_attention_distributed", "ring_shard"]
+Names load on first use (PEP 562), so ``longctx.mlx.adaptive``, which is text
+code with no arrays, imports without MLX: the torch mirror reuses it.
+"""
+import importlib
+
+_WHERE = {
+    "AdaptiveContextManager": "adaptive", "ContextOverflowError": "adaptive",
+    "BenchmarkResult": "benchmark", "benchmark_long_context": "benchmark",
+    "CompressedContext": "compression", "CompressedKVCache": "compression", "ContextCompressor": "compression",
+    "HierarchicalAttention": "hierarchical", "dilated_attention": "hierarchical",
+    "LongContextQwen3": "qwen3_long",
+    "RingAttention": "ring", "RingState": "ring", "merge_states": "ring", "ring_attention_distributed": "ring",
+    "ring_shard": "ring",
+    "SlidingWindowAttention": "sliding",
+    "SinkKVCache": "streaming", "StreamingProcessor": "streaming",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'longctx.mlx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -24,9 +24,14 @@ from collections.abc import Callable
 from longctx.checks import check_nonnegative_int, check_positive_int
 
 SUMMARY_HEADER = "Summary of the earlier conversation:"
-# Words that mark a decision, a plan or an obligation (matched as word prefixes).
+# Words that mark a decision, a plan, an obligation or importance (matched as word prefixes),
+# and dates said in words (numbers already count).
 DECISION = re.compile(r"\b(decid|agree|will\b|must\b|should\b|need|plan|chose|choose|confirm|approv|deadline|"
-                      r"let's\b|going to\b)", re.I)
+                      r"let's\b|going to\b|important|crucial|critical|essential|key\b|remember|note\b|"
+                      r"priorit|require|urgent|never\b|always\b)", re.I)
+DATE = re.compile(r"\b(today|tomorrow|tonight|yesterday|(mon|tues|wednes|thurs|fri|satur|sun)day|"
+                  r"jan(uary)?|feb(ruary)?|march|april|june|july|aug(ust)?|sep(tember)?|oct(ober)?|"
+                  r"nov(ember)?|dec(ember)?|next (week|month|year))\b", re.I)
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")  # not inside "3.5" or "e.g.x"
 LABEL = re.compile(r"^\s*\w+:\s+")  # "user: " in the folded text
 
@@ -54,7 +59,6 @@ class AdaptiveContextManager:
 
     def __init__(self, max_context: int = 32768, *, tokenizer=None, summarizer: Callable[[str], str] | None = None,
                  reserve_tokens: int = 0, keep_recent_turns: int = 4):
-        # BEGIN SOLUTION
         self.max_context = check_positive_int("max_context", max_context)
         self.reserve_tokens = check_nonnegative_int("reserve_tokens", reserve_tokens)
         if self.reserve_tokens >= self.max_context:
@@ -66,7 +70,6 @@ class AdaptiveContextManager:
             raise ValueError(f"summarizer must be callable or None, got {summarizer!r}")
         self.tokenizer = tokenizer
         self.summarizer = summarizer or self._extractive
-        # END SOLUTION
 
     @property
     def budget(self) -> int:
@@ -86,11 +89,19 @@ class AdaptiveContextManager:
         return len(getattr(ids, "ids", ids))  # a list, or a `tokenizers.Encoding`
 
     def manage_context(self, conversation_history: list[dict], current_input: str) -> str:
-        """The prompt for ``conversation_history`` + ``current_input`` (a user message), within the budget."""
-        # BEGIN SOLUTION
+        """The prompt for ``conversation_history`` + ``current_input`` (a user message), within the budget.
+
+        Count whole rendered prompts (``self.render``, ``self._fits``), never sums of
+        parts. Whole conversation if it fits; else ``ContextOverflowError`` if the system
+        messages and the input alone do not; else keep the most recent turns that fit
+        (at most ``keep_recent_turns``, at least one turn folded) and fold the older ones
+        into one summary message (``self.summarizer``, its lines cut from the front to
+        the room left) at the place of the first folded turn (``_assemble``,
+        ``_summary``). About 25 lines."""
         history = _check_history(conversation_history)
         if not isinstance(current_input, str):
             raise ValueError(f"current_input must be a str, got {type(current_input).__name__}")
+        # BEGIN SOLUTION
         current = {"role": "user", "content": current_input}
         fits = self._fits
 
@@ -126,17 +137,21 @@ class AdaptiveContextManager:
 
     def extract_key_points(self, text: str) -> list[str]:
         """Sentences worth keeping, in order, each once: questions, and sentences with a
-        number, a decision word (``decide``, ``will``, ``must``, ``plan`` ...) or a
-        name (a capitalised word that does not start the sentence)."""
-        # BEGIN SOLUTION
+        number, a date in words (``Friday``, ``tomorrow``, ``March``), a decision or
+        importance word (``decided``, ``will``, ``must``, ``plan``, ``important`` ...) or a
+        name (a capitalised word that does not start the sentence). Split with
+        ``SENTENCE_END``; ``LABEL`` strips a ``role:`` prefix; ``DECISION`` and ``DATE``
+        match the words. About 12 lines."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
+        # BEGIN SOLUTION
         points, seen = [], set()
         for sentence in SENTENCE_END.split(text):
             sentence = sentence.strip()
             body = LABEL.sub("", sentence)
             words = re.findall(r"[A-Za-z][\w'-]*", body)
             key = (sentence.endswith("?") or any(c.isdigit() for c in body) or DECISION.search(body)
+                   or DATE.search(body)
                    or any(w[0].isupper() and w not in ("I", "I'm", "I'll", "I've", "I'd") for w in words[1:]))
             norm = " ".join(sentence.lower().split())
             if key and norm not in seen:

@@ -20,108 +20,32 @@ Before running, every technique's peak memory is estimated from written
 arithmetic (``estimate_memory``); one that would not fit in
 ``memory_limit`` is reported as skipped, with the estimate, and not run.
 
-==============  ====================================================  ================================
-technique       what runs (defaults in ``TECHNIQUES``)                memory beyond q, k, v, output
-==============  ====================================================  ================================
-full            ``mx.fast.scaled_dot_product_attention``, causal      ``2 H L^2`` (scores)
-sliding         Task 1, ``window_size``                               ``L W + 12 H L D`` + 2 tiles
-hierarchical    Task 2, LongNet ``levels`` (dilations ``w / w0``)     ``2 H L w0`` per level
-ring            Task 3 in one process, ``ring_size`` shards           ``4 H L / P * block``
-streaming       Task 5's ``SinkKVCache`` chunk by chunk (no RoPE)     ``3 H c (s + W + c)`` + cache
-compressed      Task 4: compress to ``1 - compression_ratio``, then   ``3 H w L`` (scores of the
-                attend the last ``observation_window`` queries        observation window)
-==============  ====================================================  ================================
+Every technique, its defaults, its memory formula and the class it runs are
+declared once in ``longctx.techniques`` (``TECHNIQUES``); this file only runs
+and measures them. What you write: the quality figure (``exact_rows``,
+``relative_error``), the skip rule and the loop over techniques and lengths
+(``benchmark_long_context``), and the measuring loop (``_attention_result``).
 """
 from __future__ import annotations
 
-import os
+import importlib
 import statistics
 import time
-from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from longctx.checks import check_choice, check_positive_int
+from longctx import techniques as registry
+from longctx.techniques import ERROR, PASSKEY, BenchmarkResult, default_memory_limit  # shared with the mirror
 
 from .compression import ContextCompressor
-from .hierarchical import HierarchicalAttention
-from .ring import RingAttention
-from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache
 
-TECHNIQUES = {
-    "full": {},
-    "sliding": {"window_size": 1024},
-    "hierarchical": {"levels": [1024, 4096, 16384]},
-    "ring": {"ring_size": 4, "block_size": 1024},
-    "streaming": {"sink_tokens": 4, "window": 1024, "chunk_size": 1024},
-    "compressed": {"compression_ratio": 0.9, "method": "snapkv", "observation_window": 32},
-}
-SUBQUADRATIC = ("sliding", "hierarchical", "streaming", "compressed")  # the spec's 50k-200k cases
-ERROR = "relative error vs exact attention"
-PASSKEY = "passkey accuracy"
-BYTES = 4  # float32
-TILE = 1 << 21  # scores per tile in Task 1's blocked kernel
-
-
-@dataclass
-class BenchmarkResult:
-    """One technique at one length. ``skipped`` (a reason) is empty when it ran; a skipped row
-    has no time, speed, memory or quality, but always the memory estimate."""
-    technique: str
-    length: int
-    median_ms: float | None
-    tokens_per_second: float | None
-    peak_memory_bytes: int | None
-    quality: float | None
-    quality_metric: str
-    memory_estimate_bytes: int
-    skipped: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def default_memory_limit() -> int:
-    """Half the machine's physical memory: what a benchmark may take without swapping."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-
-
 def estimate_memory(technique: str, length: int, *, heads: int = 8, head_dim: int = 64, **options) -> int:
-    """Peak bytes the attention ``technique`` needs at ``length`` (B = 1, float32), inputs included.
-
-    Written arithmetic, an upper bound on the reference's measured peak within
-    a small factor (the project tests check both): q, k, v and the output,
-    plus what the technique materialises at once.
-    """
-    o = {**TECHNIQUES[check_choice("technique", technique, tuple(TECHNIQUES))], **options}
-    L, H, D = check_positive_int("length", length), heads, head_dim
-    # BEGIN SOLUTION
-    io = 4 * H * L * D * BYTES
-    if technique == "full":
-        extra = 2 * H * L * L * BYTES  # scores and their softmax
-    elif technique == "sliding":
-        w = min(o["window_size"], L)
-        tile = min(TILE, H * L * (w + 128))  # the reference scores 2^21 at a time, two tiles in flight
-        extra = (L * (w + 128) + 12 * H * L * D + 6 * tile) * BYTES  # band bias, copies of (H, L, D), tiles
-    elif technique == "hierarchical":
-        w0 = o["levels"][0]
-        w0 = min(w0, L)
-        extra = len(o["levels"]) * 2 * H * L * (w0 + D) * BYTES  # per level: scores, weights, output, lse
-    elif technique == "ring":
-        n = -(-L // o["ring_size"])
-        extra = 4 * H * n * (min(o["block_size"], L) + D) * BYTES  # a tile of scores + a shard's state
-    elif technique == "streaming":
-        c = min(o["chunk_size"], L)
-        held = o["sink_tokens"] + o["window"] + c
-        extra = (3 * H * c * held + 4 * H * held * D + H * L * D) * BYTES  # a chunk's scores, the cache, concat
-    else:  # compressed
-        w = min(o["observation_window"], L)
-        extra = (3 * H * w * L + 3 * H * L) * BYTES  # the window's scores, then the per-key scores
-    return io + extra
-    # END SOLUTION
+    """Peak bytes the attention ``technique`` needs at ``length`` (B = 1, float32), inputs included:
+    the registry's written arithmetic for MLX (``longctx.techniques.estimate_memory``)."""
+    return registry.estimate_memory(technique, length, heads=heads, head_dim=head_dim, backend="mlx", **options)
 
 
 def exact_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -148,17 +72,14 @@ def relative_error(out, exact: np.ndarray) -> float:
 def attention_run(technique: str, q: mx.array, k: mx.array, v: mx.array, **options):
     """``(fn, rows)``: ``fn()`` runs the technique and returns its output rows (an ``mx.array``
     ``(1, H, len(rows), D)``); ``rows`` are the query positions those outputs belong to."""
-    o = {**TECHNIQUES[technique], **options}
+    t, o = registry.technique(technique), registry.bench_options(technique, options)
     L, scale = q.shape[2], q.shape[-1] ** -0.5
-    # BEGIN SOLUTION
+    if t.attention is not None:  # a class of this package: cls(**options)(q, k, v)
+        module = importlib.import_module(f"{__package__}.{registry.TASKS[t.task].module}")
+        attend = getattr(module, t.attention)(**o)
+        return lambda: attend(q, k, v), np.arange(L)
     if technique == "full":
         return lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal"), np.arange(L)
-    if technique == "sliding":
-        return lambda: SlidingWindowAttention(o["window_size"])(q, k, v), np.arange(L)
-    if technique == "hierarchical":
-        return lambda: HierarchicalAttention(o["levels"], o.get("dilations"))(q, k, v), np.arange(L)
-    if technique == "ring":
-        return lambda: RingAttention(o["ring_size"], o["block_size"])(q, k, v), np.arange(L)
     if technique == "streaming":
         def streaming():
             cache, outs = SinkKVCache(o["sink_tokens"], o["window"]), []
@@ -179,7 +100,6 @@ def attention_run(technique: str, q: mx.array, k: mx.array, v: mx.array, **optio
         visible = positions[:, :, None, :] <= mx.array(rows)[:, None]  # (1, H, rows, kept): causal
         return mx.fast.scaled_dot_product_attention(q[:, :, rows[0]:], kept_k, kept_v, scale=scale, mask=visible)
     return compressed, rows
-    # END SOLUTION
 
 
 def benchmark_long_context(techniques=None, lengths=(50_000, 100_000, 200_000), *, backend: str = "mlx",
@@ -188,23 +108,18 @@ def benchmark_long_context(techniques=None, lengths=(50_000, 100_000, 200_000), 
                            progress=None) -> list[BenchmarkResult]:
     """One ``BenchmarkResult`` per technique and length, techniques in order, then lengths.
 
-    ``techniques``: names (defaults from ``TECHNIQUES``) or ``{name: options}``;
+    ``techniques``: names (defaults from ``longctx.techniques``) or ``{name: options}``;
     ``None`` means the sub-quadratic ones. ``backend``: ``"mlx"`` here (the
     torch mirror takes ``"torch"``). ``model``: ``(model, tokenizer)`` for the
     task score instead of random attention inputs. ``progress``: called after
     each row.
     """
-    # BEGIN SOLUTION
     if backend != "mlx":
         raise ValueError(f"backend must be 'mlx' for longctx.mlx (use longctx.torch for 'torch'), got {backend!r}")
-    chosen = _check_techniques(techniques, model)
-    iterable = hasattr(lengths, "__iter__") and not isinstance(lengths, str)
-    lengths = [check_positive_int("length", L) for L in lengths] if iterable else None
-    if not lengths:
-        raise ValueError(f"lengths must be a non-empty list of integers >= 1, got {lengths!r}")
-    repeats = check_positive_int("repeats", repeats)
-    memory_limit = default_memory_limit() if memory_limit is None else check_positive_int("memory_limit",
-                                                                                          memory_limit)
+    chosen, lengths, repeats, memory_limit = registry.check_benchmark(techniques, lengths, repeats,
+                                                                      memory_limit, model)
+    memory_limit = memory_limit or default_memory_limit()
+    # BEGIN SOLUTION
     results = []
     for name, options in chosen.items():
         for L in lengths:
@@ -213,9 +128,7 @@ def benchmark_long_context(techniques=None, lengths=(50_000, 100_000, 200_000), 
             else:
                 estimate = estimate_model_memory(model[0], name, L, **options)
             if estimate > memory_limit:
-                results.append(BenchmarkResult(name, L, None, None, None, None, PASSKEY if model else ERROR,
-                                               estimate, f"needs ~{estimate / 2**30:.1f} GiB > limit "
-                                                         f"{memory_limit / 2**30:.1f} GiB"))
+                results.append(registry.skipped_result(name, L, estimate, memory_limit, PASSKEY if model else ERROR))
             elif model is None:
                 results.append(_attention_result(name, L, options, heads, head_dim, check_rows, repeats,
                                                  estimate, seed))
@@ -252,24 +165,14 @@ def _attention_result(name, L, options, heads, head_dim, check_rows, repeats, es
 
 
 def estimate_model_memory(model, technique: str, length: int, **options) -> int:
-    """Peak bytes of a ``LongContextQwen3`` prefill of ``length`` tokens: the weights, the
-    cache the strategy holds (float32), one chunk's scores and the prompt's logits."""
-    from longctx.checks import STRATEGY_OPTIONS
-    o = {**STRATEGY_OPTIONS[technique], **options}
-    a = model.args
-    chunk = min(o.get("chunk_size", 2048), length)
-    held = {"sliding": o.get("window_size", 0) + chunk,
-            "streaming": o.get("sink_tokens", 0) + o.get("window", 0) + chunk}.get(technique, length)
-    held = min(held, length)
+    """Peak bytes of a ``LongContextQwen3`` prefill (``longctx.techniques.estimate_model_memory``)."""
     weights = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
-    cache = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * held * BYTES
-    scores = 3 * a.num_attention_heads * chunk * held * BYTES
-    return weights + cache + scores + length * a.vocab_size * BYTES
+    return registry.estimate_model_memory(model.args, weights, technique, length, **options)
 
 
 def _model_result(name, L, options, model, repeats, estimate, seed) -> BenchmarkResult:
     from longctx.data import tasks
-    from longctx.eval import greedy_answer
+    from longctx.data.tasks import greedy_answer
 
     from .qwen3_long import LongContextQwen3
     base, tokenizer = model
@@ -291,22 +194,5 @@ def _model_result(name, L, options, model, repeats, estimate, seed) -> Benchmark
                            float(np.mean(scores)), PASSKEY, estimate)
 
 
-def _check_techniques(techniques, model) -> dict:
-    if techniques is None:
-        techniques = SUBQUADRATIC
-    if isinstance(techniques, str) or not isinstance(techniques, (list, tuple, dict)) or not techniques:
-        raise ValueError(f"techniques must be a non-empty list of names or a dict of name -> options, "
-                         f"got {techniques!r}")
-    items = techniques.items() if isinstance(techniques, dict) else ((t, {}) for t in techniques)
-    chosen = {}
-    for name, options in items:
-        check_choice("technique", name, tuple(TECHNIQUES))
-        if model is not None and name == "ring":
-            raise ValueError("technique 'ring' has no LongContextQwen3 strategy: it is benchmarked on "
-                             "attention inputs (model=None)")
-        chosen[name] = dict(options) if model is not None else {**TECHNIQUES[name], **options}
-    return chosen
-
-
-__all__ = ["SUBQUADRATIC", "TECHNIQUES", "BenchmarkResult", "attention_run", "benchmark_long_context",
+__all__ = ["BenchmarkResult", "attention_run", "benchmark_long_context",
            "default_memory_limit", "estimate_memory", "estimate_model_memory", "exact_rows", "relative_error"]

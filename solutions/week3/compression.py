@@ -52,7 +52,8 @@ def attention_received(queries: mx.array, keys: mx.array, scale: float | None = 
 
     ``queries (B, Hq, Lq, D)`` are the last ``Lq`` positions of ``keys (B, Hkv, L, D)``;
     returns float32 ``(B, Hq, L)``. A block of queries at a time, so the
-    score matrix alive is ``(B, Hq, block, L)``, not ``L x L``.
+    score matrix alive is ``(B, Hq, block, L)``, not ``L x L`` (``SCORE_BLOCK``
+    floats at most). About 15 lines.
     """
     # BEGIN SOLUTION
     B, Hq, Lq, D = queries.shape
@@ -74,11 +75,15 @@ def attention_received(queries: mx.array, keys: mx.array, scale: float | None = 
 
 
 def avg_pool(x: mx.array, kernel: int) -> mx.array:
-    """``avg_pool1d(kernel, stride=1, padding=kernel // 2)`` along the last axis, zeros counted."""
+    """``avg_pool1d(kernel, stride=1, padding=kernel // 2)`` along the last axis, zeros counted
+    (SnapKV's smoothing: an entry next to an important one counts too). Same shape as ``x``
+    for an odd ``kernel``. About 4 lines."""
+    # BEGIN SOLUTION
     pad = kernel // 2
     n = x.shape[-1]
     padded = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, pad)])
     return sum(padded[..., j:j + n] for j in range(kernel)) / kernel
+    # END SOLUTION
 
 
 def select(priority: mx.array, positions: mx.array, length: int, budget: int, sink_tokens: int,
@@ -88,7 +93,8 @@ def select(priority: mx.array, positions: mx.array, length: int, budget: int, si
     ``positions`` are the entries' positions in a sequence of ``length``;
     positions ``< sink_tokens`` and ``>= length - recent_tokens`` are kept
     first (when they alone exceed the budget: the sinks, then the most recent),
-    then the highest ``priority``, ties to the earlier entry.
+    then the highest ``priority``, ties to the earlier entry. ``priority (..., n)``,
+    ``positions (n,)`` or like ``priority``; returns ``(..., budget)``. About 12 lines.
     """
     # BEGIN SOLUTION
     n = priority.shape[-1]
@@ -116,7 +122,6 @@ class ContextCompressor:
 
     def __init__(self, compression_ratio: float = 0.5, *, method: str = "snapkv", sink_tokens: int = 4,
                  recent_tokens: int = 32, observation_window: int = 32, pool_kernel: int = 5):
-        # BEGIN SOLUTION
         self.compression_ratio = check_ratio(compression_ratio)
         self.method = check_choice("method", method, METHODS)
         self.sink_tokens = check_nonnegative_int("sink_tokens", sink_tokens)
@@ -126,7 +131,6 @@ class ContextCompressor:
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be odd (avg_pool1d with padding k // 2 keeps the length), "
                              f"got {pool_kernel}")
-        # END SOLUTION
 
     def compute_importance(self, tokens: mx.array, attention_weights: mx.array | None = None) -> mx.array:
         """Scores with the shape of ``tokens`` without its feature axis (``(L,)`` for ids).
@@ -139,14 +143,25 @@ class ContextCompressor:
         multiple of theirs (keys: ``(B, Hq, Lq, L)``, GQA groups averaged).
         """
         lead, L = self._score_shape(tokens)
+        groups = self._check_weights(tokens, attention_weights, lead, L)
         # BEGIN SOLUTION
         if self.method == "streaming":
             return mx.broadcast_to(mx.arange(L, dtype=mx.float32), (*lead, L))
         if self.method == "knorm":
-            if tokens.ndim == 1:
-                raise ValueError("method 'knorm' needs feature vectors, got tokens of shape "
-                                 f"{tuple(tokens.shape)} (ids)")
             return -mx.sqrt(mx.square(tokens.astype(mx.float32)).sum(axis=-1))
+        a = attention_weights.astype(mx.float32)
+        w = min(self.observation_window, a.shape[-2])
+        received = a.sum(axis=-2) if self.method == "h2o" else a[..., -w:, :].mean(axis=-2)
+        return self._reduce(received.reshape(*lead, groups, L), w)
+        # END SOLUTION
+
+    def _check_weights(self, tokens, attention_weights, lead: tuple, L: int) -> int:
+        """Given: check what ``method`` needs; returns how many query heads share a score row
+        (``G``: the weights are read as ``(*lead, G, Lq, L)``)."""
+        if self.method == "knorm" and tokens.ndim == 1:
+            raise ValueError(f"method 'knorm' needs feature vectors, got tokens of shape {tuple(tokens.shape)} (ids)")
+        if self.method not in NEEDS_ATTENTION:
+            return 1
         if attention_weights is None:
             raise ValueError(f"method {self.method!r} needs attention_weights, got None")
         a = attention_weights
@@ -163,23 +178,23 @@ class ContextCompressor:
         if not ok:
             raise ValueError(f"attention_weights must have leading axes {lead} (or a multiple of the heads), "
                              f"got shape {tuple(a.shape)}")
-        w = min(self.observation_window, a.shape[-2])
-        a = a.astype(mx.float32)
-        received = a.sum(axis=-2) if self.method == "h2o" else a[..., -w:, :].mean(axis=-2)
-        return self._reduce(received.reshape(*lead, groups, L), w)
-        # END SOLUTION
+        return groups
 
     def _reduce(self, received: mx.array, w: int) -> mx.array:
         """``(..., G, L)`` attention received per query head -> ``(..., L)`` scores.
 
-        ``snapkv``: the last ``w`` entries (the observation window) score ``+inf``.
+        ``h2o``: the mean over the ``G`` query heads. ``snapkv``: the entries before
+        the observation window (the last ``w``) pooled with ``avg_pool(pool_kernel)``,
+        then averaged over the heads; the window itself scores ``+inf``. About 6 lines.
         """
+        # BEGIN SOLUTION
         if self.method == "h2o":
             return received.mean(axis=-2)
         L = received.shape[-1]
         w = min(w, L)
         pooled = avg_pool(received[..., :L - w], self.pool_kernel).mean(axis=-2)
         return mx.concatenate([pooled, mx.full((*pooled.shape[:-1], w), mx.inf)], axis=-1)
+        # END SOLUTION
 
     def compress_context(self, tokens: mx.array, importance_scores: mx.array) -> CompressedContext:
         """Keep the budget along the sequence axis: ``(L,)``, ``(B, L, D)`` or ``(B, H, L, D)``."""
@@ -270,7 +285,8 @@ class CompressedKVCache:
         self.compressed = False
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        # BEGIN SOLUTION
+        """Given: the buffers, the offset, and when to compress; it asks ``decode_victim``
+        which entry leaves at each decode step."""
         S = keys.shape[2]
         prefill_done = S == 1 and not self.compressed and self._buffers is not None
         if prefill_done and self.compressor.method in NEEDS_ATTENTION:
@@ -286,16 +302,28 @@ class CompressedKVCache:
         if prefill_done:
             self.compress()
         elif self.compressed and self._n == budget + 1:  # decode: one entry leaves, chosen now, moved later
-            sinks = min(c.sink_tokens, budget)
-            recent = min(c.recent_tokens, budget - sinks)
-            pos, score = self.positions, self.scores
-            p = mx.where((pos < sinks) | (pos >= self.offset - recent), mx.inf, score)
-            lowest = p.min(axis=-1, keepdims=True)
-            self._victim = mx.argmax(mx.where(p == lowest, pos, -1), axis=-1)  # ties: the later one leaves
+            self._victim = self.decode_victim(self.positions, self.scores, budget)
         elif self.compressed and self._n > budget:
             self._take(mx.argsort(self.positions, axis=-1))  # position order: ties go to the earlier one
             self._take(select(self.scores, self.positions, self.offset, budget, c.sink_tokens, c.recent_tokens))
         return fetched
+
+    def decode_victim(self, positions: mx.array, scores: mx.array, budget: int) -> mx.array:
+        """The entry to evict after a decode step: ``(B, H)`` indices into the held entries.
+
+        ``positions``, ``scores (B, H, budget + 1)``: every held entry, the new one
+        included; ``self.offset`` tokens seen. The first ``sink_tokens`` and the
+        last ``recent_tokens`` positions (each cut to the budget, sinks first, as in
+        ``select``) are protected; of the rest, the lowest score leaves, ties to the
+        later position. About 6 lines.
+        """
+        # BEGIN SOLUTION
+        c = self.compressor
+        sinks = min(c.sink_tokens, budget)
+        recent = min(c.recent_tokens, budget - sinks)
+        p = mx.where((positions < sinks) | (positions >= self.offset - recent), mx.inf, scores)
+        lowest = p.min(axis=-1, keepdims=True)
+        return mx.argmax(mx.where(p == lowest, positions, -1), axis=-1)  # ties: the later one leaves
         # END SOLUTION
 
     def compress(self, queries: mx.array | None = None) -> None:
@@ -335,11 +363,14 @@ class CompressedKVCache:
         """Apply a pending eviction: the last entry moves into the evicted slot."""
         if self._victim is None:
             return
-        last, slot = self._n - 1, self._victim[:, :, None]
-        self._buffers = [mx.put_along_axis(b, slot.reshape(*slot.shape, *([1] * (b.ndim - 3))),
-                                           b[:, :, last:last + 1], axis=2) for b in self._buffers]
+        self._buffers = [self._settled(b) for b in self._buffers]
         self._n -= 1
         self._victim = None
+
+    def _settled(self, b: mx.array) -> mx.array:
+        """Buffer ``b`` with the pending eviction applied (a new array: ``b`` is unchanged)."""
+        last, slot = self._n - 1, self._victim[:, :, None]
+        return mx.put_along_axis(b, slot.reshape(*slot.shape, *([1] * (b.ndim - 3))), b[:, :, last:last + 1], axis=2)
 
     def _store(self, *arrays) -> None:
         self._buffers, self._n = list(arrays), arrays[0].shape[2]
@@ -350,8 +381,12 @@ class CompressedKVCache:
                     mx.take_along_axis(score, index, axis=-1))
 
     def _held(self, i: int):
-        self._settle()
-        return None if self._buffers is None else self._buffers[i][:, :, :self._n]
+        """What the cache holds of buffer ``i``; reading never changes the buffers."""
+        if self._buffers is None:
+            return None
+        if self._victim is None:
+            return self._buffers[i][:, :, :self._n]
+        return self._settled(self._buffers[i])[:, :, :self._n - 1]
 
     keys = property(lambda self: self._held(0))
     values = property(lambda self: self._held(1))

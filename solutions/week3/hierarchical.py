@@ -19,7 +19,7 @@ import math
 
 import mlx.core as mx
 
-from longctx.checks import check_attention, check_level, check_levels, check_scale
+from longctx.checks import check_attention, check_level, check_levels, check_scale, self_attention_inputs
 
 LOG2E = math.log2(math.e)
 
@@ -31,11 +31,17 @@ def dilated_attention(q: mx.array, k: mx.array, v: mx.array, segment_size: int, 
 
     ``out`` has the dtype of ``q`` and is 0 where the head does not keep the
     query; ``lse`` (float32, natural log of the softmax denominator) is ``-inf`` there.
+
+    Segments start at multiples of ``segment_size`` (absolute positions; the
+    queries are the last ``Lq`` of the ``Lk`` keys). Gather each head's kept
+    rows of each segment into dense ``(segments, ceil(w / r), D)`` blocks,
+    attend inside them (causally: row order is position order), then gather
+    the outputs back to the query positions. No ``Lq x Lk`` array. About 35 lines.
     """
-    # BEGIN SOLUTION
     B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
     w, r = check_level(segment_size, dilation)
     scale = D ** -0.5 if check_scale(scale) is None else scale
+    # BEGIN SOLUTION
     m = -(-w // r)  # rows a head keeps per segment (the last may fall outside the segment)
 
     # Only the segments that hold a query matter; their keys start at `first`.
@@ -86,16 +92,19 @@ class HierarchicalAttention:
 
     def __init__(self, levels: list[int] = [64, 512, 4096], dilations: list[int] | None = None,  # noqa: B006
                  causal: bool = True, scale: float | None = None):
-        # BEGIN SOLUTION
-        self.levels, self.dilations = check_levels(levels, dilations)
+        self.levels, self.dilations = check_levels(levels, dilations)  # dilations default to w // levels[0]
         self.causal = bool(causal)
         self.scale = check_scale(scale)
-        # END SOLUTION
 
-    def hierarchical_forward(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        """``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` -> ``(B, Hq, Lq, D)``, dtype of ``q``."""
-        # BEGIN SOLUTION
+    def hierarchical_forward(self, q: mx.array, k: mx.array | None = None, v: mx.array | None = None) -> mx.array:
+        """``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` -> ``(B, Hq, Lq, D)``, dtype of ``q``.
+
+        ``hierarchical_forward(x)`` is self-attention of ``x`` with itself (``q = k = v = x``).
+        Run ``dilated_attention`` per level and mix the levels by their softmax
+        denominators: ``sum_i exp(lse_i - logsumexp_i lse_i) * out_i``. About 8 lines."""
+        k, v = self_attention_inputs(q, k, v)
         check_attention(q, k, v)
+        # BEGIN SOLUTION
         outs, lses = [], []
         for w, r in zip(self.levels, self.dilations):
             o, lse = dilated_attention(q, k, v, w, r, causal=self.causal, scale=self.scale)

@@ -40,7 +40,10 @@ class RingState(NamedTuple):
 
 
 def merge_states(a: RingState, b: RingState) -> RingState:
-    """The log-sum-exp merge of two partials over disjoint keys (associative, commutative)."""
+    """The log-sum-exp merge of two partials over disjoint keys (associative, commutative).
+
+    ``out (B, H, n, D)`` float32, normalised; ``lse (B, H, n)``. Two empty partials
+    (``lse = -inf``) merge to an empty one: zeros, never NaN. About 5 lines."""
     # BEGIN SOLUTION
     lse = mx.logaddexp(a.lse, b.lse)
     safe = mx.where(lse == -mx.inf, 0.0, lse)  # both empty: keep zeros, never NaN
@@ -70,12 +73,10 @@ class RingAttention:
 
     def __init__(self, ring_size: int, block_size: int = 1024, causal: bool = True,
                  scale: float | None = None):
-        # BEGIN SOLUTION
         self.ring_size = check_positive_int("ring_size", ring_size)
         self.block_size = check_positive_int("block_size", block_size)
         self.causal = bool(causal)
         self.scale = check_scale(scale)
-        # END SOLUTION
 
     def ring_attention_step(self, q_block: mx.array, k_block: mx.array, v_block: mx.array,
                             ring_position: int, state: RingState | None = None, *,
@@ -85,8 +86,11 @@ class RingAttention:
         ``q_block (B, Hq, n, D)``, ``k_block, v_block (B, Hkv, n_k, D)``. With
         ``causal``: a later shard changes nothing, the diagonal is causal inside
         the block, an earlier shard is fully visible.
+
+        Given: the checks and an empty ``state`` to start from. Yours: skip a
+        later shard, then scores in tiles of at most ``block_size`` keys, each
+        tile's ``(out, lse)`` merged into the state (``merge_states``). About 20 lines.
         """
-        # BEGIN SOLUTION
         B, Hq, Hkv, nq, nk, D = check_attention(q_block, k_block, v_block, queries_last=False)
         ring_position = check_nonnegative_int("ring_position", ring_position)
         query_position = check_nonnegative_int("query_position", query_position)
@@ -98,6 +102,7 @@ class RingAttention:
         diagonal = self.causal and ring_position == query_position
         if diagonal and nq != nk:
             raise ValueError(f"the diagonal step needs equal q and kv shards, got {nq} and {nk}")
+        # BEGIN SOLUTION
         if self.causal and ring_position > query_position:
             return state  # a later shard: every key is in the future
         scale = (D ** -0.5 if self.scale is None else self.scale) * LOG2E
@@ -122,17 +127,19 @@ class RingAttention:
 
     def finalize(self, state: RingState, dtype=None) -> mx.array:
         """The attention output: the merged ``out`` (already normalised), cast to ``dtype``."""
-        # BEGIN SOLUTION
         return state.out if dtype is None else state.out.astype(dtype)
-        # END SOLUTION
 
     def __call__(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        """Simulate the ring in one process: ``q, k, v`` over the whole sequence (``Lq == Lk``)."""
-        # BEGIN SOLUTION
+        """Simulate the ring in one process: ``q, k, v`` over the whole sequence (``Lq == Lk``).
+
+        Shards of ``ceil(L / ring_size)`` rows (the last ones shorter or empty); rank
+        ``r`` at step ``t`` holds the kv shard that started on rank ``r - t``. Returns
+        ``(B, Hq, L, D)`` in the dtype of ``q``. About 15 lines."""
         B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
         if Lq != Lk:
             raise ValueError(f"ring attention splits one sequence: q length must equal k length, "
                              f"got Lq={Lq} and Lk={Lk}")
+        # BEGIN SOLUTION
         P = self.ring_size
         n = -(-Lq // P)  # shard length; the last shards may be shorter or empty
         outs = []
@@ -162,9 +169,9 @@ def ring_attention_distributed(q: mx.array, k: mx.array, v: mx.array, group=None
     full ``q, k, v``) and gets its shard of the output. kv shards travel to
     rank ``r + 1``; each transfer overlaps with the current shard's compute. A
     rank that dies or stops sending makes the others raise within ``timeout``
-    seconds, naming it.
+    seconds, naming it. Given (the handshake and the transport); it runs your
+    ``ring_attention_step`` on every (query chunk, kv chunk) pair it meets.
     """
-    # BEGIN SOLUTION
     B, Hq, Hkv, n, Lk, D = check_attention(q, k, v)
     check_choice("layout", layout, LAYOUTS)
     if n != Lk:
@@ -212,7 +219,6 @@ def ring_attention_distributed(q: mx.array, k: mx.array, v: mx.array, group=None
         if transfer is not None:
             kv = transfer.wait(timeout, f"rank {rank}, ring step {step + 1} of {size - 1}", suspect)
     return mx.concatenate([ring.finalize(s, q.dtype) for s in states], axis=2)
-    # END SOLUTION
 
 
 class _Background:
@@ -252,7 +258,6 @@ def _exchange(kv, group, rank: int, size: int):
 
     Even ranks send first and odd ranks receive first: if every rank blocked
     in ``send`` at the same moment, the ring would deadlock."""
-    # BEGIN SOLUTION
     nxt, prv = (rank + 1) % size, (rank - 1) % size
     if rank % 2 == 0:
         mx.eval(mx.distributed.send(kv, nxt, group=group))
@@ -261,4 +266,3 @@ def _exchange(kv, group, rank: int, size: int):
     mx.eval(received)
     mx.eval(mx.distributed.send(kv, nxt, group=group))
     return received
-    # END SOLUTION

@@ -23,46 +23,12 @@ from pathlib import Path
 import numpy as np
 
 import longctx  # noqa: F401  (fast BLAS before mlx.core)
+from longctx import techniques as registry
 from longctx.testing import measure
 
-RING_SIZE = 4
-
-
 def techniques_for(names, window: int) -> dict:
-    """CLI names -> options: one ``window`` for sliding and streaming, LongNet levels from it."""
-    from longctx.mlx.benchmark import TECHNIQUES
-    options = {"sliding": {"window_size": window}, "streaming": {"window": window, "chunk_size": window},
-               "hierarchical": {"levels": [window, 4 * window, 16 * window]},
-               "ring": {"ring_size": RING_SIZE, "block_size": max(window, 256)}}
-    return {name: {**TECHNIQUES[name], **options.get(name, {})} for name in names}
-
-
-def useful_flops(technique: str, L: int, options: dict, heads: int, dim: int) -> float | None:
-    """Multiply-adds over the visible (query, key) pairs, 2 * 2 FLOPs each (QK^T and PV)."""
-    if technique in ("full", "ring"):
-        pairs = L * (L + 1) / 2
-    elif technique == "sliding":
-        w = options["window_size"]
-        pairs = sum(min(i + 1, w) for i in range(L))
-    elif technique == "hierarchical":
-        return hierarchical_flops(L, options["levels"], heads, dim)
-    else:
-        return None
-    return 4.0 * heads * dim * pairs
-
-
-def hierarchical_flops(L: int, levels, heads: int, dim: int) -> float:
-    """Multiply-adds over the causal pairs each level keeps: a segment whose head keeps
-    ``c`` positions has ``c (c + 1) / 2`` of them (default dilations ``w // levels[0]``)."""
-    pairs = 0
-    for w in levels:
-        r = max(1, w // levels[0])
-        for h in range(heads):
-            offset = h // -(-heads // r)
-            for s0 in range(0, L, w):
-                c = len(range(offset, min(w, L - s0), r))
-                pairs += c * (c + 1) // 2
-    return 4.0 * dim * pairs
+    """CLI names -> options: the registry's defaults, with ``--window`` mapped by each technique."""
+    return {name: registry.bench_options(name, registry.technique(name).from_window(window)) for name in names}
 
 
 def mlx_matmul_gflops(n: int = 2048) -> float:
@@ -82,7 +48,7 @@ def run(backend: str, techniques: dict, lengths, *, model=None, progress=None, *
     rows = []
     for r in results:
         row = {"backend": backend, **r.to_dict(), "gflops": None}
-        flops = None if model else useful_flops(r.technique, r.length, techniques[r.technique],
+        flops = None if model else registry.useful_flops(r.technique, r.length, techniques[r.technique],
                                                  kw.get("heads", 8), kw.get("head_dim", 64))
         if flops and r.median_ms:
             row["gflops"] = flops / (r.median_ms / 1e3) / 1e9

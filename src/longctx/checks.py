@@ -59,6 +59,16 @@ def check_attention(q, k, v, *, queries_last: bool = True) -> tuple[int, int, in
     return B, Hq, Hkv, Lq, Lk, D
 
 
+def self_attention_inputs(q, k, v) -> tuple:
+    """``(k, v)``: both given, or neither (then ``k = v = q``, self-attention of one sequence)."""
+    if k is None and v is None:
+        return q, q
+    if k is None or v is None:
+        raise ValueError(f"k and v must both be given, or neither (self-attention of q), got "
+                         f"k={'None' if k is None else tuple(k.shape)} and v={'None' if v is None else tuple(v.shape)}")
+    return k, v
+
+
 def check_ratio(compression_ratio) -> float:
     """A compression ratio (the fraction removed, as in kvpress): a number in ``[0, 1)``."""
     if (isinstance(compression_ratio, bool) or not isinstance(compression_ratio, numbers.Real)
@@ -118,38 +128,17 @@ def ring_shard_rows(length: int, rank, size, layout: str) -> list[tuple[int, int
     return [(c * n, (c + 1) * n) for c in owned]
 
 
-# The Qwen3 integration's strategies and their options, with defaults (both backends).
-STRATEGY_OPTIONS = {
-    "full": {},
-    "sliding": {"window_size": 4096},
-    "hierarchical": {"levels": [2048, 8192, 32768], "dilations": None},
-    "streaming": {"sink_tokens": 4, "window": 4096},
-    "compressed": {"compression_ratio": 0.5, "method": "snapkv", "sink_tokens": 4, "recent_tokens": 32,
-                   "observation_window": 32, "pool_kernel": 5},
-}
-
-
-def check_strategy(strategy, options: dict) -> tuple[str, int, dict]:
-    """``(strategy, chunk_size, options with defaults)``; unknown names raise."""
-    strategy = check_choice("context_strategy", strategy, tuple(STRATEGY_OPTIONS))
-    options = dict(options)
-    chunk_size = check_positive_int("chunk_size", options.pop("chunk_size", 2048))
-    unknown = set(options) - set(STRATEGY_OPTIONS[strategy])
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for context_strategy={strategy!r}; "
-                         f"it takes {sorted(STRATEGY_OPTIONS[strategy]) + ['chunk_size']}")
-    if strategy == "compressed" and chunk_size < 2:
-        raise ValueError(f"chunk_size must be >= 2 for 'compressed' (a lone token is a decode step), got {chunk_size}")
-    return strategy, chunk_size, {**STRATEGY_OPTIONS[strategy], **options}
-
-
 def check_tokens(tokens, vocab_size: int) -> list[int]:
-    """A non-empty 1-D sequence of token ids (a list, or an array's ``tolist()``) in ``[0, vocab_size)``."""
+    """Token ids in ``[0, vocab_size)``: a non-empty 1-D sequence, or a batch of one ``(1, L)`` as
+    mlx-lm and transformers pass them (a list, or an array's ``tolist()``)."""
     ids = tokens.tolist() if hasattr(tokens, "tolist") else tokens
+    if isinstance(ids, (list, tuple)) and len(ids) == 1 and isinstance(ids[0], (list, tuple)):
+        ids = ids[0]
     if (not isinstance(ids, (list, tuple)) or not ids
             or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab_size
                        for t in ids)):
-        raise ValueError(f"tokens must be a non-empty 1-D sequence of ids in [0, {vocab_size}), got {tokens!r:.80}")
+        raise ValueError(f"tokens must be a non-empty 1-D sequence of ids in [0, {vocab_size}) (or one row of "
+                         f"them, (1, L)), got {tokens!r:.80}")
     return [int(t) for t in ids]
 
 

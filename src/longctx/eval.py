@@ -19,12 +19,7 @@ import numpy as np
 
 from longctx.checks import check_positive_int
 from longctx.data import tasks
-
-
-def greedy_answer(long_model, tokenizer, prompt: tasks.Prompt) -> str:
-    """The greedy continuation of ``prompt``, as long as its answer plus one token."""
-    n = len(tokenizer.encode(" " + prompt.answer, add_special_tokens=False)) + 1
-    return tokenizer.decode(list(long_model.generate(prompt.ids, n)))
+from longctx.data.tasks import greedy_answer
 
 
 def _fractions(name: str, values) -> list[float]:

@@ -4,7 +4,12 @@ In a solution, the lines from ``# BEGIN SOLUTION`` to ``# END SOLUTION`` are
 what learners write. The stub keeps everything else (imports, signatures,
 docstrings, shape comments, given helpers) and puts in their place::
 
-    raise NotImplementedError("Task 1: SlidingWindowAttention.sliding_attention -- see the book chapter ...")
+    raise NotImplementedError("Task 1: _blocked -- see the book chapter ...")
+
+``# BEGIN STRETCH`` / ``# END STRETCH`` mark an optional exercise (the fused
+GPU kernels): the stub raises ``NotImplementedError("Stretch, Task 1: ...")``
+there, the code around it falls back to the ops path, and its graded tests
+run only where the kernel can (they are reported on their own row).
 
 The task number and chapter come from the module docstring's first line
 (``Task 1: ... (book chapter "Sliding-window attention")``). ``--check``
@@ -17,6 +22,7 @@ import re
 from pathlib import Path
 
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
+MARKERS = {BEGIN: (END, "Task {task}"), "# BEGIN STRETCH": ("# END STRETCH", "Stretch, Task {task}")}
 HEADER = ('# Learner stub for Task {task}, generated from solutions/{folder}/{name} by `longctx stubs`.\n'
           '# Replace each `raise NotImplementedError(...)` with your code; grade it with\n'
           '#     pytest labs/{folder} --task {task}\n')
@@ -44,26 +50,26 @@ def make_stub(source: str, name: str, folder: str = "week3") -> str:
     if not task or not chapter:
         raise ValueError(f"{name}: the docstring must start 'Task N: ... (book chapter \"...\")'")
     spans = _qualnames(ast.parse(source))
-    out, skipping = [], False
+    out, closing = [], None  # closing: the END marker awaited inside a cut block
     for number, line in enumerate(source.splitlines(keepends=True), start=1):
         stripped = line.strip()
-        if stripped == BEGIN:
-            if skipping:
-                raise ValueError(f"{name}:{number}: {BEGIN} inside another")
-            skipping = True
+        if stripped in MARKERS:
+            if closing:
+                raise ValueError(f"{name}:{number}: {stripped} inside another")
+            closing, label = MARKERS[stripped]
             inner = [q for first, last, q in spans if first <= number <= last]
             where = inner[-1] if inner else name
             indent = line[: len(line) - len(line.lstrip())]
-            out.append(f'{indent}raise NotImplementedError("Task {task.group(1)}: {where} -- see the book '
-                       f'chapter \'{chapter.group(1)}\'")\n')
-        elif stripped == END:
-            if not skipping:
-                raise ValueError(f"{name}:{number}: {END} without {BEGIN}")
-            skipping = False
-        elif not skipping:
+            out.append(f'{indent}raise NotImplementedError("{label.format(task=task.group(1))}: {where} -- see the '
+                       f'book chapter \'{chapter.group(1)}\'")\n')
+        elif stripped in (END, "# END STRETCH"):
+            if stripped != closing:
+                raise ValueError(f"{name}:{number}: {stripped} without its BEGIN")
+            closing = None
+        elif not closing:
             out.append(line)
-    if skipping:
-        raise ValueError(f"{name}: {BEGIN} is never closed")
+    if closing:
+        raise ValueError(f"{name}: {BEGIN if closing == END else '# BEGIN STRETCH'} is never closed")
     return HEADER.format(task=task.group(1), folder=folder, name=name) + "".join(out)
 
 

@@ -148,4 +148,10 @@ def text(tokenizer, length: int, start: int = 0) -> list[int]:
     return ids
 
 
-__all__ = ["Prompt", "copy", "kv_recall", "needle", "passkey", "text"]
+def greedy_answer(long_model, tokenizer, prompt: Prompt) -> str:
+    """The greedy continuation of ``prompt``, as long as its answer plus one token."""
+    n = len(tokenizer.encode(" " + prompt.answer, add_special_tokens=False)) + 1
+    return tokenizer.decode(list(long_model.generate(prompt.ids, n)))
+
+
+__all__ = ["Prompt", "copy", "greedy_answer", "kv_recall", "needle", "passkey", "text"]

@@ -1,7 +1,11 @@
-"""One face for each backend, so a graded test runs unchanged on MLX and torch.
+"""The array façade: one face for each backend, so a graded test runs unchanged on MLX and torch.
 
 Inputs are made in numpy (``numpy.random.default_rng``) and converted here,
-so every implementation sees the same numbers.
+so every implementation sees the same numbers. Where the two libraries'
+cache protocols differ (mlx-lm: one cache object per layer with
+``update_and_fetch`` and ``offset``; transformers: one ``Cache`` holding
+``layers``, updated with ``update(k, v, layer)``), the difference lives here,
+never in a test.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ class MLXBackend:
     def __init__(self):
         import mlx.core as mx
         self.mx = mx
+        # The fused kernels (a stretch exercise) run on an Apple GPU or MLX's CUDA backend.
+        self.gpu_kernels = mx.metal.is_available() or mx.cuda.is_available()
 
     def asarray(self, a, dtype: str = "float32"):
         return self.mx.array(np.asarray(a, dtype=np.float32)).astype(getattr(self.mx, dtype))
@@ -40,6 +46,22 @@ class MLXBackend:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return self.mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=self.mx.array(mask))
 
+    def cache_update(self, cache, k, v):
+        """One layer's update: the keys and values attention then sees."""
+        return cache.update_and_fetch(k, v)
+
+    def cache_layers(self, caches) -> list:
+        """The per-layer objects of a model's cache (mlx-lm: the list itself; one cache: itself)."""
+        return list(caches) if isinstance(caches, (list, tuple)) else [caches]
+
+    def cache_offset(self, cache) -> int:
+        """Tokens a layer's cache has seen: the position the next one gets."""
+        return cache.offset
+
+    def model_cache(self, make, model):
+        """A whole model's cache from a one-layer ``make()``: one per layer in mlx-lm."""
+        return [make() for _ in model.layers]
+
 
 class TorchBackend:
     name = "torch"
@@ -48,6 +70,7 @@ class TorchBackend:
         import torch
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.gpu_kernels = False  # the torch mirror has no fused-kernel stretch exercise
 
     def asarray(self, a, dtype: str = "float32"):
         t = self.torch.from_numpy(np.asarray(a, dtype=np.float32))
@@ -73,6 +96,19 @@ class TorchBackend:
         m = self.torch.from_numpy(mask).to(q.device)
         return self.torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=m, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+    def cache_update(self, cache, k, v):
+        return cache.update(k, v, 0)
+
+    def cache_layers(self, caches) -> list:
+        return list(caches.layers)
+
+    def cache_offset(self, cache) -> int:
+        return cache.get_seq_length()
+
+    def model_cache(self, make, model):
+        """A transformers ``Cache`` makes its layers as the model reaches them."""
+        return make()
 
 
 def make_backend(name: str):

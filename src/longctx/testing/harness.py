@@ -2,10 +2,16 @@
 
 * ``--impl labs|solutions|torch`` or ``--impl-dir DIR`` (``LONGCTX_IMPL`` sets
   the default) chooses which files are graded; tests get modules from the
-  ``lab`` fixture and arrays from the ``xp`` backend fixture, never by import.
+  ``lab`` fixture and arrays from the ``arrays`` backend fixture, never by import.
 * ``--task N`` grades one task (``@pytest.mark.task(N)``).
-* A test stopped by ``NotImplementedError`` is a TODO: it counts as not passed,
-  prints no traceback, and each stub shows once as ``TODO Task N: ...``.
+* Points: ``@pytest.mark.task(N, points=P)`` (default 1) is what a test
+  function is worth, shared among its parametrized cases, so five bad-input
+  cases weigh what one property test does. ``stretch=True`` puts a test on
+  its task's stretch row (the fused GPU kernels: graded only where they run).
+* A test stopped by a ``NotImplementedError`` raised in the graded folder's
+  own files is a TODO: it counts as not passed, prints no traceback, and each
+  stub shows once as ``TODO Task N: ...``. One raised inside MLX, torch or
+  anything else is an ordinary failure. Skipped tests do not count.
 * At the end: one rich table (task, passed, points, what the task measured)
   and ``results.json``.
 """
@@ -24,18 +30,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+from longctx.techniques import TASKS
 from longctx.testing.backends import make_backend
 
-TASK_NAMES = {
-    1: "Sliding-window attention",
-    2: "Hierarchical (dilated) attention",
-    3: "Ring attention",
-    4: "Context compression",
-    5: "Streaming with attention sinks",
-    6: "Adaptive context",
-    7: "Long-context benchmark",
-    8: "Qwen3 integration",
-}
 
 settings.register_profile("longctx", max_examples=25, deadline=None, derandomize=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -59,10 +56,14 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "task(n): the lab task a graded test belongs to")
-    config.stash[_STATE] = {"verdicts": {}, "figures": defaultdict(dict)}
+    config.stash[_STATE] = {"verdicts": {}, "figures": defaultdict(dict), "cases": {}}
 
 
 def pytest_collection_modifyitems(config, items):
+    cases = config.stash[_STATE]["cases"]
+    for item in items:  # parametrized cases of one test function share its points
+        key = (item.path, getattr(item, "originalname", item.name))
+        cases[key] = cases.get(key, 0) + 1
     wanted = config.getoption("task")
     if wanted is None:
         return
@@ -142,13 +143,13 @@ def lab(request, labs_dir):
 
 
 @pytest.fixture(scope="session")
-def xp(lab):
+def arrays(lab):
     """The backend face (``asarray``, ``numpy``, ``seconds``, ``peak_bytes``...) for the graded modules."""
     return make_backend(lab.backend)
 
 
 @pytest.fixture(scope="session")
-def tiny_models(xp):
+def tiny_models(arrays):
     """``make(**config) -> (model, forward(ids, cache) -> logits (L, vocab), new_full_cache())``:
     the seeded tiny Qwen3 (``longctx.models``) in the graded backend, mlx-lm's or transformers'."""
     from longctx import models
@@ -157,7 +158,7 @@ def tiny_models(xp):
     def make(**overrides):
         key = tuple(sorted(overrides.items()))
         if key not in made:
-            made[key] = _tiny(xp.name, models, overrides)
+            made[key] = _tiny(arrays.name, models, overrides)
         return made[key]
     return make
 
@@ -187,11 +188,11 @@ def tiny_model(tiny_models):
 
 
 @pytest.fixture(scope="session")
-def shipped_model(xp):
+def shipped_model(arrays):
     """``(model, tokenizer)``: the trained model that ships with longctx (``longctx.models.TRAINED``),
     through the real loaders: ``mlx_lm.load`` or transformers' ``from_pretrained``."""
     from longctx.models import load_trained
-    return load_trained(xp.name)
+    return load_trained(arrays.name)
 
 
 @pytest.fixture
@@ -201,23 +202,59 @@ def record(request):
     return lambda label, text: figures.__setitem__(label, text)
 
 
+def _row_of(item) -> str:
+    marker = item.get_closest_marker("task")
+    task = _task_of(item)
+    return f"{task} stretch" if marker and marker.kwargs.get("stretch") else str(task)
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions inside an exception group (hypothesis reports distinct failures as one)."""
+    inner = getattr(error, "exceptions", None)  # BaseExceptionGroup (Python 3.11+, or the backport)
+    if isinstance(inner, (list, tuple)) and inner:
+        return [leaf for e in inner for leaf in _leaves(e)]
+    return [error]
+
+
+def _todo(excinfo, folder: str | None) -> NotImplementedError | None:
+    """The learner's ``NotImplementedError`` that stopped the test, if every error raised is one
+    and each was raised by code in ``folder`` (its innermost frame is there), else None."""
+    errors = _leaves(excinfo.value)
+    for error in errors:
+        if not isinstance(error, NotImplementedError):
+            return None
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        path = Path(tb.tb_frame.f_code.co_filename).resolve() if tb is not None else None
+        if folder and path != Path(__file__).resolve() and not (  # Lab: a module missing from the folder
+                path and str(path).startswith(str(Path(folder).resolve()) + os.sep)):
+            return None
+    return errors[0]
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    state = item.config.stash[_STATE]
     marker = item.get_closest_marker("task")
-    report.user_properties += [("task", _task_of(item)),
-                               ("points", marker.kwargs.get("points", 1) if marker else 1)]
-    if call.excinfo is not None and call.excinfo.errisinstance(NotImplementedError):
-        message = str(call.excinfo.value) or f"{item.name} is not implemented"
-        if not message.startswith("Task"):
+    share = state["cases"].get((item.path, getattr(item, "originalname", item.name)), 1)
+    report.user_properties += [("task", _task_of(item)), ("row", _row_of(item)),
+                               ("points", (marker.kwargs.get("points", 1) if marker else 1) / share)]
+    todo = _todo(call.excinfo, state.get("impl")) if call.excinfo is not None else None
+    if todo is not None:
+        message = str(todo) or f"{item.name} is not implemented"
+        if not message.startswith(("Task", "Stretch")):
             message = f"Task {_task_of(item)}: {message}"
         report.outcome = "failed"
         report.longrepr = f"TODO {message}"
         report.user_properties.append(("todo", message))
-    # One verdict per test: the call phase, or a setup/teardown that did not pass.
+    # One verdict per test: the call phase, or a setup/teardown that did not pass; skipped tests do not count.
+    if report.skipped:
+        return
     if report.when == "call" or report.outcome != "passed":
-        verdicts = item.config.stash[_STATE]["verdicts"]
+        verdicts = state["verdicts"]
         if report.nodeid not in verdicts or report.outcome != "passed":
             verdicts[report.nodeid] = (dict(report.user_properties), report.outcome)
 
@@ -236,10 +273,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for line in sorted({props["todo"] for props, _ in verdicts.values() if props.get("todo")}):
         terminalreporter.write_line(f"TODO {line}", yellow=True, bold=True)
 
-    tasks: dict = {}
+    rows: dict = {}
     for props, outcome in verdicts.values():
-        row = tasks.setdefault(props.get("task"), {"passed": 0, "total": 0, "points": 0,
-                                                   "max_points": 0, "todo": 0})
+        row = rows.setdefault(props.get("row", str(props.get("task"))),
+                              {"passed": 0, "total": 0, "points": 0.0, "max_points": 0.0, "todo": 0,
+                               "task": props.get("task")})
         row["total"] += 1
         row["max_points"] += props.get("points", 1)
         if outcome == "passed":
@@ -254,16 +292,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         table.add_column(column)
     results = {"impl": state.get("impl"), "backend": state.get("backend"), "tasks": {},
                "tests": {nodeid: outcome for nodeid, (_, outcome) in verdicts.items()}}
-    for task in sorted(tasks, key=lambda t: (t is None, t)):
-        row = tasks[task]
+    for key in sorted(rows, key=lambda k: (rows[k]["task"] is None, rows[k]["task"] or 0, k)):
+        row = rows.pop(key) | {}
+        task = row.pop("task")
         status = "PASS" if row["passed"] == row["total"] else ("TODO" if row["todo"] else "FAIL")
-        name = TASK_NAMES.get(task, "unmarked")
-        figures = state["figures"].get(task, {})
+        name = TASKS[task].title if task in TASKS else "unmarked"
+        name += " (stretch)" if key.endswith("stretch") else ""
+        figures = state["figures"].get(task, {}) if not key.endswith("stretch") else {}
+        row["points"], row["max_points"] = round(row["points"], 2), round(row["max_points"], 2)
         table.add_row(f"{task} {name}", f"{row['passed']}/{row['total']}",
-                      f"{row['points']}/{row['max_points']}",
+                      f"{row['points']:g}/{row['max_points']:g}",
                       {"PASS": "[green]PASS", "TODO": "[yellow]TODO", "FAIL": "[red]FAIL"}[status],
                       "\n".join(f"{k}: {v}" for k, v in figures.items()))
-        results["tasks"][str(task)] = {"name": name, **row, "status": status, "figures": figures}
+        results["tasks"][key] = {"name": name, **row, "status": status, "figures": figures}
     console = Console(width=120, record=True, file=open(os.devnull, "w"))
     console.print(table)
     for line in console.export_text().rstrip().splitlines():

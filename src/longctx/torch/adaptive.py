@@ -1,8 +1,9 @@
 """Task 6 in PyTorch: a conversation under a token budget, the mirror of ``longctx.mlx``.
 
-The manager works on text and a tokenizer, not on arrays, so it is the
-reference itself (``solutions/week3/adaptive.py``, book chapter "Adaptive
-context"); only the summarizer that asks the model differs: here it is a
+The manager works on text and a tokenizer, not on arrays, so it has one
+source, the reference (``solutions/week3/adaptive.py``, book chapter
+"Adaptive context"), which imports no MLX: loading it here leaves ``mlx`` out
+of the process. Only the summarizer that asks the model differs: here it is a
 Hugging Face model through ``generate``.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ def llm_summarizer(model, tokenizer, *, max_tokens: int = 128) -> Callable[[str]
         request = [{"role": "user", "content": "Summarize the key facts, names, numbers and decisions of this "
                                                f"conversation as short bullet points:\n\n{text}"}]
         ids = tokenizer.apply_chat_template(request, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
+                                            return_dict=True)["input_ids"].to(model.device)
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)

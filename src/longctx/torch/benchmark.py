@@ -12,6 +12,7 @@ with ``is_causal`` runs a fused flash kernel (no ``L x L`` scores), so
 """
 from __future__ import annotations
 
+import importlib
 import statistics
 import time
 
@@ -19,54 +20,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from longctx.checks import check_positive_int
-from longctx.mlx.benchmark import (
-    BYTES,
-    ERROR,
-    PASSKEY,
-    SUBQUADRATIC,
-    TECHNIQUES,
-    BenchmarkResult,
-    _check_techniques,
-    default_memory_limit,
-    exact_rows,
-    relative_error,
-)
-from longctx.mlx.benchmark import estimate_memory as _mlx_estimate
+from longctx import techniques as registry
+from longctx.techniques import ERROR, PASSKEY, BenchmarkResult, default_memory_limit
 from longctx.testing import measure
+from longctx.testing.oracles import causal_rows as exact_rows
+from longctx.testing.oracles import relative_error
 
 from .compression import ContextCompressor
-from .hierarchical import HierarchicalAttention
-from .ring import RingAttention
-from .sliding import SlidingWindowAttention
 from .streaming import SinkLayer
 
 
 def estimate_memory(technique: str, length: int, *, heads: int = 8, head_dim: int = 64, **options) -> int:
-    """As ``longctx.mlx``'s, except two: ``full``'s flash kernel keeps only q, k, v, the output and
-    the log-sum-exp per row; ``sliding`` (the torch mirror's blocks, not MLX's tiles) holds the
-    banded scores, weights and gathered keys, ``4 H L (W + 64)``."""
-    L, H, D = check_positive_int("length", length), heads, head_dim
-    if technique == "full":
-        return (4 * H * L * D + H * L) * BYTES
-    if technique == "sliding":
-        w = min({**TECHNIQUES["sliding"], **options}["window_size"], L)
-        return (4 * H * L * D + 4 * H * L * (w + 64)) * BYTES
-    return _mlx_estimate(technique, length, heads=heads, head_dim=head_dim, **options)
+    """The registry's arithmetic for torch (``longctx.techniques``): ``full``'s flash kernel keeps
+    only q, k, v, the output and the log-sum-exp per row."""
+    return registry.estimate_memory(technique, length, heads=heads, head_dim=head_dim, backend="torch", **options)
 
 
 def attention_run(technique: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options):
     """``(fn, rows)`` as in ``longctx.mlx``: ``fn()`` returns the output rows for query positions ``rows``."""
-    o = {**TECHNIQUES[technique], **options}
+    t, o = registry.technique(technique), registry.bench_options(technique, options)
     L, scale = q.shape[2], q.shape[-1] ** -0.5
+    if t.attention is not None:  # a class of this package: cls(**options)(q, k, v)
+        module = importlib.import_module(f"{__package__}.{registry.TASKS[t.task].module}")
+        attend = getattr(module, t.attention)(**o)
+        return lambda: attend(q, k, v), np.arange(L)
     if technique == "full":
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), np.arange(L)
-    if technique == "sliding":
-        return lambda: SlidingWindowAttention(o["window_size"])(q, k, v), np.arange(L)
-    if technique == "hierarchical":
-        return lambda: HierarchicalAttention(o["levels"], o.get("dilations"))(q, k, v), np.arange(L)
-    if technique == "ring":
-        return lambda: RingAttention(o["ring_size"], o["block_size"])(q, k, v), np.arange(L)
     if technique == "streaming":
         def streaming():
             cache, outs = SinkLayer(o["sink_tokens"], o["window"]), []
@@ -97,16 +76,11 @@ def benchmark_long_context(techniques=None, lengths=(50_000, 100_000, 200_000), 
     ``(transformers model, tokenizer)``."""
     if backend != "torch":
         raise ValueError(f"backend must be 'torch' for longctx.torch (use longctx.mlx for 'mlx'), got {backend!r}")
-    chosen = _check_techniques(techniques, model)
-    iterable = hasattr(lengths, "__iter__") and not isinstance(lengths, str)
-    lengths = [check_positive_int("length", L) for L in lengths] if iterable else None
-    if not lengths:
-        raise ValueError(f"lengths must be a non-empty list of integers >= 1, got {lengths!r}")
-    repeats = check_positive_int("repeats", repeats)
+    chosen, lengths, repeats, memory_limit = registry.check_benchmark(techniques, lengths, repeats,
+                                                                      memory_limit, model)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if memory_limit is None:
         memory_limit = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else default_memory_limit()
-    memory_limit = check_positive_int("memory_limit", memory_limit)
     results = []
     for name, options in chosen.items():
         for L in lengths:
@@ -115,9 +89,7 @@ def benchmark_long_context(techniques=None, lengths=(50_000, 100_000, 200_000), 
             else:
                 estimate = estimate_model_memory(model[0], name, L, **options)
             if estimate > memory_limit:
-                results.append(BenchmarkResult(name, L, None, None, None, None, PASSKEY if model else ERROR,
-                                               estimate, f"needs ~{estimate / 2**30:.1f} GiB > limit "
-                                                         f"{memory_limit / 2**30:.1f} GiB"))
+                results.append(registry.skipped_result(name, L, estimate, memory_limit, PASSKEY if model else ERROR))
             elif model is None:
                 results.append(_attention_result(name, L, options, heads, head_dim, check_rows, repeats,
                                                  estimate, seed, device))
@@ -143,21 +115,14 @@ def _attention_result(name, L, options, heads, head_dim, check_rows, repeats, es
 
 
 def estimate_model_memory(model, technique: str, length: int, **options) -> int:
-    """As ``longctx.mlx``'s, for a transformers Qwen3."""
-    from longctx.checks import STRATEGY_OPTIONS
-    o, c = {**STRATEGY_OPTIONS[technique], **options}, model.config
-    chunk = min(o.get("chunk_size", 2048), length)
-    held = {"sliding": o.get("window_size", 0) + chunk,
-            "streaming": o.get("sink_tokens", 0) + o.get("window", 0) + chunk}.get(technique, length)
-    held = min(held, length)
+    """As ``longctx.mlx``'s (``longctx.techniques.estimate_model_memory``), for a transformers Qwen3."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    cache = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * held * BYTES
-    return weights + cache + 3 * c.num_attention_heads * chunk * held * BYTES + length * c.vocab_size * BYTES
+    return registry.estimate_model_memory(model.config, weights, technique, length, **options)
 
 
 def _model_result(name, L, options, model, repeats, estimate, seed) -> BenchmarkResult:
     from longctx.data import tasks
-    from longctx.eval import greedy_answer
+    from longctx.data.tasks import greedy_answer
 
     from .qwen3_long import LongContextQwen3
     base, tokenizer = model
@@ -176,5 +141,5 @@ def _model_result(name, L, options, model, repeats, estimate, seed) -> Benchmark
     return BenchmarkResult(name, L, ms, L / (ms / 1e3), max(peaks), float(np.mean(scores)), PASSKEY, estimate)
 
 
-__all__ = ["SUBQUADRATIC", "TECHNIQUES", "BenchmarkResult", "attention_run", "benchmark_long_context",
+__all__ = ["BenchmarkResult", "attention_run", "benchmark_long_context",
            "default_memory_limit", "estimate_memory", "estimate_model_memory", "exact_rows", "relative_error"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from longctx.checks import check_attention, check_level, check_levels, check_scale
+from longctx.checks import check_attention, check_level, check_levels, check_scale, self_attention_inputs
 
 
 def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_size: int, dilation: int, *,
@@ -64,8 +64,11 @@ class HierarchicalAttention:
         self.causal = bool(causal)
         self.scale = check_scale(scale)
 
-    def hierarchical_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` -> ``(B, Hq, Lq, D)``, dtype of ``q``."""
+    def hierarchical_forward(self, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+        """``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` -> ``(B, Hq, Lq, D)``, dtype of ``q``.
+
+        ``hierarchical_forward(x)`` is self-attention of ``x`` with itself (``q = k = v = x``)."""
+        k, v = self_attention_inputs(q, k, v)
         check_attention(q, k, v)
         parts = [dilated_attention(q, k, v, w, r, causal=self.causal, scale=self.scale)
                  for w, r in zip(self.levels, self.dilations)]

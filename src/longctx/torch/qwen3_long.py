@@ -11,10 +11,16 @@ it only inside its own calls. transformers builds no mask for an
 implementation it does not know, so no ``L x L`` mask is ever made.
 ``full`` and ``streaming`` keep the model's own attention: Task 5's
 ``SinkKVCache`` gives transformers the mask sizes it needs.
+
+As in MLX, each strategy's cache class (the same names: ``SlidingKVCache``,
+``HierarchicalKVCache``, ``SinkKVCache``, ``QueryRecordingCache``) and its
+options come from ``longctx.techniques``; a cache with an ``attend`` method
+gets the ``"longctx"`` attention function.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -23,14 +29,13 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from longctx.checks import STRATEGY_OPTIONS, check_positive_int, check_strategy, check_tokens, prefill_chunks
+from longctx.checks import check_positive_int, check_tokens, prefill_chunks
+from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
 
 from .compression import NEEDS_ATTENTION, CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
 from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache
-
-STRATEGIES = tuple(STRATEGY_OPTIONS)
 SAMPLING = ("temperature", "top_p", "top_k", "min_p")
 
 
@@ -44,6 +49,55 @@ def attention(module, query, key, value, attention_mask, scaling=None, longctx_a
 AttentionInterface.register("longctx", attention)
 
 
+class SlidingKVCache(Cache):
+    """transformers' sliding-window layers (the last ``window_size - 1`` entries plus the new
+    ones), attended by Task 1: ``window_size`` keys per query, in O(L * window)."""
+
+    def __init__(self, window_size: int, *, num_layers: int):
+        super().__init__(layers=[DynamicSlidingWindowLayer(window_size) for _ in range(num_layers)])
+        self.window_size = window_size
+
+    def attend(self, layer: int, q, k, v, scale):
+        return SlidingWindowAttention(self.window_size, scale)(q, k, v)
+
+
+class HierarchicalKVCache(Cache):
+    """Plain layers, attended by Task 2's dilated levels (queries are the last of the keys)."""
+
+    def __init__(self, levels, dilations=None, *, num_layers: int):
+        super().__init__(layers=[DynamicLayer() for _ in range(num_layers)])
+        self.attention = HierarchicalAttention(levels, dilations)
+
+    def attend(self, layer: int, q, k, v, scale):
+        a = self.attention
+        return HierarchicalAttention(a.levels, a.dilations, scale=scale)(q, k, v)
+
+
+class QueryRecordingCache(CompressedKVCache):
+    """Task 4's cache, keeping the prompt's queries that ``compress`` needs (H2O: all of
+    them; SnapKV: the last ``observation_window``) while attending causally."""
+
+    def __init__(self, *, num_layers: int, **compressor_options):
+        super().__init__(ContextCompressor(**compressor_options), num_layers=num_layers)
+        self.compressor = self.layers[0].compressor
+        self.queries: dict[int, torch.Tensor] = {}
+
+    def attend(self, layer: int, q, k, v, scale):
+        method = self.compressor.method
+        if not self.layers[layer].compressed and method in NEEDS_ATTENTION:
+            seen = q if layer not in self.queries else torch.cat([self.queries[layer], q], 2)
+            self.queries[layer] = seen if method == "h2o" else seen[:, :, -self.compressor.observation_window:]
+        Lq, Lk = q.shape[2], k.shape[2]
+        causal = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)  # held entries all precede
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale,
+                                                                enable_gqa=True)
+
+    def compress(self) -> None:
+        """Compress every layer with the queries it recorded."""
+        for i, layer in enumerate(self.layers):
+            layer.compress(self.queries.pop(i, None))
+
+
 class LongContextQwen3:
     """A transformers Qwen3 with a long-context strategy: ``process_long_sequence`` and ``generate``."""
 
@@ -54,21 +108,15 @@ class LongContextQwen3:
         self.model = base_model
         self.strategy, self.chunk_size, self.options = check_strategy(context_strategy, options)
         self.cache = self.make_cache()  # validates the options now, not at the first call
-        self.queries: dict[int, torch.Tensor] = {}
 
     def make_cache(self) -> Cache:
-        o, n = self.options, self.model.config.num_hidden_layers
-        if self.strategy == "sliding":
-            window = check_positive_int("window_size", o["window_size"])
-            return Cache(layers=[DynamicSlidingWindowLayer(window) for _ in range(n)])
-        if self.strategy == "hierarchical":
-            HierarchicalAttention(o["levels"], o["dilations"])  # validates them
-            return Cache(layers=[DynamicLayer() for _ in range(n)])
-        if self.strategy == "streaming":
-            return SinkKVCache(o["sink_tokens"], o["window"], rotary_emb=self.model.model.rotary_emb, num_layers=n)
-        if self.strategy == "compressed":
-            return CompressedKVCache(ContextCompressor(**o), num_layers=n)
-        return DynamicCache(config=self.model.config)
+        """A fresh cache for this strategy: the registry's cache class, built from the options."""
+        name, n = TECHNIQUES[self.strategy].cache, self.model.config.num_hidden_layers
+        if name is None:
+            return DynamicCache(config=self.model.config)
+        cls = globals()[name]
+        takes_rotary = "rotary_emb" in inspect.signature(cls).parameters
+        return cls(**self.options, num_layers=n, **({"rotary_emb": self.model.model.rotary_emb} if takes_rotary else {}))
 
     @torch.no_grad()
     def process_long_sequence(self, tokens) -> torch.Tensor:
@@ -87,7 +135,8 @@ class LongContextQwen3:
         self.cache = self.make_cache()
         if len(ids) > 1:
             self._prefill(ids[:-1])
-        seen, last = torch.tensor([ids]), torch.tensor([ids[-1:]])
+        device = self.model.device  # generated tokens stay there: no CPU tensor meets a CUDA one
+        seen, last = torch.tensor([ids], device=device), torch.tensor([ids[-1:]], device=device)
         for _ in range(max_new_tokens):
             logits = self._forward(last)[:, -1].float()
             if warpers is None:
@@ -98,36 +147,20 @@ class LongContextQwen3:
             yield int(token)
 
     def _prefill(self, ids: list[int]) -> torch.Tensor:
-        self.queries = {}  # nothing left from an interrupted call
         chunks = prefill_chunks(len(ids), self.chunk_size)
         logits = [self._forward(torch.tensor([ids[start:end]])) for start, end in chunks]
-        if self.strategy == "compressed":
-            for i, layer in enumerate(self.cache.layers):
-                layer.compress(self.queries.pop(i, None))
+        if isinstance(self.cache, QueryRecordingCache):
+            self.cache.compress()
         return torch.cat(logits, 1)
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(self.model.device)
-        if self.strategy in ("full", "streaming"):
+        attend = getattr(self.cache, "attend", None)
+        if attend is None:  # full, streaming: the model's own attention
             return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
         with self._implementation("longctx"):
             return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
-                              longctx_attend=self._attend).logits
-
-    def _attend(self, layer: int, q, k, v, scale):
-        o = self.options
-        if self.strategy == "sliding":
-            return SlidingWindowAttention(o["window_size"], scale)(q, k, v)
-        if self.strategy == "hierarchical":
-            return HierarchicalAttention(o["levels"], o["dilations"], scale=scale)(q, k, v)
-        method = o["method"]
-        if not self.cache.layers[layer].compressed and method in NEEDS_ATTENTION:
-            seen = q if layer not in self.queries else torch.cat([self.queries[layer], q], 2)
-            self.queries[layer] = seen if method == "h2o" else seen[:, :, -o["observation_window"]:]
-        Lq, Lk = q.shape[2], k.shape[2]
-        causal = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)  # held entries all precede
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale,
-                                                                enable_gqa=True)
+                              longctx_attend=attend).logits
 
     @contextlib.contextmanager
     def _implementation(self, name: str):

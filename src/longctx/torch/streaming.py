@@ -97,7 +97,6 @@ class StreamingProcessor:
         self.overlap = check_nonnegative_int("overlap", overlap)
         self.sink_tokens = check_nonnegative_int("sink_tokens", sink_tokens)
         self.window = check_positive_int("window", window)
-        self.dropped = 0
         self.caches = None
 
     def make_cache(self, model: PreTrainedModel) -> SinkKVCache:
@@ -106,11 +105,11 @@ class StreamingProcessor:
 
     @torch.no_grad()
     def process_stream(self, token_stream: Iterable[int], model) -> Iterator[torch.Tensor]:
-        """Yield each chunk's logits ``(n, vocab)``. A ``transformers`` model gets a ``SinkKVCache``;
-        any other callable gets ``model(tokens[None])`` with ``overlap`` tokens of context in front."""
+        """Yield each chunk's logits ``(n, vocab)``, one row per new token. A ``transformers`` model
+        gets a ``SinkKVCache``; any other callable gets ``model(tokens[None])`` with the previous
+        chunk's last ``overlap`` tokens in front as context, their rows dropped."""
         stream = iter(token_stream)
         self.caches = caches = self.make_cache(model) if isinstance(model, PreTrainedModel) else None
-        self.dropped = 0 if caches is not None else min(self.overlap, self.chunk_size)
         device = next(model.parameters()).device if caches is not None else None
         previous: list[int] = []
         while chunk := list(itertools.islice(stream, self.chunk_size)):
@@ -118,14 +117,17 @@ class StreamingProcessor:
                 ids = torch.tensor(chunk, device=device)[None]
                 yield model(input_ids=ids, past_key_values=caches, use_cache=True).logits[0]
             else:
-                out = model(torch.tensor(previous[len(previous) - self.dropped:] + chunk)[None])
+                context = previous[len(previous) - min(self.overlap, len(previous)):]
+                out = model(torch.tensor(context + chunk)[None])
                 previous = chunk
-                yield getattr(out, "logits", out)[0]
+                yield getattr(out, "logits", out)[0][len(context):]
 
     def merge_chunk_outputs(self, chunk_outputs: list[torch.Tensor]) -> torch.Tensor:
-        if not chunk_outputs:
-            raise ValueError("chunk_outputs must not be empty")
-        return torch.cat([chunk_outputs[0]] + [out[self.dropped:] for out in chunk_outputs[1:]], dim=0)
+        """One ``(tokens, vocab)`` tensor from the chunks' outputs, in order (nothing from an earlier call)."""
+        if not chunk_outputs or any(getattr(out, "ndim", None) != 2 for out in chunk_outputs):
+            raise ValueError(f"chunk_outputs must be a non-empty list of (n, vocab) tensors, got "
+                             f"{[tuple(getattr(o, 'shape', ())) for o in chunk_outputs] or chunk_outputs!r}")
+        return torch.cat(list(chunk_outputs), dim=0)
 
 
 __all__ = ["SinkKVCache", "SinkLayer", "StreamingProcessor"]
