@@ -188,8 +188,6 @@ MUTANTS = {
         "    nxt, prv = (rank + 1) % size, (rank - 1) % size\n    if rank % 2",
         "    prv, nxt = (rank + 1) % size, (rank - 1) % size\n    if rank % 2")]),
     # Task 4
-    "ratio read as the fraction kept": ("compression", [(
-        "return max(1, int(length * (1 - compression_ratio)))", "return max(1, int(length * compression_ratio))")]),
     "ties go to the later position": ("compression", [(
         "(mx.cumsum(tie.astype(mx.int32), axis=-1) <= room)",
         "(mx.cumsum(tie.astype(mx.int32)[..., ::-1], axis=-1)[..., ::-1] <= room)")]),

@@ -51,10 +51,10 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from longctx.checks import check_positive_int, check_tokens, prefill_chunks
+from longctx.checks import NEEDS_ATTENTION, check_positive_int, check_tokens, prefill_chunks
 from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
 
-from .compression import NEEDS_ATTENTION, CompressedKVCache, ContextCompressor
+from .compression import CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
 from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache
@@ -79,6 +79,8 @@ class SlidingKVCache(RotatingKVCache):
         super().__init__(max_size=window_size)
 
     def attend(self, queries, keys, values, scale, mask):
+        """``queries (B, Hq, Lq, D)``, the ``keys``, ``values (B, Hkv, Lk, D)`` this cache
+        returned, mlx-lm's ``scale`` and ``mask`` -> ``(B, Hq, Lq, D)``. About 1 line."""
         raise NotImplementedError("Task 8: SlidingKVCache.attend -- see the book chapter 'Putting it into Qwen3'")
 
 
@@ -90,6 +92,7 @@ class HierarchicalKVCache(KVCache):
         self.levels, self.dilations = levels, dilations
 
     def attend(self, queries, keys, values, scale, mask):
+        """As ``SlidingKVCache.attend``, with Task 2's levels. About 1 line."""
         raise NotImplementedError("Task 8: HierarchicalKVCache.attend -- see the book chapter 'Putting it into Qwen3'")
 
 
@@ -102,6 +105,9 @@ class QueryRecordingCache(CompressedKVCache):
         self.queries = None
 
     def attend(self, queries, keys, values, scale, mask):
+        """Record the prompt's queries in ``self.queries`` (``(B, Hq, n, D)``; H2O keeps all,
+        SnapKV the last ``observation_window``; none once compressed), then attend as mlx-lm
+        does (``base.scaled_dot_product_attention``). About 5 lines."""
         raise NotImplementedError("Task 8: QueryRecordingCache.attend -- see the book chapter 'Putting it into Qwen3'")
 
     def compress(self, queries=None) -> None:
@@ -150,13 +156,26 @@ class LongContextQwen3:
 
     def process_long_sequence(self, tokens) -> mx.array:
         """Logits ``(1, L, vocab)`` for ``tokens`` (L ids), prefilled in chunks of
-        ``chunk_size`` through this strategy's cache, kept as ``self.cache``."""
+        ``chunk_size`` through this strategy's cache, kept as ``self.cache``
+        (``self.make_cache()``, ``self._prefill``). About 3 lines."""
+        ids = self._check_tokens(tokens)
         raise NotImplementedError("Task 8: LongContextQwen3.process_long_sequence -- see the book chapter 'Putting it into Qwen3'")
 
     def generate(self, tokens, max_new_tokens: int, **sampling) -> Iterator[int]:
         """Token ids after the prompt ``tokens``, one at a time, through mlx-lm's
         ``generate_step`` with this strategy's cache. Greedy unless ``temperature``
-        (and ``top_p``, ``top_k``, ``min_p``) say otherwise."""
+        (and ``top_p``, ``top_k``, ``min_p``) say otherwise.
+
+        Prefill all but the prompt's last token (``self._prefill``), then let
+        ``generate_step`` start from that token with ``prompt_cache=self.cache``,
+        advancing it inside ``self._attention_seam()`` only (not while the caller
+        holds a token). About 12 lines."""
+        ids = self._check_tokens(tokens)
+        max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
+        unknown = set(sampling) - set(SAMPLING)
+        if unknown:
+            raise ValueError(f"unknown sampling option(s) {sorted(unknown)}; use {sorted(SAMPLING)}")
+        sampler = make_sampler(**{SAMPLING[k]: v for k, v in sampling.items()})
         raise NotImplementedError("Task 8: LongContextQwen3.generate -- see the book chapter 'Putting it into Qwen3'")
 
     def _prefill(self, ids: list[int], cache: list) -> mx.array:

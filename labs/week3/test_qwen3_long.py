@@ -143,9 +143,11 @@ def test_greedy_generate_continues_the_base_model(lab, arrays, tiny_model, weigh
     assert got == seq[len(ids):], f"greedy tokens {got}, the oracle's {seq[len(ids):]}"
 
 
-def test_bad_arguments_raise(lab, tiny_model):
+def test_bad_arguments_raise(lab, arrays, tiny_model):
+    """The given checks refuse bad strategies, options and tokens, naming them; good input still runs."""
     model, _, _ = tiny_model
     L = lab("qwen3_long").LongContextQwen3
+    assert arrays.numpy(L(model, "full").process_long_sequence([1, 2, 3])).shape == (1, 3, 256)
     for args, kw, name in (((model, "dense"), {}, "context_strategy"), ((model, "sliding"), {"window": 4}, "window"),
                            ((model, "sliding"), {"window_size": 0}, "window_size"),
                            ((model, "full"), {"chunk_size": 0}, "chunk_size"),

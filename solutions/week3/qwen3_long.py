@@ -48,10 +48,10 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from longctx.checks import check_positive_int, check_tokens, prefill_chunks
+from longctx.checks import NEEDS_ATTENTION, check_positive_int, check_tokens, prefill_chunks
 from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
 
-from .compression import NEEDS_ATTENTION, CompressedKVCache, ContextCompressor
+from .compression import CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
 from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache
@@ -76,6 +76,8 @@ class SlidingKVCache(RotatingKVCache):
         super().__init__(max_size=window_size)
 
     def attend(self, queries, keys, values, scale, mask):
+        """``queries (B, Hq, Lq, D)``, the ``keys``, ``values (B, Hkv, Lk, D)`` this cache
+        returned, mlx-lm's ``scale`` and ``mask`` -> ``(B, Hq, Lq, D)``. About 1 line."""
         # BEGIN SOLUTION
         # A decode step gets the ring buffer out of order; one query's softmax does not care.
         return SlidingWindowAttention(self.max_size, scale)(queries, keys, values)
@@ -90,6 +92,7 @@ class HierarchicalKVCache(KVCache):
         self.levels, self.dilations = levels, dilations
 
     def attend(self, queries, keys, values, scale, mask):
+        """As ``SlidingKVCache.attend``, with Task 2's levels. About 1 line."""
         # BEGIN SOLUTION
         return HierarchicalAttention(self.levels, self.dilations, scale=scale)(queries, keys, values)
         # END SOLUTION
@@ -104,6 +107,9 @@ class QueryRecordingCache(CompressedKVCache):
         self.queries = None
 
     def attend(self, queries, keys, values, scale, mask):
+        """Record the prompt's queries in ``self.queries`` (``(B, Hq, n, D)``; H2O keeps all,
+        SnapKV the last ``observation_window``; none once compressed), then attend as mlx-lm
+        does (``base.scaled_dot_product_attention``). About 5 lines."""
         # BEGIN SOLUTION
         method = self.compressor.method
         if not self.compressed and method in NEEDS_ATTENTION:
@@ -158,9 +164,10 @@ class LongContextQwen3:
 
     def process_long_sequence(self, tokens) -> mx.array:
         """Logits ``(1, L, vocab)`` for ``tokens`` (L ids), prefilled in chunks of
-        ``chunk_size`` through this strategy's cache, kept as ``self.cache``."""
-        # BEGIN SOLUTION
+        ``chunk_size`` through this strategy's cache, kept as ``self.cache``
+        (``self.make_cache()``, ``self._prefill``). About 3 lines."""
         ids = self._check_tokens(tokens)
+        # BEGIN SOLUTION
         self.cache = self.make_cache()
         return self._prefill(ids, self.cache)
         # END SOLUTION
@@ -168,14 +175,19 @@ class LongContextQwen3:
     def generate(self, tokens, max_new_tokens: int, **sampling) -> Iterator[int]:
         """Token ids after the prompt ``tokens``, one at a time, through mlx-lm's
         ``generate_step`` with this strategy's cache. Greedy unless ``temperature``
-        (and ``top_p``, ``top_k``, ``min_p``) say otherwise."""
-        # BEGIN SOLUTION
+        (and ``top_p``, ``top_k``, ``min_p``) say otherwise.
+
+        Prefill all but the prompt's last token (``self._prefill``), then let
+        ``generate_step`` start from that token with ``prompt_cache=self.cache``,
+        advancing it inside ``self._attention_seam()`` only (not while the caller
+        holds a token). About 12 lines."""
         ids = self._check_tokens(tokens)
         max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
         unknown = set(sampling) - set(SAMPLING)
         if unknown:
             raise ValueError(f"unknown sampling option(s) {sorted(unknown)}; use {sorted(SAMPLING)}")
         sampler = make_sampler(**{SAMPLING[k]: v for k, v in sampling.items()})
+        # BEGIN SOLUTION
         self.cache = self.make_cache()
         if len(ids) > 1:
             self._prefill(ids[:-1], self.cache)

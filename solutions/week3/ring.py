@@ -27,11 +27,10 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from longctx.checks import (check_attention, check_choice, check_nonnegative_int, check_positive_int,
-                            check_scale, ring_shard_rows)
+from longctx.checks import (RING_LAYOUTS, check_attention, check_choice, check_nonnegative_int,
+                            check_positive_int, check_scale, ring_shard_rows)
 
 LOG2E = math.log2(math.e)
-LAYOUTS = ("contiguous", "zigzag")
 
 
 class RingState(NamedTuple):
@@ -173,7 +172,7 @@ def ring_attention_distributed(q: mx.array, k: mx.array, v: mx.array, group=None
     ``ring_attention_step`` on every (query chunk, kv chunk) pair it meets.
     """
     B, Hq, Hkv, n, Lk, D = check_attention(q, k, v)
-    check_choice("layout", layout, LAYOUTS)
+    check_choice("layout", layout, RING_LAYOUTS)
     if n != Lk:
         raise ValueError(f"each rank holds one shard of one sequence: q length must equal k length, "
                          f"got Lq={n} and Lk={Lk}")

@@ -69,6 +69,17 @@ def self_attention_inputs(q, k, v) -> tuple:
     return k, v
 
 
+# Task 4's methods and budget, and Task 3's layouts: one definition for both backends.
+COMPRESSION_METHODS = ("h2o", "snapkv", "knorm", "streaming")
+NEEDS_ATTENTION = ("h2o", "snapkv")  # the methods whose scores need the queries' attention
+RING_LAYOUTS = ("contiguous", "zigzag")
+
+
+def n_kept(length: int, compression_ratio: float) -> int:
+    """How many of ``length`` entries survive (kvpress's ``compute_n_kept``)."""
+    return max(1, int(length * (1 - compression_ratio)))
+
+
 def check_ratio(compression_ratio) -> float:
     """A compression ratio (the fraction removed, as in kvpress): a number in ``[0, 1)``."""
     if (isinstance(compression_ratio, bool) or not isinstance(compression_ratio, numbers.Real)
@@ -119,7 +130,7 @@ def ring_shard_rows(length: int, rank, size, layout: str) -> list[tuple[int, int
     size = check_positive_int("size", size)
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < size:
         raise ValueError(f"rank must be an integer in [0, {size}), got {rank!r}")
-    check_choice("layout", layout, ("contiguous", "zigzag"))
+    check_choice("layout", layout, RING_LAYOUTS)
     chunks = size if layout == "contiguous" else 2 * size
     if length % chunks:
         raise ValueError(f"the sequence length must be a multiple of {chunks} for layout {layout!r}, got {length}")

@@ -14,22 +14,15 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-from longctx.checks import (check_attention, check_choice, check_nonnegative_int, check_positive_int,
-                            check_ratio)
+from longctx.checks import (COMPRESSION_METHODS, NEEDS_ATTENTION, check_attention, check_choice,
+                            check_nonnegative_int, check_positive_int, check_ratio, n_kept)
 
-METHODS = ("h2o", "snapkv", "knorm", "streaming")
-NEEDS_ATTENTION = ("h2o", "snapkv")
 SCORE_BLOCK = 1 << 22  # floats of scores alive at once in `attention_received`
 
 
 class CompressedContext(NamedTuple):
     tokens: torch.Tensor     # the kept entries, in their original order
     positions: torch.Tensor  # int32 original positions of the kept entries
-
-
-def n_kept(length: int, compression_ratio: float) -> int:
-    """How many of ``length`` entries survive (kvpress's ``compute_n_kept``)."""
-    return max(1, int(length * (1 - compression_ratio)))
 
 
 def attention_received(queries: torch.Tensor, keys: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -84,7 +77,7 @@ class ContextCompressor:
     def __init__(self, compression_ratio: float = 0.5, *, method: str = "snapkv", sink_tokens: int = 4,
                  recent_tokens: int = 32, observation_window: int = 32, pool_kernel: int = 5):
         self.compression_ratio = check_ratio(compression_ratio)
-        self.method = check_choice("method", method, METHODS)
+        self.method = check_choice("method", method, COMPRESSION_METHODS)
         self.sink_tokens = check_nonnegative_int("sink_tokens", sink_tokens)
         self.recent_tokens = check_nonnegative_int("recent_tokens", recent_tokens)
         self.observation_window = check_positive_int("observation_window", observation_window)

@@ -29,10 +29,10 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from longctx.checks import check_positive_int, check_tokens, prefill_chunks
+from longctx.checks import NEEDS_ATTENTION, check_positive_int, check_tokens, prefill_chunks
 from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
 
-from .compression import NEEDS_ATTENTION, CompressedKVCache, ContextCompressor
+from .compression import CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
 from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache

@@ -14,10 +14,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from longctx.checks import (check_attention, check_choice, check_nonnegative_int, check_positive_int,
-                            check_scale, ring_shard_rows)
+from longctx.checks import (RING_LAYOUTS, check_attention, check_choice, check_nonnegative_int,
+                            check_positive_int, check_scale, ring_shard_rows)
 
-LAYOUTS = ("contiguous", "zigzag")
 
 
 class RingState(NamedTuple):
@@ -117,7 +116,7 @@ def ring_attention_distributed(q, k, v, group=None, *, causal: bool = True, layo
     one process when ``torch.distributed`` is not initialised). Each rank passes its own
     shard (``ring_shard``) and gets its shard of the output."""
     B, Hq, Hkv, n, Lk, D = check_attention(q, k, v)
-    check_choice("layout", layout, LAYOUTS)
+    check_choice("layout", layout, RING_LAYOUTS)
     if n != Lk:
         raise ValueError(f"each rank holds one shard of one sequence: q length must equal k length, "
                          f"got Lq={n} and Lk={Lk}")
