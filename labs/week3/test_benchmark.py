@@ -55,8 +55,9 @@ def test_the_timed_region_includes_the_work(lab, arrays):
     L, H_, D_ = 1536, 4, 32
     (r,) = run(lab, {"full": {}}, [L], repeats=3, heads=H_, head_dim=D_)
     q, k, v = (arrays.asarray(x) for x in np.random.default_rng(1).standard_normal((3, 1, H_, L, D_)))
-    alone = 1e3 * arrays.seconds(lambda: arrays.masked_attention(q, k, v, causal_mask(L, L)), repeats=3)
-    assert r.median_ms >= 0.25 * alone, \
+    fn, _ = lab("benchmark").attention_run("full", q, k, v)  # given: what the benchmark runs for "full"
+    alone = 1e3 * arrays.seconds(fn, repeats=3)  # evaluated inside the clock
+    assert r.median_ms >= 0.5 * alone, \
         f"median {r.median_ms:.2f} ms for attention that takes {alone:.2f} ms here: evaluate inside the clock"
 
 
