@@ -60,9 +60,8 @@ def test_ring_attention_step_with_ring_position_fourth(backend):
     state = None
     for ring_position in range(ring_size):
         s = ring_position * n
-        step = ring.ring_attention_step(arr(q[:, :, :n]), arr(k[:, :, s:s + n]), arr(v[:, :, s:s + n]),
-                                        ring_position, state)
-        state = step
+        state = ring.ring_attention_step(arr(q[:, :, :n]), arr(k[:, :, s:s + n]), arr(v[:, :, s:s + n]),
+                                         ring_position, state)
     assert_close(npy(ring.finalize(state)), attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], causal_mask(n, n)),
                  rtol=1e-4, atol=1e-4)
     first = ring.ring_attention_step(arr(q[:, :, :n]), arr(k[:, :, :n]), arr(v[:, :, :n]), 0)

@@ -73,7 +73,7 @@ class Technique:
     flops: Callable[[int, int, int, dict], float | None] = lambda L, H, D, o: None
     attention: str | None = None  # a class in the backend package: cls(**options)(q, k, v)
     strategy: dict | None = None  # LongContextQwen3 defaults; None: not a strategy
-    cache: str | None = None  # the strategy's per-layer cache class, in the backend package
+    cache: str | None = None  # the strategy's cache class, in each backend's qwen3_long module
     from_window: Callable[[int], dict] = lambda w: {}  # options from `longctx bench --window`
     subquadratic: bool = True  # among the spec's 50k-200k cases
     validate: Callable[[dict], None] = field(default=lambda o: None)

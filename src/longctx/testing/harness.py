@@ -293,7 +293,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     results = {"impl": state.get("impl"), "backend": state.get("backend"), "tasks": {},
                "tests": {nodeid: outcome for nodeid, (_, outcome) in verdicts.items()}}
     for key in sorted(rows, key=lambda k: (rows[k]["task"] is None, rows[k]["task"] or 0, k)):
-        row = rows.pop(key) | {}
+        row = rows[key]
         task = row.pop("task")
         status = "PASS" if row["passed"] == row["total"] else ("TODO" if row["todo"] else "FAIL")
         name = TASKS[task].title if task in TASKS else "unmarked"
