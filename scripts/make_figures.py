@@ -16,7 +16,10 @@ Writes to book/src/figures/:
 * adaptive-context.png: what the Task 6 manager keeps verbatim and folds into
   its summary, for one 24-message conversation under shrinking budgets;
 * qwen3-strategies.png: cache entries each strategy holds inside the tiny
-  Qwen3 as the input grows, and how far its logits are from the full model's.
+  Qwen3 as the input grows, and how far its logits are from the full model's;
+* rope-factors.png: PI, NTK, YaRN (exact and as a linear blend of factors),
+  Llama 3 and the searched LongRoPE as per-pair rescale factors, beside each
+  pair's wavelength.
 """
 from pathlib import Path
 
@@ -250,11 +253,59 @@ def strategies_figure(path: Path, lengths=(64, 128, 256, 512, 1024)) -> None:
     plt.close(fig)
 
 
+def rope_factors_figure(path: Path, factor: float = 4.0, head_dim: int = 32, base: float = 10_000.0,
+                        T0: int = 512) -> None:
+    """Task 9: every method as LongRoPE's per-pair rescale factors (the shipped model's head_dim and
+    base, 4x), YaRN exact against the linear blend of factors, and the searched factors if the book
+    has them (book/src/figures/extension/longrope.json, written by the chapter's command)."""
+    import json
+
+    from longctx.checks import check_rope_scaling
+    from longctx.testing.oracles import rope_frequencies
+    theta = rope_frequencies({"rope_type": "default"}, head_dim, base)[0]
+
+    def factors(scaling):
+        return theta / rope_frequencies(check_rope_scaling(scaling, head_dim), head_dim, base, 4 * T0)[0]
+    pairs = np.arange(head_dim // 2)
+    yarn = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": T0}
+    exact = factors(yarn)
+    ramp = (1 - 1 / exact) / (1 - 1 / factor)  # YaRN's ramp r_i: 0 keeps a pair, 1 divides it by s
+    curves = {"PI (linear)": factors({"rope_type": "linear", "factor": factor}),
+              "NTK-aware (base x s^(D/(D-2)))": (base * factor ** (head_dim / (head_dim - 2))) ** (2 * pairs / head_dim)
+              / base ** (2 * pairs / head_dim),
+              "YaRN (exact)": exact,
+              "YaRN factors blended linearly": 1 + (factor - 1) * ramp,
+              "Llama 3 (low 1, high 4)": factors({"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": T0})}
+    searched = path.parent / "extension" / "longrope.json"
+    if searched.exists():
+        curves["LongRoPE, searched"] = np.array(json.loads(searched.read_text())["rope_scaling"]["long_factor"])
+    wavelength = 2 * np.pi / theta
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, f in curves.items():
+        ax.plot(pairs, f, marker=".", label=name, ls="--" if "blended" in name else "-")
+    ax.set_xlabel("rotated pair i (fast -> slow)")
+    ax.set_ylabel("rescale factor lambda_i = theta_i / theta'_i")
+    ax.set_title(f"{factor:g}x from {T0} tokens, head_dim {head_dim}, base {base:g}")
+    ax.legend(fontsize=7)
+    ax2.plot(pairs, wavelength, marker=".", color="k")
+    ax2.axhline(T0, color="gray", ls=":", label=f"training length {T0}")
+    ax2.axhline(factor * T0, color="gray", ls="--", label=f"target {factor * T0:g}")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("rotated pair i")
+    ax2.set_ylabel("wavelength 2 pi / theta_i (tokens)")
+    ax2.set_title("pairs slower than the training length never turned fully")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     for name, draw in (("sliding-mask.png", sliding_mask_figure), ("dilated-pattern.png", dilated_figure),
                        ("ring-schedule.png", ring_figure), ("compression-survivors.png", compression_figure),
                        ("attention-sinks.png", sinks_figure), ("adaptive-context.png", adaptive_figure),
-                       ("qwen3-strategies.png", strategies_figure)):
+                       ("qwen3-strategies.png", strategies_figure), ("rope-factors.png", rope_factors_figure)):
         draw(OUT / name)
         print(f"wrote {OUT / name}")

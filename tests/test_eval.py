@@ -150,7 +150,12 @@ def test_eval_cli_writes_json_and_plots(tmp_path):
     assert all(0 <= a <= 1 for row in data["passkey"].values() for a in row.values())
     assert set(data["perplexity"]) == {"full", "sliding (window, no sinks)", "streaming, 0 sinks",
                                        "streaming, 4 sinks"}
-    for name in ("eval-needle.png", "eval-perplexity.png", "eval-recall.png"):
+    ext = data["extension"]
+    assert list(ext["rows"]) == ["none", "linear x4", "dynamic x4", "yarn x4", "llama3 x4"]
+    assert ext["lengths"] == [512, 1024] and all(len(r["nll_by_position"]) == 1024 for r in ext["rows"].values())
+    assert ext["rows"]["linear x4"]["perplexity"] > 10 * ext["rows"]["yarn x4"]["perplexity"], \
+        "PI without fine-tuning breaks the shipped model's local order (see the Task 9 chapter)"
+    for name in ("eval-needle.png", "eval-perplexity.png", "eval-recall.png", "eval-extension.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 

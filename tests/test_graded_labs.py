@@ -18,6 +18,7 @@ from longctx.techniques import TASKS as REGISTRY_TASKS
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = ROOT / "solutions" / "week3"
 TASKS = {t.module: number for number, t in REGISTRY_TASKS.items()}  # lab module -> task number
+MODULE_TASK = {**TASKS, "rope_search": 9}  # Task 9's search is a module of its own (NumPy only)
 
 
 def grade(tmp_path, *args) -> tuple[int, dict, str]:
@@ -291,6 +292,52 @@ MUTANTS = {
                                            "for start, end in [(0, len(ids))]:")]),
     "attention hook not installed": ("qwen3_long", [(
         "            module.scaled_dot_product_attention = attention\n", "            pass\n")]),
+    # Task 9
+    "PI multiplies the frequencies": ("rope_scaling", [('/ s["factor"], 1.0', '* s["factor"], 1.0')]),
+    "NTK base from the shorter length": ("rope_scaling", [("L = max(seq_len or T0, T0)", "L = min(seq_len or T0, T0)")]),
+    "NTK without the shift": ("rope_scaling", [('- (s["factor"] - 1))', '- s["factor"])')]),
+    "YaRN ramp reversed": ("rope_scaling", [("theta * (1 - ramp) + theta / factor * ramp",
+                                             "theta * ramp + theta / factor * (1 - ramp)")]),
+    "YaRN betas swapped": ("rope_scaling", [('_yarn_pair(s["beta_fast"]', '_yarn_pair(s["beta_SLOW"]'),
+                                            ('_yarn_pair(s["beta_slow"]', '_yarn_pair(s["beta_fast"]'),
+                                            ('beta_SLOW', 'beta_slow')]),
+    "YaRN truncate inverted": ("rope_scaling", [('    if s["truncate"]:', '    if not s["truncate"]:')]),
+    "YaRN clipped to pairs, not dims": ("rope_scaling", [("min(hi, head_dim - 1)", "min(hi, head_dim // 2 - 1)")]),
+    "YaRN mscale ignored": ("rope_scaling", [("        attention_factor = _mscale(factor)\n",
+                                              "        attention_factor = 1.0\n")]),
+    "YaRN mscale applied twice": ("rope_scaling", [("return inv_freq, float(attention_factor)",
+                                                    "return inv_freq, float(attention_factor) ** 2")]),
+    "YaRN mscale pair with either key": ("rope_scaling", [('s.get("mscale") and s.get("mscale_all_dim")',
+                                                           's.get("mscale") or s.get("mscale_all_dim")')]),
+    "Llama 3 smoothing from the high band": ("rope_scaling", [("smooth = (T0 / wavelength - low)",
+                                                               "smooth = (T0 / wavelength - high)")]),
+    "Llama 3 low band multiplied": ("rope_scaling", [("wavelength > T0 / low, theta / factor",
+                                                      "wavelength > T0 / low, theta * factor")]),
+    "LongRoPE long factors from T0 tokens": ("rope_scaling", [("seq_len and seq_len > T0", "seq_len and seq_len >= T0")]),
+    "LongRoPE factors multiply": ("rope_scaling", [("_original(head_dim, base) / mx.array(factors",
+                                                    "_original(head_dim, base) * mx.array(factors")]),
+    "LongRoPE attention factor over the new length": ("rope_scaling", [(
+        'math.log(s["factor"]) / math.log(T0))', 'math.log(s["factor"]) / math.log(T0 * s["factor"]))')]),
+    "traditional ignored": ("rope_scaling", [("traditional=self.traditional, base=None",
+                                              "traditional=False, base=None")]),
+    "n_hat off by one": ("rope_scaling", [('self.scaling.get("start_tokens", 0) - offset',
+                                           'self.scaling.get("start_tokens", 0) - offset + 1')]),
+    "n_hat rows with scaled frequencies": ("rope_scaling", [(
+        "base=self.base, scale=1.0,\n                             offset=offset)",
+        "base=None, scale=1.0,\n                             offset=offset, freqs=freqs)")]),
+    "offset ignored after n_hat": ("rope_scaling", [("offset=offset + n, freqs=freqs", "offset=n, freqs=freqs")]),
+    "mutant ignores its left neighbour": ("rope_search", [("left = f[i - 1] if i else low", "left = low")]),
+    "mutation probability inverted": ("rope_search", [("        if rng.random() < probability:\n",
+                                                       "        if rng.random() > probability:\n")]),
+    "n_hat never mutated": ("rope_search", [("    if len(start_tokens) > 1 and rng.random() < probability:",
+                                             "    if False:")]),
+    "crossover copies one parent": ("rope_search", [("y if t else x", "x")]),
+    "crossover keeps non-monotone children": ("rope_search", [("if any(x > y for", "if any(x < y for")]),
+    "worst candidates kept": ("rope_search", [("sorted(members, key=scores.get)[:parents]",
+                                               "sorted(members, key=scores.get, reverse=True)[:parents]")]),
+    "no elitism": ("rope_search", [("members = elite + children", "members = children")]),
+    "returns the worst": ("rope_search", [("best = min(scores, key=scores.get)", "best = max(scores, key=scores.get)")]),
+    "population one short": ("rope_search", [("while len(members) < population:", "while len(members) < population - 1:")]),
 }
 
 
@@ -310,7 +357,7 @@ def test_each_planted_bug_fails_a_graded_test(tmp_path, name):
     folder = tmp_path / "mutant"
     shutil.copytree(SOLUTIONS, folder)
     (folder / f"{module}.py").write_text(source)
-    code, data, out = grade(tmp_path, "--impl-dir", str(folder), "--task", str(TASKS[module]), "-x")
+    code, data, out = grade(tmp_path, "--impl-dir", str(folder), "--task", str(MODULE_TASK[module]), "-x")
     assert code != 0, f"planted bug {name!r} passed every graded test"
     failed = [t for t, outcome in data["tests"].items() if outcome != "passed"]
     assert failed, out

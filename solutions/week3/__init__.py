@@ -11,6 +11,7 @@ _WHERE = {
     "CompressedContext": "compression", "CompressedKVCache": "compression", "ContextCompressor": "compression",
     "HierarchicalAttention": "hierarchical", "dilated_attention": "hierarchical",
     "LongContextQwen3": "qwen3_long",
+    "ScaledRoPE": "rope_scaling", "rope_frequencies": "rope_scaling", "search_longrope": "rope_scaling",
     "RingAttention": "ring", "RingState": "ring", "merge_states": "ring", "ring_attention_distributed": "ring",
     "ring_shard": "ring",
     "SlidingWindowAttention": "sliding",

@@ -21,6 +21,15 @@ Which cache a strategy uses, and its options with their defaults, are
 declared once in ``longctx.techniques``; ``make_cache`` builds
 ``cls(**options)`` (and passes the layer's ``rope`` to a cache that takes it).
 
+``rope_scaling`` (any strategy): Hugging Face's dict (Task 9: ``linear``,
+``dynamic``, ``yarn``, ``llama3``, ``longrope``) puts a ``ScaledRoPE`` in every
+layer's ``self_attn.rope`` inside the same seam, e.g. sliding window + YaRN.
+Its length (``dynamic``'s base, LongRoPE's short or long factors) is the whole
+call's: the prompt for ``process_long_sequence``, prompt + ``max_new_tokens``
+for ``generate``, so every chunk and every cached key share one set of
+frequencies (transformers instead re-decides at each forward, and keeps the
+keys it cached with the other set).
+
 Strategies and their options (each also takes ``chunk_size``, the prefill
 step, 2048 as in mlx-lm):
 
@@ -48,11 +57,12 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from longctx.checks import NEEDS_ATTENTION, check_positive_int, check_tokens, prefill_chunks
+from longctx.checks import NEEDS_ATTENTION, check_positive_int, check_tokens, prefill_chunks, rope_scaling_from_config
 from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
 
 from .compression import CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
+from .rope_scaling import ScaledRoPE, model_rope
 from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache
 
@@ -126,13 +136,21 @@ class QueryRecordingCache(CompressedKVCache):
 class LongContextQwen3:
     """An mlx-lm Qwen3 with a long-context strategy: ``process_long_sequence`` and ``generate``."""
 
-    def __init__(self, base_model, context_strategy: str = "hierarchical", **options):
+    def __init__(self, base_model, context_strategy: str = "hierarchical", *, rope_scaling: dict | None = None,
+                 **options):
         layers = getattr(base_model, "layers", None)
         if not layers or not all(hasattr(layer, "self_attn") for layer in layers):
             raise ValueError(f"base_model must be an mlx-lm model with layers[i].self_attn (as mlx_lm.load "
                              f"returns), got {type(base_model).__name__}")
         self.model = base_model
         self.strategy, self.chunk_size, self.options = check_strategy(context_strategy, options)
+        self.rope = None  # Task 9: the scaled RoPE every layer uses inside our calls
+        if rope_scaling is not None:
+            head_dim, theta, _, _ = model_rope(base_model)
+            scaling = rope_scaling_from_config({"rope_scaling": rope_scaling,
+                                                "max_position_embeddings": base_model.args.max_position_embeddings})
+            self.rope = ScaledRoPE(head_dim, theta, scaling,
+                                   traditional=getattr(layers[0].self_attn.rope, "traditional", False))
         self.modules = {sys.modules[type(layer.self_attn).__module__] for layer in layers}
         for module in self.modules:
             if getattr(module, "scaled_dot_product_attention", None) not in (base.scaled_dot_product_attention,
@@ -147,20 +165,27 @@ class LongContextQwen3:
         name = TECHNIQUES[self.strategy].cache
         cls = globals()[name] if name else KVCache
         takes_rope = "rope" in inspect.signature(cls).parameters
-        return [cls(**self.options, **({"rope": layer.self_attn.rope} if takes_rope else {}))
+        return [cls(**self.options, **({"rope": self.rope or layer.self_attn.rope} if takes_rope else {}))
                 for layer in self.model.layers]
 
     @contextlib.contextmanager
     def _attention_seam(self):
-        """mlx-lm's attention name points at ``attention`` for the duration of one call."""
+        """mlx-lm's attention name points at ``attention`` (and each layer's ``rope`` at the scaled
+        RoPE, with ``rope_scaling``) for the duration of one call."""
         before = {module: module.scaled_dot_product_attention for module in self.modules}
+        ropes = [layer.self_attn.rope for layer in self.model.layers]
         for module in self.modules:
             module.scaled_dot_product_attention = attention
+        if self.rope is not None:
+            for layer in self.model.layers:
+                layer.self_attn.rope = self.rope
         try:
             yield
         finally:
             for module, function in before.items():
                 module.scaled_dot_product_attention = function
+            for layer, rope in zip(self.model.layers, ropes):
+                layer.self_attn.rope = rope
 
     def process_long_sequence(self, tokens) -> mx.array:
         """Logits ``(1, L, vocab)`` for ``tokens`` (L ids), prefilled in chunks of
@@ -181,8 +206,8 @@ class LongContextQwen3:
         ``generate_step`` start from that token with ``prompt_cache=self.cache``,
         advancing it inside ``self._attention_seam()`` only (not while the caller
         holds a token). About 12 lines."""
-        ids = self._check_tokens(tokens)
         max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
+        ids = self._check_tokens(tokens, max_new_tokens)
         unknown = set(sampling) - set(SAMPLING)
         if unknown:
             raise ValueError(f"unknown sampling option(s) {sorted(unknown)}; use {sorted(SAMPLING)}")
@@ -212,8 +237,12 @@ class LongContextQwen3:
                 c.compress()
         return mx.concatenate(logits, axis=1)
 
-    def _check_tokens(self, tokens) -> list[int]:
-        return check_tokens(tokens, self.model.args.vocab_size)
+    def _check_tokens(self, tokens, new_tokens: int = 0) -> list[int]:
+        """The prompt's ids, checked; the scaled RoPE's length for this call is the prompt's plus ``new_tokens``."""
+        ids = check_tokens(tokens, self.model.args.vocab_size)
+        if self.rope is not None:
+            self.rope.seq_len = len(ids) + new_tokens
+        return ids
 
 
 __all__ = ["STRATEGIES", "LongContextQwen3", "attention"]

@@ -25,11 +25,16 @@ from longctx.checks import check_nonnegative_int, check_positive_int
 
 def unrotate(rope, x: mx.array, offset: int) -> mx.array:
     """Undo ``rope(x, offset)``: a rotation by ``-angle`` is the rotation by
-    ``angle`` conjugated by negating the second coordinate of each pair."""
+    ``angle`` conjugated by negating the second coordinate of each pair. A
+    scaled RoPE (YaRN, LongRoPE) also multiplies by its attention factor ``a``;
+    ``rope`` at position 0 is ``a`` times the identity, so dividing by its square
+    leaves the un-rotated, unscaled key."""
     i = mx.arange(x.shape[-1])
     second = (i % 2 == 1) if rope.traditional else (i >= rope.dims // 2)  # pairs (2j, 2j+1) or (j, j+dims/2)
     sign = mx.where(second & (i < rope.dims), -1.0, 1.0).astype(x.dtype)
-    return rope(x * sign, offset=offset) * sign
+    a = rope(mx.ones((1, 1, 1, x.shape[-1]), dtype=mx.float32), offset=0)[0, 0, 0, 0]
+    out = rope(x * sign, offset=offset) * sign
+    return out if a.item() == 1.0 else (out / (a * a)).astype(x.dtype)
 
 
 class SinkKVCache:

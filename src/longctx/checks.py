@@ -160,3 +160,122 @@ def prefill_chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
     if len(starts) > 1 and n - starts[-1] == 1:
         starts.pop()
     return list(zip(starts, [*starts[1:], n]))
+
+
+# ---------------------------------------------------------------- Task 9: position extension
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+_ROPE_KEYS = {  # Hugging Face's keys (``RopeParameters``) and longctx's one addition, ``start_tokens``
+    "default": (), "linear": ("factor",), "dynamic": ("factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim", "truncate"),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+    "longrope": ("factor", "original_max_position_embeddings", "attention_factor", "short_factor", "long_factor",
+                 "start_tokens"),
+}
+_ROPE_REQUIRED = {"linear": ("factor",), "dynamic": ("factor", "original_max_position_embeddings"),
+                  "yarn": ("factor", "original_max_position_embeddings"),
+                  "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+                  "longrope": ("original_max_position_embeddings", "short_factor", "long_factor")}
+
+
+def _real(key: str, value, low: float = 0.0, *, inclusive: bool = False) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+    if not ok or value < low or (value == low and not inclusive):
+        bound = f">= {low}" if inclusive else f"> {low}"
+        raise ValueError(f"rope_scaling[{key!r}] must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def check_rope_scaling(rope_scaling, head_dim: int) -> dict:
+    """A Hugging Face ``rope_scaling`` (``rope_parameters``) dict, checked and with HF's defaults filled
+    in: ``{"rope_type": "default"}`` for None. ``type`` is read as ``rope_type``; ``rope_theta`` and
+    ``partial_rotary_factor`` (config fields HF also keeps there) are dropped: the base is an argument.
+
+    Where HF reads a length from the model config, the dict must carry it: ``dynamic`` needs
+    ``original_max_position_embeddings`` (HF: ``config.max_position_embeddings``), and ``longrope``
+    needs ``factor`` unless it gives ``attention_factor`` (HF: ``max_position_embeddings /
+    original_max_position_embeddings``); ``rope_scaling_from_config`` fills both from a config."""
+    head_dim = check_positive_int("head_dim", head_dim)
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {head_dim}")
+    if rope_scaling is None:
+        return {"rope_type": "default"}
+    if not isinstance(rope_scaling, dict):
+        raise ValueError(f"rope_scaling must be a dict (Hugging Face's rope_scaling) or None, got {rope_scaling!r}")
+    s = {k: v for k, v in rope_scaling.items() if k not in ("type", "rope_theta", "partial_rotary_factor")}
+    s["rope_type"] = rope_type = check_choice("rope_scaling['rope_type']",
+                                              rope_scaling.get("rope_type", rope_scaling.get("type", "default")),
+                                              ROPE_TYPES)
+    unknown = set(s) - {"rope_type", *_ROPE_KEYS[rope_type]}
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in rope_scaling for rope_type={rope_type!r}; "
+                         f"it takes {sorted(_ROPE_KEYS[rope_type])}")
+    missing = [k for k in _ROPE_REQUIRED.get(rope_type, ()) if s.get(k) is None]
+    if rope_type == "longrope" and s.get("factor") is None and s.get("attention_factor") is None:
+        missing.append("factor")
+    if missing:
+        raise ValueError(f"rope_scaling for rope_type={rope_type!r} needs {missing}, got {rope_scaling!r}")
+    if s.get("factor") is not None:
+        s["factor"] = _real("factor", s["factor"], 1.0, inclusive=True)
+    if "original_max_position_embeddings" in s:
+        check_positive_int("rope_scaling['original_max_position_embeddings']", s["original_max_position_embeddings"])
+    if rope_type == "yarn":
+        # HF: `get("beta_fast") or 32`, so 0 and None both mean the default
+        s["beta_fast"] = _real("beta_fast", s.get("beta_fast") or 32)
+        s["beta_slow"] = _real("beta_slow", s.get("beta_slow") or 1)
+        for key in ("mscale", "mscale_all_dim"):
+            if s.get(key) is not None:
+                _real(key, s[key], 0.0, inclusive=True)
+        s["truncate"] = bool(s.get("truncate", True))
+    if s.get("attention_factor") is not None:
+        s["attention_factor"] = _real("attention_factor", s["attention_factor"])
+    if rope_type == "llama3":
+        low, high = _real("low_freq_factor", s["low_freq_factor"]), _real("high_freq_factor", s["high_freq_factor"])
+        if high <= low:
+            raise ValueError(f"rope_scaling['high_freq_factor'] must be > low_freq_factor ({low}), got {high}")
+    if rope_type == "longrope":
+        for key in ("short_factor", "long_factor"):
+            values = s[key]
+            if (not isinstance(values, (list, tuple)) or len(values) != head_dim // 2
+                    or not all(isinstance(x, numbers.Real) and not isinstance(x, bool) and 0 < x < float("inf")
+                               for x in values)):
+                raise ValueError(f"rope_scaling[{key!r}] must be {head_dim // 2} finite numbers > 0 (one per "
+                                 f"rotated pair, head_dim {head_dim}), got {values!r:.120}")
+            s[key] = [float(x) for x in values]
+        s["start_tokens"] = check_nonnegative_int("rope_scaling['start_tokens']", s.get("start_tokens", 0))
+    return s
+
+
+def rope_scaling_from_config(config) -> dict:
+    """The model's RoPE scaling as ``check_rope_scaling`` takes it, read the way transformers
+    standardises a config: ``rope_scaling`` or ``rope_parameters`` (transformers >= 5), the original
+    length from ``original_max_position_embeddings`` or else ``max_position_embeddings``, and a
+    missing LongRoPE ``factor`` as ``max_position_embeddings / original``. ``config``: a dict,
+    mlx-lm's ``model.args`` or a transformers config."""
+    get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+    scaling = dict(get("rope_scaling") or get("rope_parameters") or {})
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return {"rope_type": "default"}
+    max_positions = get("max_position_embeddings")
+    if rope_type in ("dynamic", "yarn", "llama3", "longrope"):  # (HF's dynamic NTK: max_position_embeddings)
+        scaling.setdefault("original_max_position_embeddings", get("original_max_position_embeddings") or max_positions)
+    if rope_type == "longrope" and scaling.get("factor") is None and max_positions:
+        scaling["factor"] = max_positions / scaling["original_max_position_embeddings"]
+    return scaling
+
+
+ROPE_METHODS = ("linear", "dynamic", "yarn", "llama3", "longrope")  # `longctx extend --method`
+
+
+def rope_scaling_for(method: str, factor: float, T0: int) -> dict:
+    """The ``rope_scaling`` dict of a formula ``method`` (not ``longrope``: its factors are searched)
+    for an extension by ``factor`` of a model trained to ``T0``, with transformers' defaults
+    (Llama 3: low 1, high 4)."""
+    method = check_choice("method", method, ROPE_METHODS[:-1])
+    scaling = {"rope_type": method, "factor": float(factor)}
+    if method != "linear":
+        scaling["original_max_position_embeddings"] = check_positive_int("T0", T0)
+    if method == "llama3":
+        scaling.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    return scaling

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -89,19 +90,41 @@ def cmd_eval(args) -> int:
 
     from longctx import eval as suite
     console = Console(width=None if sys.stdout.isatty() else 160)
-    suite.run_suite(args.model, Path(args.out), console, backend=args.backend, quick=args.quick)
+    suite.run_suite(args.model, Path(args.out), console, backend=args.backend, quick=args.quick,
+                    compare=args.compare)
     return 0
 
 
 def cmd_train_tiny(args) -> int:
-    from longctx.models.train import train
+    from longctx.models.train import finetune, train
     try:
-        path = train(args.path, steps=args.steps, short_steps=args.short_steps, batch_size=args.batch_size,
-                     seq_len=args.seq_len, seed=args.seed)
+        if args.from_model:  # continue training at a new length with a scaled RoPE (Task 9)
+            if not args.rope_scaling:
+                raise ValueError("--from needs --rope-scaling (a JSON rope_scaling dict); `longctx extend "
+                                 "--finetune-steps N` writes the whole model folder")
+            path = finetune(args.from_model, args.path, json.loads(args.rope_scaling), seq_len=args.seq_len,
+                            steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+        else:
+            path = train(args.path, steps=args.steps, short_steps=args.short_steps, batch_size=args.batch_size,
+                         seq_len=args.seq_len, seed=args.seed)
     except ValueError as error:
         print(f"longctx train-tiny: {error}", file=sys.stderr)
         return 2
     print(f"wrote {path}; score it with `longctx eval --model {path}`")
+    return 0
+
+
+def cmd_extend(args) -> int:
+    from longctx.extend import extend
+    try:
+        path = extend(args.model, args.out, method=args.method, factor=args.factor, search=args.search,
+                      finetune_steps=args.finetune_steps, backend=args.backend, population=args.population,
+                      generations=args.generations, seed=args.seed)
+    except ValueError as error:
+        print(f"longctx extend: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}: mlx_lm.load({str(path)!r}) and AutoModelForCausalLM.from_pretrained({str(path)!r}) "
+          f"read it; score it with `longctx eval --model {path}`")
     return 0
 
 
@@ -190,6 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=["mlx", "torch"], default="mlx")
     p.add_argument("--out", default="eval-out", help="folder for eval.json and the plots")
     p.add_argument("--quick", action="store_true", help="fewer trials and lengths (a smoke run)")
+    p.add_argument("--compare", type=_model_path, nargs="*", default=[],
+                   help="more `longctx extend` folders for the position-extension table")
     p.set_defaults(run=cmd_eval)
     p = sub.add_parser("train-tiny", help="train the small Qwen3 that ships with longctx (MLX, CPU)")
     p.add_argument("path")
@@ -198,7 +223,26 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from", dest="from_model", type=_model_path, default=None,
+                   help="continue from this model folder ('shipped' too) at --seq-len with --rope-scaling "
+                        "(Task 9's short fine-tune); --steps steps")
+    p.add_argument("--rope-scaling", default=None, help='e.g. \'{"rope_type": "yarn", "factor": 4, '
+                                                      '"original_max_position_embeddings": 512}\'')
     p.set_defaults(run=cmd_train_tiny)
+    p = sub.add_parser("extend", help="Task 9: a model folder with a scaled RoPE (PI, NTK, YaRN, Llama 3, LongRoPE), "
+                                      "optionally searched and fine-tuned")
+    p.add_argument("model", type=_model_path, help="a Hugging Face Qwen3 folder or 'shipped'")
+    p.add_argument("out")
+    p.add_argument("--method", choices=["linear", "dynamic", "yarn", "llama3", "longrope"], required=True)
+    p.add_argument("--factor", type=float, required=True, help="the new length over the training length, e.g. 4")
+    p.add_argument("--search", action="store_true", help="LongRoPE's evolutionary search (with --method longrope)")
+    p.add_argument("--finetune-steps", type=int, default=0, help="then this many fine-tuning steps at the new length")
+    p.add_argument("--backend", choices=["mlx", "torch"], default=None,
+                   help="for the search (default: mlx on an Apple GPU, else torch)")
+    p.add_argument("--population", type=int, default=32)
+    p.add_argument("--generations", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_extend)
     p = sub.add_parser("make-model", help="write a tiny seeded Qwen3 checkpoint (Hugging Face layout) to PATH")
     p.add_argument("path")
     p.add_argument("--seed", type=int, default=0)

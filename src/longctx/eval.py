@@ -12,6 +12,10 @@ way. Prompts come from ``longctx.data.tasks``; answers are greedy.
 * ``copy_accuracy``: repeat a random string.
 * ``lost_in_the_middle``: key-value recall accuracy by the asked pair's
   position (Liu et al. 2023, "Lost in the Middle").
+* ``extension_table``: Task 9, position extension: passkey, needle and
+  held-out perplexity from 1x to 8x the training length for no scaling, PI,
+  NTK, YaRN and Llama 3 (each at 4x), and for extended model folders
+  (``longctx extend``: LongRoPE searched, fine-tuned).
 """
 from __future__ import annotations
 
@@ -91,9 +95,78 @@ def lost_in_the_middle(long_model, tokenizer, pairs: int, positions=None, *, tri
     return positions, accuracy
 
 
+def heldout_nll_by_position(long_model, rows) -> np.ndarray:
+    """Mean ``-log p`` per position over held-out token ``rows`` (each through ``process_long_sequence``)."""
+    return np.mean([token_nll(long_model, [int(t) for t in row]) for row in rows], axis=0)
+
+
+def extension_rows(path, backend: str, factor: float = 4.0, compare=()) -> tuple[int, dict]:
+    """``(T0, {row name: (model path, rope_scaling)})`` for Task 9's table: the base model (``path``,
+    or the base an extended folder was made from) with no scaling and each formula at ``factor``,
+    then ``path`` itself when it is extended, and each folder of ``compare``."""
+    import json
+    from pathlib import Path
+
+    from longctx.checks import rope_scaling_from_config
+    from longctx.checks import rope_scaling_for
+
+    def read(folder):
+        folder = Path(folder)
+        config = json.loads((folder / "config.json").read_text())
+        scaling = rope_scaling_from_config(config)
+        meta = json.loads((folder / "extend.json").read_text()) if (folder / "extend.json").exists() else {}
+        return folder, config, scaling, meta
+
+    folder, config, scaling, meta = read(path)
+    extended = [read(f) for f in ([folder] if scaling["rope_type"] != "default" else []) + list(compare)]
+    base = Path(meta.get("base", folder)) if scaling["rope_type"] != "default" else folder
+    T0 = scaling.get("original_max_position_embeddings") or config["max_position_embeddings"]
+    rows = {"none": (base, None)}
+    rows.update({f"{m} x{factor:g}": (base, rope_scaling_for(m, factor, T0)) for m in ("linear", "dynamic", "yarn", "llama3")})
+    for f, c, s, m in extended:
+        label = s["rope_type"] + (" searched" if "search" in m else "") + (
+            f" + fine-tune {m['finetune']['steps']} steps" if "finetune" in m else "")
+        rows[f"{label} ({f.name})"] = (f, s)
+    return T0, rows
+
+
+def extension_table(path, backend: str = "mlx", *, compare=(), trials: int = 2, lengths=None, depths: int = 10,
+                    console=None) -> dict:
+    """Task 9's table for the model at ``path``: for each of ``extension_rows``, passkey and needle
+    accuracy at ``lengths`` (default ``T0 .. 8 T0``; ``depths`` depths x ``trials``), held-out
+    perplexity at ``min(4 T0, max(lengths))``, and the held-out negative log-likelihood by position
+    at ``max(lengths)`` (rows of the training mix that training never drew:
+    ``longctx.data.mix.heldout_rows``)."""
+    from longctx.data.mix import heldout_rows
+    from longctx.models import load_trained
+    T0, rows = extension_rows(path, backend, compare=compare)
+    lengths = list(lengths or [T0, 2 * T0, 4 * T0, 8 * T0])
+    ppl_length = min(4 * T0, max(lengths))
+    wrapper, models = _wrapper(backend), {}
+    out = {"training_length": T0, "lengths": lengths, "ppl_length": ppl_length, "rows": {}}
+    where = [(d + 0.5) / depths for d in range(check_positive_int("depths", depths))]
+    for name, (folder, scaling) in rows.items():
+        if folder not in models:
+            models[folder] = load_trained(backend, folder)
+        model, tokenizer = models[folder]
+        long = wrapper(model, "full", rope_scaling=scaling, chunk_size=max(lengths))
+        if console is not None:
+            console.print(f"  position extension: {name}")
+        ppl_rows = heldout_rows(tokenizer, ppl_length, 4, seed=100)
+        out["rows"][name] = {
+            "rope_scaling": scaling,
+            "passkey": {L: passkey_accuracy(long, tokenizer, L, depths=where, trials=trials, seed=L) for L in lengths},
+            "needle": {L: float(needle_grid(long, tokenizer, [L], where, trials=max(1, trials // 2), seed=L).mean())
+                       for L in lengths},
+            "perplexity": float(np.exp(np.mean([token_nll(long, [int(t) for t in r]).mean() for r in ppl_rows]))),
+            "nll_by_position": heldout_nll_by_position(long, heldout_rows(tokenizer, max(lengths), 2, seed=200)).tolist()}
+    return out
+
+
 # ---------------------------------------------------------------- the suite (`longctx eval`)
 
-def run_suite(path, out, console, *, backend: str = "mlx", quick: bool = False, window: int = 128) -> dict:
+def run_suite(path, out, console, *, backend: str = "mlx", quick: bool = False, window: int = 128,
+              compare=()) -> dict:
     """Every experiment on the model at ``path``, each strategy through ``LongContextQwen3``:
     a table, ``eval.json`` and one PNG per experiment in ``out``. Lengths are set from the
     model's training length ``T`` (``max_position_embeddings``, at most 512 here on a CPU)."""
@@ -138,6 +211,9 @@ def run_suite(path, out, console, *, backend: str = "mlx", quick: bool = False, 
     results["compression"] = {method: {r: passkey_accuracy(long("compressed", method=method, compression_ratio=r),
                                                            tokenizer, T, trials=trials) for r in ratios}
                               for method in ("snapkv", "h2o", "knorm", "streaming")}
+    results["extension"] = extension_table(path, backend, compare=compare, trials=1 if quick else 2,
+                                           lengths=[T, 2 * T] if quick else None, depths=3 if quick else 10,
+                                           console=console)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     _plots(results, depths, grid_lengths, out)
@@ -171,6 +247,16 @@ def _table(results: dict, console) -> None:
     for method, row in results["compression"].items():
         table.add_row(method, *(f"{row[r]:.0%}" for r in ratios))
     console.print(table)
+    ext = results["extension"]
+    table = Table(title=f"position extension (trained to {ext['training_length']} tokens): passkey / needle "
+                        f"accuracy by length, held-out perplexity at {ext['ppl_length']}")
+    lengths = ext["lengths"]
+    for column in ("RoPE", *(f"{L}" for L in lengths), f"ppl {ext['ppl_length']}"):
+        table.add_column(column, justify="left" if column == "RoPE" else "right")
+    for name, row in ext["rows"].items():
+        table.add_row(name, *(f"{row['passkey'][L]:.0%} / {row['needle'][L]:.0%}" for L in lengths),
+                      f"{row['perplexity']:.3f}")
+    console.print(table)
     lim = results["lost_in_the_middle"]
     console.print(f"lost in the middle ({lim['pairs']} pairs), accuracy by asked position: "
                   + ", ".join(f"{p}: {a:.0%}" for p, a in zip(lim["positions"], lim["accuracy"])))
@@ -203,6 +289,7 @@ def _plots(results: dict, depths, grid_lengths, out) -> None:
     fig.tight_layout()
     fig.savefig(out / "eval-perplexity.png", dpi=110)
     plt.close(fig)
+    extension_plot(results["extension"], out / "eval-extension.png")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     lim = results["lost_in_the_middle"]
     ax1.plot(lim["positions"], lim["accuracy"], marker="o")
@@ -222,6 +309,36 @@ def _plots(results: dict, depths, grid_lengths, out) -> None:
     plt.close(fig)
 
 
+def extension_plot(ext: dict, path) -> None:
+    """Task 9's figure: held-out perplexity by position (buckets of T0 / 4) and passkey by length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    T0 = ext["training_length"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    bucket = T0 // 4
+    for name, row in ext["rows"].items():
+        nll = np.array(row["nll_by_position"])
+        starts = np.arange(0, len(nll), bucket)
+        ax1.plot(starts + 1, np.exp([nll[s:s + bucket].mean() for s in starts]), marker=".", label=name)
+        ax2.plot(ext["lengths"], [row["passkey"][L] for L in ext["lengths"]], marker="o", label=name)
+    ax1.axvline(T0, color="gray", ls=":")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("position (tokens)")
+    ax1.set_ylabel(f"held-out perplexity, buckets of {bucket}")
+    ax1.set_title("beyond the training length (dotted)")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xticks(ext["lengths"], ext["lengths"])
+    ax2.set_ylim(-0.05, 1.05)
+    ax2.set_xlabel("prompt length (tokens)")
+    ax2.set_ylabel("passkey accuracy")
+    ax2.set_title("retrieval")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):  # torch
         return x.detach().float().cpu().numpy()
@@ -229,5 +346,5 @@ def _numpy(x) -> np.ndarray:
     return np.array(x.astype(mx.float32))
 
 
-__all__ = ["copy_accuracy", "greedy_answer", "lost_in_the_middle", "needle_grid", "passkey_accuracy",
-           "perplexity_by_position", "run_suite", "token_nll"]
+__all__ = ["copy_accuracy", "extension_table", "greedy_answer", "lost_in_the_middle", "needle_grid",
+           "passkey_accuracy", "perplexity_by_position", "run_suite", "token_nll"]

@@ -48,6 +48,7 @@ TASKS = {t.number: t for t in (
     Task(6, "Adaptive context", "task6-adaptive.md", "adaptive"),
     Task(7, "Long-context benchmark", "task7-benchmark.md", "benchmark"),
     Task(8, "Qwen3 integration", "qwen3-integration.md", "qwen3_long"),
+    Task(9, "Position extension (LongRoPE)", "task9-position-extension.md", "rope_scaling"),
 )}
 
 

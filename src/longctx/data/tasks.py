@@ -1,7 +1,7 @@
 """Synthetic long-context tasks, built in token ids so a prompt is exactly ``length`` tokens.
 
 One builder per task, shared by the training mix of the shipped model
-(``longctx.models.train``) and the evaluation suite (``longctx.eval``):
+(``longctx.data.mix``) and the evaluation suite (``longctx.eval``):
 
 * ``passkey``: Landmark Attention's prompt (Mohtashami & Jaggi, 2023): a
   passkey sentence hidden at ``depth`` in repeated filler, then the question.

@@ -1,7 +1,7 @@
 """Train the small Qwen3 that ships with longctx (``longctx train-tiny``), with MLX on the CPU.
 
 mlx-lm's own ``qwen3.Model`` is trained from a seed on a length curriculum
-(``CURRICULUM``, then ``MIX``): rows of 16, 32, 64, 128 and 256 tokens, first
+(``CURRICULUM``, then ``MIX``, ``longctx.data.mix``): rows of 16, 32, 64, 128 and 256 tokens, first
 dense in random repeats, where an induction head forms, then ``seq_len``-token
 rows. Every row is examples packed back to back, each starting with
 ``<|endoftext|>``: passkey retrieval (Landmark Attention's format),
@@ -24,13 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from longctx.data import tasks
-from longctx.models.checkpoint import SPECIAL_TOKENS
+from longctx.data.mix import MIX, batch, repeat
 
 CONFIG = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=128, intermediate_size=384,
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
               rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="float32", hidden_act="silu",
               attention_bias=False, attention_dropout=0.0, initializer_range=0.02, use_cache=True)
-MIX = {"repeat": 0.25, "passkey": 0.25, "needle": 0.1, "kv_recall": 0.2, "copy": 0.15, "text": 0.05}
 # Retrieval is copying from far back: an induction head (a previous-token head, then a head that
 # finds the earlier occurrence of the current token and copies what followed). It forms abruptly
 # and late. Measured with the held-out copy loss (train.json): 1500 steps of 512-token task rows
@@ -43,45 +42,6 @@ CURRICULUM = ((16, 3, {"repeat": 1.0}),
               (64, 1, {"repeat": 0.5, "copy": 0.25, "kv_recall": 0.25}),
               (128, 1, {"repeat": 0.4, "copy": 0.2, "kv_recall": 0.3, "text": 0.1}),
               (256, 2, MIX))
-
-
-def example(tokenizer, rng: np.random.Generator, max_len: int, mix: dict = MIX) -> list[int]:
-    """One training example (prompt and answer, or plain text) of at most ``max_len`` tokens."""
-    kind = rng.choice(list(mix), p=list(mix.values()))
-    key = int(rng.integers(10_000, 100_000))
-    if kind == "repeat":
-        return repeat(tokenizer, rng, int(rng.integers(2, max(3, min(160, max_len // 2)))))
-    if kind == "passkey":
-        p = tasks.passkey(tokenizer, int(rng.integers(150, max_len - 6)), float(rng.random()), key)
-    elif kind == "needle":
-        p = tasks.needle(tokenizer, int(rng.integers(64, max_len - 6)), float(rng.random()), key,
-                         start=int(rng.integers(1000)))
-    elif kind == "kv_recall":
-        pairs = int(rng.integers(2, max(3, min(48, (max_len - 24) // 10))))
-        p = tasks.kv_recall(tokenizer, pairs, int(rng.integers(pairs)), rng)
-    elif kind == "copy":
-        p = tasks.copy(tokenizer, int(rng.integers(4, max(5, min(100, (max_len - 14) // 2)))), rng)
-    else:
-        return tasks.text(tokenizer, int(rng.integers(32, max_len)), start=int(rng.integers(1000)))
-    answer = tasks._encode(tokenizer, " " + p.answer + ".")
-    return (p.ids + list(answer))[:max_len]
-
-
-def repeat(tokenizer, rng: np.random.Generator, n: int) -> list[int]:
-    """``<|endoftext|>``, ``n`` random ordinary ids, then the same ``n`` ids again."""
-    ids = rng.integers(len(SPECIAL_TOKENS), len(tokenizer), n).tolist()
-    return [tokenizer.convert_tokens_to_ids(tasks.BOS), *ids, *ids]
-
-
-def batch(tokenizer, rng: np.random.Generator, size: int, seq_len: int, mix: dict = MIX) -> np.ndarray:
-    """``(size, seq_len + 1)`` token rows, each examples packed back to back (the last one cut)."""
-    rows = np.empty((size, seq_len + 1), dtype=np.int32)
-    for r in range(size):
-        ids = []
-        while len(ids) < seq_len + 1:
-            ids.extend(example(tokenizer, rng, seq_len + 1, mix))
-        rows[r] = ids[:seq_len + 1]
-    return rows
 
 
 def plan(short_steps: int, steps: int, seq_len: int) -> list[tuple[int, int, dict]]:
@@ -100,7 +60,6 @@ def train(path, *, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, s
     ``batch_size`` x ``seq_len`` rows of ``MIX``; every step ``batch_size * seq_len`` tokens. AdamW at
     ``lr`` (50 warm-up steps, constant, then cosine to lr/20 over the last stage)."""
     import mlx.core as mx
-    import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
     from mlx_lm.models.qwen3 import Model, ModelArgs
@@ -123,6 +82,31 @@ def train(path, *, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, s
     warmup = min(50, short_steps)  # the warm-up ends before the last stage's cosine starts
     schedule = optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup), lambda _: lr,
                                      optim.cosine_decay(lr, steps, lr / 20)], [warmup, short_steps])
+    stages = plan(short_steps, steps, seq_len)
+    losses, copy_losses, seconds = fit(model, tokenizer, stages, batch_size * seq_len, schedule, rng, log)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    save_tokenizer(tokenizer, path)
+    (path / "train.json").write_text(json.dumps({
+        "steps": steps, "short_steps": short_steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
+        "seed": seed, "mix": MIX, "stages": stages,
+        "seconds": round(seconds), "losses": [round(x, 4) for x in losses],
+        "copy_losses": [(i, round(x, 4)) for i, x in copy_losses]}))
+    model_card(path)
+    return path
+
+
+def fit(model, tokenizer, stages, tokens_per_step: int, schedule, rng: np.random.Generator, log=print):
+    """Train ``model`` in place on ``stages`` (``(row length, steps, mix)``), every step
+    ``tokens_per_step`` tokens, AdamW on ``schedule``, gradients clipped at 1. Every 50 steps (and
+    at the end) the loss on the second half of held-out repeats: ~ln(vocab) until an induction head
+    forms. Returns ``(losses, [(step, copy loss)], seconds)``."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
 
     def loss_fn(model, rows):
@@ -146,30 +130,58 @@ def train(path, *, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, s
         logits = model(probe[:, :-1])[:, 101:]
         return float(nn.losses.cross_entropy(logits, probe[:, 102:], reduction="mean"))
 
-    stages = plan(short_steps, steps, seq_len)
+    total = sum(count for _, count, _ in stages)
     losses, copy_losses, start = [], [], time.perf_counter()
     for length, count, mix in stages:
         for _ in range(count):
             i = len(losses)
-            loss = step(mx.array(batch(tokenizer, rng, batch_size * seq_len // length, length, mix)))
+            loss = step(mx.array(batch(tokenizer, rng, max(1, tokens_per_step // length), length, mix)))
             mx.eval(state)
             losses.append(float(loss))
-            if i % 50 == 0 or i == short_steps + steps - 1:
+            if i % 50 == 0 or i == total - 1:
                 copy_losses.append((i, copy_loss()))
                 log(f"step {i:5d}  rows of {length:4d}  loss {np.mean(losses[-50:]):.3f}  "
                     f"copy loss {copy_losses[-1][1]:.3f}  {time.perf_counter() - start:6.0f} s")
+    return losses, copy_losses, time.perf_counter() - start
+
+
+def finetune(base, path, rope_scaling: dict, *, seq_len: int, steps: int = 200, batch_size: int = 2,
+             lr: float = 5e-4, seed: int = 0, log=print) -> Path:
+    """The short fine-tune of position extension (PI's 1000 steps, LongRoPE's 400, scaled to this
+    model), continued from the model in ``base`` with its RoPE scaled by ``rope_scaling``
+    (``longctx.mlx.ScaledRoPE`` in every layer, its length ``seq_len``): ``steps`` steps of
+    ``batch_size`` x ``seq_len`` tokens of ``MIX``, AdamW at ``lr`` (20 warm-up steps, then cosine
+    to lr/10). Writes the weights and ``finetune.json`` (the losses) to ``path`` (the rest of the
+    model folder is the caller's: ``longctx extend``)."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from longctx.checks import check_positive_int
+    from longctx.mlx.rope_scaling import ScaledRoPE, model_rope
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
+        check_positive_int(name, value)
+    model, tokenizer = load(str(base))
+    head_dim, theta, _, _ = model_rope(model)
+    rope = ScaledRoPE(head_dim, theta, rope_scaling)
+    rope.seq_len = seq_len  # the factors of inference at this length (LongRoPE: the long ones)
+    for layer in model.layers:
+        layer.self_attn.rope = rope
+    mx.random.seed(seed)
+    warmup = min(20, steps)
+    schedule = optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup),
+                                     optim.cosine_decay(lr, max(1, steps - warmup), lr / 10)], [warmup])
+    losses, copy_losses, seconds = fit(model, tokenizer, [(seq_len, steps, MIX)], batch_size * seq_len, schedule,
+                                       np.random.default_rng(seed), log)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    save_tokenizer(tokenizer, path)
-    (path / "train.json").write_text(json.dumps({
-        "steps": steps, "short_steps": short_steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
-        "seed": seed, "mix": MIX, "stages": stages,
-        "seconds": round(time.perf_counter() - start), "losses": [round(x, 4) for x in losses],
-        "copy_losses": [(i, round(x, 4)) for i, x in copy_losses]}))
-    model_card(path)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "pt"})
+    (path / "finetune.json").write_text(json.dumps({
+        "base": str(base), "rope_scaling": rope_scaling, "seq_len": seq_len, "steps": steps,
+        "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": round(seconds),
+        "losses": [round(x, 4) for x in losses], "copy_losses": [(i, round(x, 4)) for i, x in copy_losses]}))
     return path
 
 
@@ -241,7 +253,7 @@ Load it with `mlx_lm.load(path)` or `AutoModelForCausalLM.from_pretrained(path)`
 - **Tokenizer:** byte-level BPE, 512 entries, trained on the shipped public-domain texts
   (`longctx.models.tiny_tokenizer`), Qwen3's special tokens and ChatML template.
 - **Data:** examples packed into rows of {T} tokens, each starting with `<|endoftext|>`: {mix}
-  (`longctx.models.train.MIX`; "repeat" is random ids then the same ids again, the rest are prompts from
+  (`longctx.data.mix.MIX`; "repeat" is random ids then the same ids again, the rest are prompts from
   `longctx.data.tasks`: Landmark Attention's passkey format, the magic-number needle in the shipped
   text, key-value recall with up to 47 pairs, copying up to 99 characters), at random lengths, depths
   and keys.

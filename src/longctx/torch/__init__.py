@@ -4,11 +4,13 @@ from .benchmark import BenchmarkResult, benchmark_long_context
 from .compression import CompressedContext, CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention, dilated_attention
 from .qwen3_long import LongContextQwen3
+from .rope_scaling import ScaledRoPE, rope_frequencies, search_longrope
 from .ring import RingAttention, RingState, merge_states, ring_attention_distributed, ring_shard
 from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache, StreamingProcessor
 
 __all__ = ["AdaptiveContextManager", "BenchmarkResult", "CompressedContext", "CompressedKVCache",
            "ContextCompressor", "ContextOverflowError", "HierarchicalAttention", "LongContextQwen3", "RingAttention",
-           "RingState", "SinkKVCache", "SlidingWindowAttention", "StreamingProcessor", "benchmark_long_context",
-           "dilated_attention", "merge_states", "ring_attention_distributed", "ring_shard"]
+           "RingState", "ScaledRoPE", "SinkKVCache", "SlidingWindowAttention", "StreamingProcessor",
+           "benchmark_long_context", "dilated_attention", "merge_states", "ring_attention_distributed", "ring_shard",
+           "rope_frequencies", "search_longrope"]

@@ -12,6 +12,10 @@ implementation it does not know, so no ``L x L`` mask is ever made.
 ``full`` and ``streaming`` keep the model's own attention: Task 5's
 ``SinkKVCache`` gives transformers the mask sizes it needs.
 
+``rope_scaling`` (Task 9, any strategy) puts a ``ScaledRoPE`` in the place of
+``model.model.rotary_emb`` inside our calls, its length fixed for the whole
+call as in MLX.
+
 As in MLX, each strategy's cache class (the same names: ``SlidingKVCache``,
 ``HierarchicalKVCache``, ``SinkKVCache``, ``QueryRecordingCache``) and its
 options come from ``longctx.techniques``; a cache with an ``attend`` method
@@ -29,11 +33,12 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from longctx.checks import NEEDS_ATTENTION, check_positive_int, check_tokens, prefill_chunks
+from longctx.checks import NEEDS_ATTENTION, check_positive_int, check_tokens, prefill_chunks, rope_scaling_from_config
 from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
 
 from .compression import CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
+from .rope_scaling import RotaryEmbedding, ScaledRoPE, model_rope
 from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache
 SAMPLING = ("temperature", "top_p", "top_k", "min_p")
@@ -101,12 +106,19 @@ class QueryRecordingCache(CompressedKVCache):
 class LongContextQwen3:
     """A transformers Qwen3 with a long-context strategy: ``process_long_sequence`` and ``generate``."""
 
-    def __init__(self, base_model, context_strategy: str = "hierarchical", **options):
+    def __init__(self, base_model, context_strategy: str = "hierarchical", *, rope_scaling: dict | None = None,
+                 **options):
         if not isinstance(base_model, PreTrainedModel) or not hasattr(base_model, "model"):
             raise ValueError(f"base_model must be a transformers causal LM (AutoModelForCausalLM), "
                              f"got {type(base_model).__name__}")
         self.model = base_model
         self.strategy, self.chunk_size, self.options = check_strategy(context_strategy, options)
+        self.rope = None  # Task 9: in the place of model.model.rotary_emb inside our calls
+        if rope_scaling is not None:
+            head_dim, theta, _, _ = model_rope(base_model)
+            scaling = rope_scaling_from_config({"rope_scaling": rope_scaling,
+                                                "max_position_embeddings": base_model.config.max_position_embeddings})
+            self.rope = RotaryEmbedding(ScaledRoPE(head_dim, theta, scaling))
         self.cache = self.make_cache()  # validates the options now, not at the first call
 
     def make_cache(self) -> Cache:
@@ -116,7 +128,8 @@ class LongContextQwen3:
             return DynamicCache(config=self.model.config)
         cls = globals()[name]
         takes_rotary = "rotary_emb" in inspect.signature(cls).parameters
-        return cls(**self.options, num_layers=n, **({"rotary_emb": self.model.model.rotary_emb} if takes_rotary else {}))
+        rotary = self.rope or self.model.model.rotary_emb
+        return cls(**self.options, num_layers=n, **({"rotary_emb": rotary} if takes_rotary else {}))
 
     @torch.no_grad()
     def process_long_sequence(self, tokens) -> torch.Tensor:
@@ -129,8 +142,8 @@ class LongContextQwen3:
     def generate(self, tokens, max_new_tokens: int, **sampling) -> Iterator[int]:
         """Token ids after the prompt, one at a time; greedy unless ``temperature`` (and
         ``top_p``, ``top_k``, ``min_p``) say otherwise, with transformers' logits warpers."""
-        ids = self._check_tokens(tokens)
         max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
+        ids = self._check_tokens(tokens, max_new_tokens)
         warpers = self._warpers(sampling)
         self.cache = self.make_cache()
         if len(ids) > 1:
@@ -156,11 +169,23 @@ class LongContextQwen3:
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(self.model.device)
         attend = getattr(self.cache, "attend", None)
-        if attend is None:  # full, streaming: the model's own attention
-            return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
-        with self._implementation("longctx"):
-            return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
-                              longctx_attend=attend).logits
+        with self._rotary():
+            if attend is None:  # full, streaming: the model's own attention
+                return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
+            with self._implementation("longctx"):
+                return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                                  longctx_attend=attend).logits
+
+    @contextlib.contextmanager
+    def _rotary(self):
+        """The scaled RoPE in the place of the model's rotary embedding, for one forward."""
+        before = self.model.model.rotary_emb
+        if self.rope is not None:
+            self.model.model.rotary_emb = self.rope
+        try:
+            yield
+        finally:
+            self.model.model.rotary_emb = before
 
     @contextlib.contextmanager
     def _implementation(self, name: str):
@@ -187,8 +212,12 @@ class LongContextQwen3:
             warpers.append(MinPLogitsWarper(sampling["min_p"]))
         return warpers
 
-    def _check_tokens(self, tokens) -> list[int]:
-        return check_tokens(tokens, self.model.config.vocab_size)
+    def _check_tokens(self, tokens, new_tokens: int = 0) -> list[int]:
+        """The prompt's ids, checked; the scaled RoPE's length for this call is the prompt's plus ``new_tokens``."""
+        ids = check_tokens(tokens, self.model.config.vocab_size)
+        if self.rope is not None:
+            self.rope.rope.seq_len = len(ids) + new_tokens
+        return ids
 
 
 __all__ = ["STRATEGIES", "LongContextQwen3", "attention"]

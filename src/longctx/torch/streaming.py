@@ -31,7 +31,10 @@ class SinkLayer(DynamicLayer):
     def _rotate(self, x: torch.Tensor, start: int, inverse: bool = False) -> torch.Tensor:
         position_ids = torch.arange(start, start + x.shape[2], device=x.device)[None]
         cos, sin = self.rotary_emb(x, position_ids)
-        return apply_rotary_pos_emb(x, x, cos, -sin if inverse else sin)[1]
+        if not inverse:
+            return apply_rotary_pos_emb(x, x, cos, sin)[1]
+        a = self.rotary_emb(x, torch.zeros_like(position_ids[:, :1]))[0][:, :, :1]  # cos(0) x the attention factor
+        return apply_rotary_pos_emb(x, x, cos, -sin)[1] / (a[:, None] * a[:, None])  # (a scaled RoPE: YaRN, LongRoPE)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         offset = self.get_seq_length()

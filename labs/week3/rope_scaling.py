@@ -1,0 +1,242 @@
+# Learner stub for Task 9, generated from solutions/week3/rope_scaling.py by `longctx stubs`.
+# Replace each `raise NotImplementedError(...)` with your code; grade it with
+#     pytest labs/week3 --task 9
+"""Task 9: position extension, PI, NTK, YaRN, Llama 3 and LongRoPE (book chapter "Task 9: Position extension").
+
+RoPE turns pair ``i`` of a query or key (dims ``i`` and ``i + D/2``) by
+``position * theta_i``, ``theta_i = base ** (-2i / D)``. A model trained to
+``T0`` tokens never saw the angles of later positions. Every method here
+changes the inverse frequencies ``theta_i`` (and some the attention's
+temperature) so that ``s * T0`` positions look like ones the model knows:
+
+==========  ====================================================================
+linear      PI: every ``theta_i / s`` (positions squeezed into ``[0, T0)``)
+dynamic     NTK-aware: a larger base, ``base * (s L / T0 - (s - 1)) ** (D / (D - 2))``
+            for the length ``L`` seen, so fast pairs keep their resolution
+yarn        NTK-by-parts: pairs that turn fewer than ``beta_slow`` times in ``T0``
+            are divided by ``s``, more than ``beta_fast`` kept, a linear ramp
+            between; attention factor ``0.1 ln s + 1`` (``mscale``)
+llama3      the same idea by wavelength: longer than ``T0 / low_freq_factor``
+            divided by ``s``, shorter than ``T0 / high_freq_factor`` kept, smooth between
+longrope    one searched factor per pair, ``theta_i / lambda_i``: ``short_factor``
+            while the sequence fits in ``T0``, ``long_factor`` beyond; attention
+            factor ``sqrt(1 + ln s / ln T0)``
+==========  ====================================================================
+
+``rope_frequencies(rope_scaling, head_dim, base, seq_len)`` reads Hugging
+Face's ``rope_scaling`` dict and returns what transformers'
+``ROPE_INIT_FUNCTIONS`` returns: ``(inv_freq, attention_factor)``.
+``ScaledRoPE`` is a drop-in for mlx-lm's RoPE module (``rope(x, offset)``).
+``search_longrope`` is LongRoPE's evolutionary search (``rope_search.py``)
+with the model's perplexity as the fitness.
+
+Every method is LongRoPE with some factor vector: ``rescale_factors`` gives
+it, ``lambda_i = theta_i / theta'_i``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from longctx.checks import check_positive_int, check_rope_scaling, rope_scaling_from_config
+
+from .rope_search import search_factors
+
+
+def _original(head_dim: int, base: float) -> mx.array:
+    """``theta_i = base ** (-2i / D)``, ``(D/2,)`` float32: the RoPE the model was trained with."""
+    return 1.0 / base ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
+
+
+# Each scaling: ``(s, head_dim, base, seq_len) -> (inv_freq (D/2,) float32, attention_factor)``, ``s``
+# the checked ``rope_scaling`` dict (HF's keys and defaults, ``original_max_position_embeddings`` = T0).
+
+def _default(s: dict, head_dim: int, base: float, seq_len) -> tuple[mx.array, float]:
+    return _original(head_dim, base), 1.0
+
+
+def _linear(s: dict, head_dim: int, base: float, seq_len) -> tuple[mx.array, float]:
+    """PI (Chen et al. 2023): every inverse frequency divided by ``factor``. 1 line."""
+    raise NotImplementedError("Task 9: _linear -- see the book chapter 'Task 9: Position extension'")
+
+
+def _dynamic(s: dict, head_dim: int, base: float, seq_len) -> tuple[mx.array, float]:
+    """NTK-aware, dynamic: the base becomes ``base * (factor * L / T0 - (factor - 1)) ** (D / (D - 2))``
+    with ``L = max(seq_len, T0)`` (``seq_len`` None: ``T0``), then the original formula. 3 lines."""
+    raise NotImplementedError("Task 9: _dynamic -- see the book chapter 'Task 9: Position extension'")
+
+
+def _yarn_pair(rotations: float, head_dim: int, base: float, T0: int) -> float:
+    """The (fractional) pair index whose wavelength fits ``rotations`` times into ``T0`` positions:
+    solves ``T0 * theta_i / (2 pi) = rotations`` for ``i``."""
+    return head_dim * math.log(T0 / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+def _mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature ``0.1 * mscale * ln(factor) + 1`` (1 for ``factor <= 1``)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(s: dict, head_dim: int, base: float, seq_len) -> tuple[mx.array, float]:
+    """YaRN (Peng et al. 2023) as transformers computes it. Pairs ``lo = _yarn_pair(beta_fast)`` and
+    ``hi = _yarn_pair(beta_slow)`` (floor and ceil when ``truncate``; clipped to ``[0, head_dim - 1]``;
+    ``hi += 0.001`` if equal) bound a ramp ``r_i = clip((i - lo) / (hi - lo), 0, 1)``: inverse
+    frequency ``theta_i * (1 - r_i) + theta_i / factor * r_i``. Attention factor:
+    ``attention_factor`` if given, else ``_mscale(factor, mscale) / _mscale(factor, mscale_all_dim)``
+    when both are given and non-zero, else ``_mscale(factor)``. About 12 lines."""
+    raise NotImplementedError("Task 9: _yarn -- see the book chapter 'Task 9: Position extension'")
+
+
+def _llama3(s: dict, head_dim: int, base: float, seq_len) -> tuple[mx.array, float]:
+    """Llama 3.1's scaling, by wavelength ``2 pi / theta_i``: shorter than ``T0 / high_freq_factor``
+    kept, longer than ``T0 / low_freq_factor`` divided by ``factor``, between them ``(1 - m) *
+    theta_i / factor + m * theta_i`` with ``m = (T0 / wavelength - low_freq_factor) /
+    (high_freq_factor - low_freq_factor)``. About 8 lines."""
+    raise NotImplementedError("Task 9: _llama3 -- see the book chapter 'Task 9: Position extension'")
+
+
+def _longrope(s: dict, head_dim: int, base: float, seq_len) -> tuple[mx.array, float]:
+    """LongRoPE: ``theta_i / lambda_i`` with ``lambda`` the ``long_factor`` when ``seq_len > T0``,
+    else (``seq_len`` None included) the ``short_factor``. Attention factor: ``attention_factor``
+    if given, else ``sqrt(1 + ln(factor) / ln(T0))`` (1 for ``factor <= 1``). About 6 lines."""
+    raise NotImplementedError("Task 9: _longrope -- see the book chapter 'Task 9: Position extension'")
+
+
+SCALINGS = {"default": _default, "linear": _linear, "dynamic": _dynamic, "yarn": _yarn, "llama3": _llama3,
+            "longrope": _longrope}  # rope_type -> function, as transformers' ROPE_INIT_FUNCTIONS
+
+
+def _check_base(base) -> float:
+    if isinstance(base, bool) or not isinstance(base, numbers.Real) or not 1 < base < float("inf"):
+        raise ValueError(f"base must be a finite number > 1, got {base!r}")
+    return float(base)
+
+
+def rope_frequencies(rope_scaling: dict | None, head_dim: int, base: float,
+                     seq_len: int | None = None) -> tuple[mx.array, float]:
+    """``(inv_freq (head_dim / 2,) float32, attention_factor)`` for Hugging Face's ``rope_scaling``
+    dict (None: the original RoPE) at a sequence of ``seq_len`` tokens (``dynamic`` and
+    ``longrope`` depend on it), as ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS``."""
+    s = check_rope_scaling(rope_scaling, head_dim)
+    if seq_len is not None:
+        check_positive_int("seq_len", seq_len)
+    return SCALINGS[s["rope_type"]](s, head_dim, _check_base(base), seq_len)
+
+
+def rescale_factors(rope_scaling: dict | None, head_dim: int, base: float, seq_len: int | None = None) -> np.ndarray:
+    """LongRoPE's view of any method: ``lambda_i = theta_i / theta'_i`` (float64, ``(head_dim / 2,)``),
+    so that ``{"rope_type": "longrope", "long_factor": lambda, ...}`` rotates exactly as it does."""
+    inv_freq, _ = rope_frequencies(rope_scaling, head_dim, base, seq_len)
+    return np.array(_original(head_dim, base), np.float64) / np.array(inv_freq, np.float64)
+
+
+class ScaledRoPE(nn.Module):
+    """A drop-in for mlx-lm's RoPE module (``rope(x, offset)``, ``x (B, H, L, D)``) with any scaling.
+
+    The length that ``dynamic`` and ``longrope`` choose their frequencies by is ``self.seq_len`` when
+    set (``LongContextQwen3`` sets it to the whole call's length, so every chunk and every cached
+    key uses the same frequencies), else ``offset + L`` of each call (transformers' behaviour).
+    LongRoPE's ``start_tokens`` (n_hat): positions below it keep the original RoPE."""
+
+    def __init__(self, head_dim: int, base: float, rope_scaling: dict | None = None, traditional: bool = False):
+        super().__init__()
+        self.scaling = check_rope_scaling(rope_scaling, head_dim)
+        self.dims, self.base, self.traditional = head_dim, _check_base(base), bool(traditional)
+        self.seq_len = None
+        self._cache = {}
+
+    def frequencies(self, seq_len: int) -> tuple[mx.array, float]:
+        """``(1 / inv_freq, attention_factor)`` at ``seq_len``: the ``freqs`` ``mx.fast.rope`` takes."""
+        depends = self.scaling["rope_type"] in ("dynamic", "longrope")
+        key = seq_len if self.scaling["rope_type"] == "dynamic" else (
+            seq_len > self.scaling["original_max_position_embeddings"] if depends else None)
+        if key not in self._cache:
+            inv_freq, factor = SCALINGS[self.scaling["rope_type"]](self.scaling, self.dims, self.base, seq_len)
+            self._cache[key] = (1.0 / inv_freq, factor)
+        return self._cache[key]
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        """``x (B, H, L, D)`` at positions ``offset .. offset + L - 1``, rotated by ``mx.fast.rope``
+        with ``freqs`` and ``traditional`` (the attention factor is applied above); positions below
+        LongRoPE's ``start_tokens`` (n_hat) rotate with the original RoPE (``base``). About 7 lines."""
+        offset = int(offset)
+        L = x.shape[-2]
+        freqs, factor = self.frequencies(self.seq_len or offset + L)
+        if factor != 1.0:
+            x = x * factor
+        raise NotImplementedError("Task 9: ScaledRoPE.__call__ -- see the book chapter 'Task 9: Position extension'")
+
+
+# ---------------------------------------------------------------- LongRoPE's search, on an mlx-lm model
+
+def model_rope(model) -> tuple[int, float, int, dict]:
+    """``(head_dim, base, T0, rope_scaling)`` of an mlx-lm model, from its config (``model.args``)."""
+    args = model.args
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    scaling = check_rope_scaling(rope_scaling_from_config(args), head_dim)
+    T0 = scaling.get("original_max_position_embeddings") or args.max_position_embeddings
+    return head_dim, float(args.rope_theta), T0, scaling
+
+
+def perplexity(model, sequences, rope_scaling: dict | None = None) -> float:
+    """The model's perplexity on ``sequences`` (rows of token ids, one length) with its RoPE replaced by
+    ``ScaledRoPE(rope_scaling)`` in every layer for this call only (None: the model's own)."""
+    head_dim, base, _, _ = model_rope(model)
+    rows = mx.array(np.asarray(sequences, dtype=np.int32))
+    layers = model.layers
+    before = [layer.self_attn.rope for layer in layers]
+    if rope_scaling is not None:
+        rope = ScaledRoPE(head_dim, base, rope_scaling, traditional=getattr(before[0], "traditional", False))
+        for layer in layers:
+            layer.self_attn.rope = rope
+    try:
+        nll = 0.0
+        for row in rows:  # one row at a time: the peak is one row's scores
+            logits = model(row[None, :-1])
+            nll += float(nn.losses.cross_entropy(logits[0], row[1:], reduction="mean"))
+    finally:
+        for layer, rope in zip(layers, before):
+            layer.self_attn.rope = rope
+    return math.exp(nll / len(rows))
+
+
+def seed_factors(factor: float, head_dim: int, base: float, T0: int) -> dict[str, np.ndarray]:
+    """The search's starting points, as LongRoPE factor vectors for an extension by ``factor``: PI,
+    NTK-aware (base ``* factor ** (D / (D - 2))``) and YaRN (exact: its inverse frequencies, not its
+    factors, are the ramp's blend) with transformers' defaults."""
+    theta = np.array(_original(head_dim, base), np.float64)
+    ntk = (base * factor ** (head_dim / (head_dim - 2))) ** (-np.arange(0, head_dim, 2) / head_dim)
+    yarn = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": T0}
+    return {"pi": np.full(head_dim // 2, float(factor)), "ntk": theta / ntk,
+            "yarn": rescale_factors(yarn, head_dim, base)}
+
+
+def search_longrope(model, target_length: int, *, sequences, rope_scaling: dict | None = None,
+                    **search) -> dict:
+    """LongRoPE's search on an mlx-lm ``model``: the ``rope_scaling`` dict (``rope_type: longrope``)
+    whose factors give the lowest perplexity on ``sequences`` (held-out rows of ``target_length + 1``
+    tokens). Beyond the training length ``T0`` it searches ``long_factor`` from PI, NTK and YaRN;
+    at or below ``T0``, ``short_factor`` for ``rope_scaling`` (the long search's result), the
+    paper's last step. ``search``: ``population=64, parents=32, mutations=16, crossovers=16,
+    generations=40, probability=0.3, start_tokens=START_TOKENS, seed=0, progress=True, record=None``
+    (``rope_search.search_factors``; ``record``, a dict, receives the seeds' perplexities and the
+    history)."""
+    target_length = check_positive_int("target_length", target_length)
+    head_dim, base, T0, _ = model_rope(model)
+    rows = np.asarray(sequences)
+    if rows.ndim != 2 or rows.shape[1] != target_length + 1 or not len(rows):
+        raise ValueError(f"sequences must be rows of target_length + 1 = {target_length + 1} token ids, "
+                         f"got shape {rows.shape}")
+    if rope_scaling is not None:
+        rope_scaling = check_rope_scaling(rope_scaling, head_dim)
+    return search_factors(lambda scaling: perplexity(model, rows, scaling), target_length, T0, head_dim,
+                          seed_factors(max(target_length / T0, 1.0), head_dim, base, T0),
+                          rope_scaling=rope_scaling, **search)
+
+
+__all__ = ["SCALINGS", "ScaledRoPE", "perplexity", "rescale_factors", "rope_frequencies", "search_longrope",
+           "seed_factors"]
