@@ -115,6 +115,8 @@ def extension_rows(path, backend: str, factor: float = 4.0, compare=()) -> tuple
         config = json.loads((folder / "config.json").read_text())
         scaling = rope_scaling_from_config(config)
         meta = json.loads((folder / "extend.json").read_text()) if (folder / "extend.json").exists() else {}
+        if (folder / "finetune.json").exists():  # `extend --finetune-steps` or `train-tiny --from` into the folder
+            meta["finetune"] = json.loads((folder / "finetune.json").read_text())
         return folder, config, scaling, meta
 
     folder, config, scaling, meta = read(path)
@@ -133,7 +135,7 @@ def extension_rows(path, backend: str, factor: float = 4.0, compare=()) -> tuple
 def extension_table(path, backend: str = "mlx", *, compare=(), trials: int = 2, lengths=None, depths: int = 10,
                     console=None) -> dict:
     """Task 9's table for the model at ``path``: for each of ``extension_rows``, passkey and needle
-    accuracy at ``lengths`` (default ``T0 .. 8 T0``; ``depths`` depths x ``trials``), held-out
+    accuracy at each of ``lengths`` (lists; default ``T0 .. 8 T0``; ``depths`` depths x ``trials``), held-out
     perplexity at ``min(4 T0, max(lengths))``, and the held-out negative log-likelihood by position
     at ``max(lengths)`` (rows of the training mix that training never drew:
     ``longctx.data.mix.heldout_rows``)."""
@@ -155,11 +157,12 @@ def extension_table(path, backend: str = "mlx", *, compare=(), trials: int = 2, 
         ppl_rows = heldout_rows(tokenizer, ppl_length, 4, seed=100)
         out["rows"][name] = {
             "rope_scaling": scaling,
-            "passkey": {L: passkey_accuracy(long, tokenizer, L, depths=where, trials=trials, seed=L) for L in lengths},
-            "needle": {L: float(needle_grid(long, tokenizer, [L], where, trials=max(1, trials // 2), seed=L).mean())
-                       for L in lengths},
+            "passkey": [passkey_accuracy(long, tokenizer, L, depths=where, trials=trials, seed=L) for L in lengths],
+            "needle": [float(needle_grid(long, tokenizer, [L], where, trials=max(1, trials // 2), seed=L).mean())
+                       for L in lengths],
             "perplexity": float(np.exp(np.mean([token_nll(long, [int(t) for t in r]).mean() for r in ppl_rows]))),
-            "nll_by_position": heldout_nll_by_position(long, heldout_rows(tokenizer, max(lengths), 2, seed=200)).tolist()}
+            "nll_by_position": np.round(heldout_nll_by_position(long, heldout_rows(tokenizer, max(lengths), 2,
+                                                                                  seed=200)), 4).tolist()}
     return out
 
 
@@ -254,7 +257,7 @@ def _table(results: dict, console) -> None:
     for column in ("RoPE", *(f"{L}" for L in lengths), f"ppl {ext['ppl_length']}"):
         table.add_column(column, justify="left" if column == "RoPE" else "right")
     for name, row in ext["rows"].items():
-        table.add_row(name, *(f"{row['passkey'][L]:.0%} / {row['needle'][L]:.0%}" for L in lengths),
+        table.add_row(name, *(f"{p:.0%} / {n:.0%}" for p, n in zip(row["passkey"], row["needle"])),
                       f"{row['perplexity']:.3f}")
     console.print(table)
     lim = results["lost_in_the_middle"]
@@ -315,13 +318,13 @@ def extension_plot(ext: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     T0 = ext["training_length"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
     bucket = T0 // 4
     for name, row in ext["rows"].items():
         nll = np.array(row["nll_by_position"])
         starts = np.arange(0, len(nll), bucket)
         ax1.plot(starts + 1, np.exp([nll[s:s + bucket].mean() for s in starts]), marker=".", label=name)
-        ax2.plot(ext["lengths"], [row["passkey"][L] for L in ext["lengths"]], marker="o", label=name)
+        ax2.plot(ext["lengths"], row["passkey"], marker="o", label=name)
     ax1.axvline(T0, color="gray", ls=":")
     ax1.set_yscale("log")
     ax1.set_xlabel("position (tokens)")
@@ -333,8 +336,8 @@ def extension_plot(ext: dict, path) -> None:
     ax2.set_xlabel("prompt length (tokens)")
     ax2.set_ylabel("passkey accuracy")
     ax2.set_title("retrieval")
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*ax2.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
