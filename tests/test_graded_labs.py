@@ -54,7 +54,10 @@ def test_stubs_are_all_todo(tmp_path):
     for task in TASKS.values():
         row = data["tasks"][str(task)]
         assert row["status"] == "TODO" and row["todo"] == row["total"] > 0, out
-        assert 1 <= out.count(f"TODO Task {task}:") <= 4, out  # one line per unwritten function met first
+        lines = [line for line in out.splitlines() if line.startswith(f"TODO Task {task}:")]
+        todos = sum((ROOT / "labs" / "week3" / f"{m}.py").read_text().count(f'NotImplementedError("Task {task}:')
+                    for m in MODULE_TASK if MODULE_TASK[m] == task)
+        assert lines and len(set(lines)) == len(lines) <= todos, out  # one line per unwritten function met
     assert "Traceback" not in out and "Error" not in out.replace("NotImplementedError", ""), out
 
 
@@ -75,7 +78,7 @@ def test_not_implemented_inside_a_library_is_a_failure_not_a_todo(tmp_path):
 
 
 def test_task_option_selects_one_task(tmp_path):
-    code, data, out = grade(tmp_path, "--impl", "solutions", "--task", "9")
+    code, data, out = grade(tmp_path, "--impl", "solutions", "--task", str(max(REGISTRY_TASKS) + 1))
     assert code == 5, out  # nothing is graded for a task with no tests
     code, data, out = grade(tmp_path, "--impl", "solutions", "--task", "2")
     assert code == 0 and list(data["tasks"]) == ["2"], out
@@ -280,7 +283,8 @@ MUTANTS = {
     # Task 8
     "sliding window one too wide in the model": ("qwen3_long", [(
         "SlidingWindowAttention(self.max_size, scale)", "SlidingWindowAttention(self.max_size + 1, scale)")]),
-    "streaming keys left rotated": ("qwen3_long", [('{"rope": layer.self_attn.rope} if takes_rope else {}', "{}")]),
+    "streaming keys left rotated": ("qwen3_long", [('{"rope": self.rope or layer.self_attn.rope} if takes_rope else {}',
+                                                    "{}")]),
     "H2O scores only the last chunk's queries": ("qwen3_long", [(
         "q = queries if self.queries is None else mx.concatenate([self.queries, queries], axis=2)",
         "q = queries")]),

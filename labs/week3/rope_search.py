@@ -134,7 +134,7 @@ def evolve(objective: Callable[[Candidate], float], seeds, *, low: float, high: 
     # ``generations`` times: the ``parents`` best members (elitist) plus ``mutations`` mutants of
     # random parents plus ``crossovers`` children of two different random parents (a new mutant of
     # the first when the child is None or was evaluated) become the population; ``record`` the best
-    # after each. Return the best candidate evaluated. About 16 lines.
+    # after each; `best` is the best candidate evaluated. About 16 lines.
     raise NotImplementedError("Task 9: evolve -- see the book chapter 'Task 9: Position extension'")
     return SearchResult(best, scores[best], scores, history)
 
