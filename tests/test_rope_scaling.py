@@ -212,8 +212,10 @@ def test_extend_rejects_bad_requests(short_model, tmp_path):
                          ({"method": "yarn", "factor": 4, "search": True}, "search")):
         with pytest.raises(ValueError, match=word):
             extend(short_model, tmp_path / "x", **kwargs)
-    with pytest.raises(ValueError, match="out"):
-        extend(short_model, short_model, method="yarn", factor=4)
+    for existing in (short_model, short_model / "config.json"):  # nothing is overwritten
+        with pytest.raises(ValueError, match="out"):
+            extend(short_model, existing, method="yarn", factor=4)
+    assert (short_model / "model.safetensors").exists()
 
 
 def test_finetune_continues_at_the_new_length(short_model, tmp_path):

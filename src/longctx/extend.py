@@ -28,7 +28,7 @@ from longctx.data.mix import heldout_rows
 
 
 def default_backend() -> str:
-    """MLX on an Apple GPU; elsewhere the torch mirror, whose CPU attention is ~10x MLX's here."""
+    """MLX on an Apple GPU; elsewhere the torch mirror, whose CPU attention is several times MLX's."""
     try:
         import mlx.core as mx
         if mx.metal.is_available():
@@ -52,15 +52,17 @@ def extend(model_path, out, *, method: str, factor: float, search: bool = False,
     if search and method != "longrope":
         raise ValueError(f"search is LongRoPE's: use method='longrope', got method={method!r}")
     model_path, out = Path(model_path), Path(out)
-    if out.resolve() == model_path.resolve():
-        raise ValueError(f"out must be a new folder, not the model's own ({out})")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"out must be a new or empty folder, got {str(out)!r}, which holds files (nothing is "
+                         "overwritten)")
     config = json.loads((model_path / "config.json").read_text())
     if (config.get("rope_scaling") or config.get("rope_parameters") or {}).get("rope_type", "default") != "default":
         raise ValueError(f"{model_path} is already scaled ({config.get('rope_scaling')}); extend the original model")
     T0, head_dim = config["max_position_embeddings"], config.get("head_dim") or (
         config["hidden_size"] // config["num_attention_heads"])
     target = int(round(factor * T0))
-    record = {"base": str(model_path), "method": method, "factor": factor, "original_max_position_embeddings": T0, "target_length": target}
+    record = {"base": str(model_path), "method": method, "factor": factor, "original_max_position_embeddings": T0,
+              "target_length": target}
     if method == "longrope":
         scaling = _search(model_path, target, T0, backend or default_backend(), rows=check_positive_int("rows", rows),
                           population=population, generations=generations, seed=seed, record=record, log=log)
@@ -81,7 +83,8 @@ def extend(model_path, out, *, method: str, factor: float, search: bool = False,
         record["finetune"] = json.loads((staging / "finetune.json").read_text())
     record["rope_scaling"] = scaling
     (staging / "extend.json").write_text(json.dumps(record, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
+    if out.exists():
+        out.rmdir()  # empty, checked above
     staging.rename(out)
     return out
 
