@@ -292,8 +292,8 @@ MUTANTS = {
         "            if isinstance(c, CompressedKVCache):\n                c.compress()", "            pass")]),
     "prompt's last token fed twice": ("qwen3_long", [("self._prefill(ids[:-1], self.cache)",
                                                        "self._prefill(ids, self.cache)")]),
-    "prompt not chunked": ("qwen3_long", [("for start, end in prefill_chunks(len(ids), self.chunk_size):",
-                                           "for start, end in [(0, len(ids))]:")]),
+    "prompt not chunked": ("qwen3_long", [("for start, end, to_memory in self._chunks(len(ids)):",
+                                           "for start, end, to_memory in [(0, len(ids), False)]:")]),
     "attention hook not installed": ("qwen3_long", [(
         "            module.scaled_dot_product_attention = attention\n", "            pass\n")]),
     # Task 9
@@ -342,7 +342,51 @@ MUTANTS = {
     "no elitism": ("rope_search", [("members = elite + children", "members = children")]),
     "returns the worst": ("rope_search", [("best = min(scores, key=scores.get)", "best = max(scores, key=scores.get)")]),
     "population one short": ("rope_search", [("while len(members) < population:", "while len(members) < population - 1:")]),
+    # Task 10
+    "top-k keeps k + 1": ("memory", [("[..., M - top_k:M - top_k + 1]", "[..., M - top_k - 1:M - top_k]")]),
+    "top-k keeps the worst": ("memory", [("    return scores >= kth", "    return scores <= kth")]),
+    "two softmaxes added": ("memory", [(
+        "weights = mx.softmax(mx.concatenate([local, memory], axis=-1), axis=-1, precise=True)",
+        "weights = mx.concatenate([mx.softmax(local, axis=-1), mx.softmax(memory, axis=-1)], axis=-1)")]),
+    "top-k ignored": ("memory", [("    memory = mx.where(top_k_mask(memory, top_k), memory, -mx.inf)\n"
+                                  "    weights = mx.softmax(mx.concatenate",
+                                  "    weights = mx.softmax(mx.concatenate")]),
+    "memory keys as values": ("memory", [("weights[..., Lk:] @ memory_values", "weights[..., Lk:] @ memory_keys")]),
+    "causal mask missing in the window": ("memory", [(
+        "    local = mx.where(mx.arange(Lk)[None] <= row, local, -mx.inf)\n", "")]),
+    "memory shared across documents": ("memory", [("    if memory_mask is not None:\n        memory = mx.where(",
+                                                    "    if False:\n        memory = mx.where(")]),
+    "gate reversed": ("memory", [("(g * memory_out.reshape(B, Hkv, G, Lq, D) + (1 - g) * local_out",
+                                  "((1 - g) * memory_out.reshape(B, Hkv, G, Lq, D) + g * local_out")]),
+    "gate without its sigmoid": ("memory", [("g = mx.sigmoid(gate.astype(mx.float32))", "g = gate.astype(mx.float32)")]),
+    "crossbatch sees itself": ("memory", [("mx.arange(1, extra_contexts + 1)[None]", "mx.arange(extra_contexts)[None]")]),
+    "crossbatch sees later entries": ("memory", [("mx.arange(batch_size)[:, None] - mx.arange(",
+                                                  "mx.arange(batch_size)[:, None] + mx.arange(")]),
+    "crossbatch keeps clipped entries": ("memory", [("index >= 0\n", "index >= -1\n")]),
+    "full context never moves to memory": ("memory", [(
+        "        if self.local_length >= self.context_length:\n            self.flush()",
+        "        if self.local_length > self.context_length:\n            self.flush()")]),
+    "memory keys kept rotated": ("memory", [("raw = self.keys if self.rope is None else unrotate(self.rope, self.keys, 0)",
+                                             "raw = self.keys")]),
+    "memory keys rotated at their local positions twice": ("memory", [(
+        "unrotate(self.rope, self.keys, 0)", "self.rope(self.keys)")]),
+    "the current window counted twice": ("memory", [(
+        "        self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]\n", "")]),
+    "the newest memory dropped": ("memory", [("raw[:, :, -self.memory_size:], values[:, :, -self.memory_size:]",
+                                              "raw[:, :, :self.memory_size], values[:, :, :self.memory_size]")]),
+    "memory order reversed": ("memory", [("raw = mx.concatenate([self.memory_keys, raw], axis=2)",
+                                          "raw = mx.concatenate([raw, self.memory_keys], axis=2)"),
+                                         ("values = mx.concatenate([self.memory_values, self.values], axis=2)",
+                                          "values = mx.concatenate([self.values, self.memory_values], axis=2)")]),
+    "windows never move to memory": ("qwen3_long", [("            if to_memory:\n                for c in cache:\n"
+                                                     "                    c.flush()\n", "")]),
+    "every layer gets a memory": ("qwen3_long", [('{} if memory_layers is None or i in memory_layers else '
+                                                  '{"memory_size": 0}', "{}")]),
+    "the last tokens not kept local": ("qwen3_long", [('o["context_length"], o["last_context_length"], self.chunk_size',
+                                                       'o["context_length"], 0, self.chunk_size')]),
 }
+MUTANT_TASK = {name: 10 for name in ("windows never move to memory", "every layer gets a memory",
+                                     "the last tokens not kept local")}  # qwen3_long's memory path: Task 10's tests
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
@@ -361,7 +405,8 @@ def test_each_planted_bug_fails_a_graded_test(tmp_path, name):
     folder = tmp_path / "mutant"
     shutil.copytree(SOLUTIONS, folder)
     (folder / f"{module}.py").write_text(source)
-    code, data, out = grade(tmp_path, "--impl-dir", str(folder), "--task", str(MODULE_TASK[module]), "-x")
+    task = MUTANT_TASK.get(name, MODULE_TASK[module])
+    code, data, out = grade(tmp_path, "--impl-dir", str(folder), "--task", str(task), "-x")
     assert code != 0, f"planted bug {name!r} passed every graded test"
     failed = [t for t, outcome in data["tests"].items() if outcome != "passed"]
     assert failed, out

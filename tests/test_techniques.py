@@ -10,7 +10,8 @@ from longctx.techniques import TASKS, TECHNIQUES
 
 SMALL = {"full": {}, "sliding": {"window_size": 48}, "hierarchical": {"levels": [32, 128]},
          "ring": {"ring_size": 3, "block_size": 40}, "streaming": {"sink_tokens": 4, "window": 40, "chunk_size": 24},
-         "compressed": {"compression_ratio": 0.75, "method": "snapkv", "observation_window": 8}}
+         "compressed": {"compression_ratio": 0.75, "method": "snapkv", "observation_window": 8},
+         "memory": {"context_length": 40, "top_k": 8}}
 
 
 def test_every_technique_and_task_has_its_files_and_chapter():

@@ -42,7 +42,15 @@ hierarchical    levels, dilations (Task 2's)                    L <= min(levels)
 streaming       sink_tokens=4, window=4096                      L <= sink_tokens + window
 compressed      compression_ratio=0.5, method="snapkv", ...     always for the prompt (the cache is
                 (Task 4's ``ContextCompressor`` arguments)      compressed after it, for generation)
+memory          memory_layers=None (the last), memory_size,     L <= context_length (one window, an
+                last_context_length=256, top_k=None,            empty memory)
+                context_length=None (the model's max positions)
 ==============  ==============================================  =========================================
+
+``memory`` (Task 10) feeds a long prompt in LongLLaMA's windows
+(``longctx.checks.memory_windows``): each window of ``context_length`` moves
+to the memory of the ``memory_layers`` after its forward (the other layers
+drop it); the last ``last_context_length`` tokens stay local for generation.
 """
 from __future__ import annotations
 
@@ -57,11 +65,13 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from longctx.checks import NEEDS_ATTENTION, check_positive_int, check_tokens, prefill_chunks, rope_scaling_from_config
+from longctx.checks import (NEEDS_ATTENTION, check_memory_layers, check_memory_options, check_positive_int, check_tokens,
+                            memory_windows, prefill_chunks, rope_scaling_from_config)
 from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
 
 from .compression import CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
+from .memory import MemoryKVCache
 from .rope_scaling import ScaledRoPE, model_rope
 from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache
@@ -144,6 +154,11 @@ class LongContextQwen3:
                              f"returns), got {type(base_model).__name__}")
         self.model = base_model
         self.strategy, self.chunk_size, self.options = check_strategy(context_strategy, options)
+        if "memory_layers" in self.options:  # Task 10: the layers and the window, checked against the model
+            o = self.options
+            o["memory_layers"] = check_memory_layers(o["memory_layers"], len(layers))
+            o["context_length"] = o["context_length"] or base_model.args.max_position_embeddings
+            check_memory_options(o)
         self.rope = None  # Task 9: the scaled RoPE every layer uses inside our calls
         if rope_scaling is not None:
             head_dim, theta, _, _ = model_rope(base_model)
@@ -165,8 +180,11 @@ class LongContextQwen3:
         name = TECHNIQUES[self.strategy].cache
         cls = globals()[name] if name else KVCache
         takes_rope = "rope" in inspect.signature(cls).parameters
-        return [cls(**self.options, **({"rope": self.rope or layer.self_attn.rope} if takes_rope else {}))
-                for layer in self.model.layers]
+        options = dict(self.options)
+        memory_layers = options.pop("memory_layers", None)  # Task 10: the other layers keep no memory
+        return [cls(**{**options, **({} if memory_layers is None or i in memory_layers else {"memory_size": 0})},
+                    **({"rope": self.rope or layer.self_attn.rope} if takes_rope else {}))
+                for i, layer in enumerate(self.model.layers)]
 
     @contextlib.contextmanager
     def _attention_seam(self):
@@ -228,14 +246,24 @@ class LongContextQwen3:
 
     def _prefill(self, ids: list[int], cache: list) -> mx.array:
         logits = []
-        for start, end in prefill_chunks(len(ids), self.chunk_size):
+        for start, end, to_memory in self._chunks(len(ids)):
             with self._attention_seam():
                 logits.append(self.model(mx.array(ids[start:end])[None], cache=cache))
                 mx.eval(logits[-1], [c.state for c in cache])  # the lazy graph never spans more than a chunk
+            if to_memory:
+                for c in cache:
+                    c.flush()
         for c in cache:
             if isinstance(c, CompressedKVCache):
                 c.compress()
         return mx.concatenate(logits, axis=1)
+
+    def _chunks(self, n: int) -> list[tuple[int, int, bool]]:
+        """``(start, end, to_memory)`` of each prefill forward: LongLLaMA's windows for ``memory``."""
+        if "memory_layers" in self.options:
+            o = self.options
+            return memory_windows(n, o["context_length"], o["last_context_length"], self.chunk_size)
+        return [(start, end, False) for start, end in prefill_chunks(n, self.chunk_size)]
 
     def _check_tokens(self, tokens, new_tokens: int = 0) -> list[int]:
         """The prompt's ids, checked; the scaled RoPE's length for this call is the prompt's plus ``new_tokens``."""

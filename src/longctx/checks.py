@@ -279,3 +279,62 @@ def rope_scaling_for(method: str, factor: float, T0: int) -> dict:
     if method == "llama3":
         scaling.update(low_freq_factor=1.0, high_freq_factor=4.0)
     return scaling
+
+
+# ---------------------------------------------------------------- Task 10: memory layers
+
+
+def check_memory(q, k, v, memory_keys, memory_values, top_k, memory_mask) -> tuple[int, int, int, int, int, int, int]:
+    """``memory_attention``'s inputs: ``q, k, v`` as ``check_attention``, ``memory_keys``,
+    ``memory_values (B, Hkv, M, D)`` (``M`` may be 0), ``top_k`` None or >= 1, ``memory_mask``
+    None or ``(B, M)`` (True: visible). Returns ``B, Hq, Hkv, Lq, Lk, M, D``."""
+    B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
+    for name, x in (("memory_keys", memory_keys), ("memory_values", memory_values)):
+        if len(x.shape) != 4 or tuple(x.shape[:2]) != (B, Hkv) or x.shape[3] != D:
+            raise ValueError(f"{name} must have shape (B, Hkv, M, D) = ({B}, {Hkv}, M, {D}), got {tuple(x.shape)}")
+    if tuple(memory_keys.shape) != tuple(memory_values.shape):
+        raise ValueError(f"memory_keys and memory_values must have the same shape, got {tuple(memory_keys.shape)} "
+                         f"and {tuple(memory_values.shape)}")
+    M = memory_keys.shape[2]
+    if top_k is not None:
+        check_positive_int("top_k", top_k)
+    if memory_mask is not None and tuple(memory_mask.shape) != (B, M):
+        raise ValueError(f"memory_mask must have shape (B, M) = ({B}, {M}), got {tuple(memory_mask.shape)}")
+    return B, Hq, Hkv, Lq, Lk, M, D
+
+
+def check_memory_layers(memory_layers, num_layers: int) -> tuple[int, ...]:
+    """The memory layers' indices: None (the last layer) or integers in ``[0, num_layers)``."""
+    if memory_layers is None:
+        return (num_layers - 1,)
+    layers = (memory_layers,) if isinstance(memory_layers, numbers.Integral) else memory_layers
+    if (not isinstance(layers, (list, tuple)) or not layers or any(
+            isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < num_layers for i in layers)):
+        raise ValueError(f"memory_layers must be None or layer indices in [0, {num_layers}), got {memory_layers!r}")
+    return tuple(sorted({int(i) for i in layers}))
+
+
+def check_memory_options(o: dict) -> None:
+    """The ``memory`` strategy's options (``memory_layers`` is checked against the model later)."""
+    check_nonnegative_int("memory_size", o["memory_size"])
+    last = check_nonnegative_int("last_context_length", o["last_context_length"])
+    if o["top_k"] is not None:
+        check_positive_int("top_k", o["top_k"])
+    if o["context_length"] is not None and last > check_positive_int("context_length", o["context_length"]):
+        raise ValueError(f"last_context_length must be <= context_length {o['context_length']}, got {last}")
+
+
+def memory_windows(n: int, context_length: int, last_context_length: int, chunk_size: int):
+    """LongLLaMA's input windowing of ``n`` tokens: ``(start, end, to_memory)`` per forward. All but
+    the last ``last_context_length`` tokens go in windows of ``context_length`` from the start, each
+    moved to memory after its forward (``to_memory`` on its last chunk); the rest stay local. A
+    window is fed in chunks of at most ``chunk_size``."""
+    prefix = max(n - last_context_length, 0)
+    pieces = [(s, min(s + context_length, prefix), True) for s in range(0, prefix, context_length)]
+    if prefix < n:
+        pieces.append((prefix, n, False))
+    out = []
+    for s, e, to_memory in pieces:
+        out += [(a, b, to_memory and b == e) for a, b in prefill_chunks(e - s, chunk_size) for a, b in
+                [(s + a, s + b)]]
+    return out

@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from longctx.checks import check_choice, check_levels, check_positive_int
+from longctx.checks import check_choice, check_levels, check_memory_options, check_positive_int
 
 BYTES = 4  # float32
 TILE = 1 << 21  # scores per tile in Task 1's blocked MLX path
@@ -49,6 +49,7 @@ TASKS = {t.number: t for t in (
     Task(7, "Long-context benchmark", "task7-benchmark.md", "benchmark"),
     Task(8, "Qwen3 integration", "qwen3-integration.md", "qwen3_long"),
     Task(9, "Position extension (LongRoPE)", "task9-position-extension.md", "rope_scaling"),
+    Task(10, "Memory layers (Focused Transformer)", "task10-memory.md", "memory"),
 )}
 
 
@@ -118,6 +119,20 @@ def _compressed_memory(L, H, D, o, backend):
     return (3 * H * w * L + 3 * H * L) * BYTES  # the window's scores, then the per-key scores
 
 
+def _memory_memory(L, H, D, o, backend):
+    c = min(o["context_length"], L)
+    return 4 * H * c * L * BYTES  # one window's scores against itself and the memory, weights, the mask
+
+
+def _memory_pairs(L: int, o: dict) -> float:
+    c, k = o["context_length"], o["top_k"]
+    pairs = 0.0
+    for s in range(0, L, c):
+        n = min(c, L - s)
+        pairs += n * (n + 1) / 2 + n * (s if k is None else min(k, s))  # local causal + kept memory entries
+    return pairs
+
+
 def hierarchical_pairs(L: int, levels, heads: int, dilations=None) -> int:
     """Causal (query, key) pairs the LongNet levels keep, over all heads: a segment whose head
     keeps ``c`` positions has ``c (c + 1) / 2`` of them."""
@@ -166,6 +181,12 @@ TECHNIQUES = {t.name: t for t in (
               {"compression_ratio": 0.9, "method": "snapkv", "observation_window": 32}, _compressed_memory,
               strategy={"compression_ratio": 0.5, "method": "snapkv", "sink_tokens": 4, "recent_tokens": 32,
                         "observation_window": 32, "pool_kernel": 5}, cache="QueryRecordingCache"),
+    Technique("memory", 10, "windows of context_length attending to a memory of earlier windows (FoT, LongLLaMA)",
+              {"context_length": 512, "top_k": None}, _memory_memory,
+              lambda L, H, D, o: 4.0 * H * D * _memory_pairs(L, o), attention="MemoryAttention",
+              strategy={"memory_layers": None, "memory_size": 65536, "last_context_length": 256, "top_k": None,
+                        "context_length": None}, cache="MemoryKVCache",
+              from_window=lambda w: {"context_length": w}, subquadratic=False, validate=check_memory_options),
 )}
 STRATEGIES = tuple(name for name, t in TECHNIQUES.items() if t.strategy is not None)
 SUBQUADRATIC = tuple(name for name, t in TECHNIQUES.items() if t.subquadratic)

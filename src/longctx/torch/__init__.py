@@ -3,6 +3,8 @@ from .adaptive import AdaptiveContextManager, ContextOverflowError
 from .benchmark import BenchmarkResult, benchmark_long_context
 from .compression import CompressedContext, CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention, dilated_attention
+from .memory import (MemoryAttention, MemoryKVCache, crossbatch_attention, crossbatch_selector, gated_memory_attention,
+                     memory_attention, retrieve)
 from .qwen3_long import LongContextQwen3
 from .rope_scaling import ScaledRoPE, rope_frequencies, search_longrope
 from .ring import RingAttention, RingState, merge_states, ring_attention_distributed, ring_shard
@@ -10,7 +12,8 @@ from .sliding import SlidingWindowAttention
 from .streaming import SinkKVCache, StreamingProcessor
 
 __all__ = ["AdaptiveContextManager", "BenchmarkResult", "CompressedContext", "CompressedKVCache",
-           "ContextCompressor", "ContextOverflowError", "HierarchicalAttention", "LongContextQwen3", "RingAttention",
-           "RingState", "ScaledRoPE", "SinkKVCache", "SlidingWindowAttention", "StreamingProcessor",
-           "benchmark_long_context", "dilated_attention", "merge_states", "ring_attention_distributed", "ring_shard",
-           "rope_frequencies", "search_longrope"]
+           "ContextCompressor", "ContextOverflowError", "HierarchicalAttention", "LongContextQwen3", "MemoryAttention",
+           "MemoryKVCache", "RingAttention", "RingState", "ScaledRoPE", "SinkKVCache", "SlidingWindowAttention",
+           "StreamingProcessor", "benchmark_long_context", "crossbatch_attention", "crossbatch_selector",
+           "dilated_attention", "gated_memory_attention", "memory_attention", "merge_states",
+           "ring_attention_distributed", "ring_shard", "retrieve", "rope_frequencies", "search_longrope"]

@@ -20,6 +20,17 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 from longctx.checks import check_nonnegative_int, check_positive_int
 
 
+def rotate(rotary_emb, x: torch.Tensor, start: int, inverse: bool = False) -> torch.Tensor:
+    """``x (B, H, n, D)`` rotated by the model's ``rotary_emb`` at positions ``start ..``, or
+    (``inverse``) that rotation undone, a scaled RoPE's attention factor divided out."""
+    position_ids = torch.arange(start, start + x.shape[2], device=x.device)[None]
+    cos, sin = rotary_emb(x, position_ids)
+    if not inverse:
+        return apply_rotary_pos_emb(x, x, cos, sin)[1]
+    a = rotary_emb(x, torch.zeros_like(position_ids[:, :1]))[0][:, :, :1]  # cos(0) x the attention factor
+    return apply_rotary_pos_emb(x, x, cos, -sin)[1] / (a[:, None] * a[:, None])  # (a scaled RoPE: YaRN, LongRoPE)
+
+
 class SinkLayer(DynamicLayer):
     """One layer: the first ``sink_tokens`` entries and the last ``window``."""
 
@@ -29,12 +40,7 @@ class SinkLayer(DynamicLayer):
         self.tokens_seen = 0
 
     def _rotate(self, x: torch.Tensor, start: int, inverse: bool = False) -> torch.Tensor:
-        position_ids = torch.arange(start, start + x.shape[2], device=x.device)[None]
-        cos, sin = self.rotary_emb(x, position_ids)
-        if not inverse:
-            return apply_rotary_pos_emb(x, x, cos, sin)[1]
-        a = self.rotary_emb(x, torch.zeros_like(position_ids[:, :1]))[0][:, :, :1]  # cos(0) x the attention factor
-        return apply_rotary_pos_emb(x, x, cos, -sin)[1] / (a[:, None] * a[:, None])  # (a scaled RoPE: YaRN, LongRoPE)
+        return rotate(self.rotary_emb, x, start, inverse)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         offset = self.get_seq_length()
