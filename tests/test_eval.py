@@ -155,8 +155,48 @@ def test_eval_cli_writes_json_and_plots(tmp_path):
     assert ext["lengths"] == [512, 1024] and all(len(r["nll_by_position"]) == 1024 for r in ext["rows"].values())
     assert ext["rows"]["linear x4"]["perplexity"] > 10 * ext["rows"]["yarn x4"]["perplexity"], \
         "PI without fine-tuning breaks the shipped model's local order (see the Task 9 chapter)"
-    for name in ("eval-needle.png", "eval-perplexity.png", "eval-recall.png", "eval-extension.png"):
+    mem = data["memory"]
+    assert mem["lengths"] == [1024] and list(mem["rows"]) == [
+        "full", "sliding 512", "memory off, no fine-tune", "memory dense, no fine-tune",
+        "memory top_k=128, no fine-tune", "memory top_k=32, no fine-tune"]
+    assert all(len(r["passkey"]) == len(r["ms_per_token"]) == len(r["peak_mib"]) == 1 for r in mem["rows"].values())
+    for name in ("eval-needle.png", "eval-perplexity.png", "eval-recall.png", "eval-extension.png", "eval-memory.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_memory_resumes_where_it_stopped_and_writes_a_memory_model(tmp_path):
+    """Crossbatch training in two slices equals one run (seeded data per step, optimizer state
+    saved); the folder loads with both loaders and runs with its memory.json."""
+    from mlx_lm import load
+    from transformers import AutoModelForCausalLM
+
+    from longctx.mlx import LongContextQwen3
+    from longctx.models import TRAINED
+    from longctx.models.train_memory import memory_options, train_memory
+    kw = dict(steps=3, docs=1, windows=2, extra_contexts=1, context_length=128, last_context_length=32,
+              save_every=1, progress=False, log=lambda *a: None)
+    whole = train_memory(TRAINED, tmp_path / "whole", **kw)
+    staging = train_memory(TRAINED, tmp_path / "sliced", stop_after=2, **kw)
+    assert staging.name == "sliced.partial" and not (tmp_path / "sliced").exists()
+    sliced = train_memory(TRAINED, tmp_path / "sliced", **kw)
+    a, b = (json.loads((p / "train_memory.json").read_text()) for p in (whole, sliced))
+    assert a["losses"] == b["losses"] and len(a["losses"]) == 3
+    wa, wb = (mx.load(str(p / "model.safetensors")) for p in (whole, sliced))
+    assert all(np.array_equal(np.array(wa[k]), np.array(wb[k])) for k in wa), \
+        "a resumed run must end where one run does"
+    base = mx.load(str(TRAINED / "model.safetensors"))
+    changed = {k.split(".")[2] for k in wa if k.startswith("model.layers.") and not np.array_equal(
+        np.array(wa[k]), np.array(base[k]))}
+    assert changed == {"1"}, f"only the memory layer trains, changed: {changed}"
+    model, tok = load(str(sliced))
+    options = memory_options(sliced)
+    assert options == {"memory_layers": [1], "context_length": 128, "last_context_length": 32, "top_k": None,
+                       "memory_size": 65536}
+    ids = tok.encode("The grass is green. " * 40)
+    LongContextQwen3(model, "memory", **options).process_long_sequence(ids)
+    AutoModelForCausalLM.from_pretrained(sliced)
+    with pytest.raises(ValueError, match="out"):
+        train_memory(TRAINED, sliced, **kw)
 
 
 @pytest.mark.parametrize("short_steps, steps, seq_len", [(1800, 1400, 512), (2, 3, 256), (7, 1, 300), (1, 5, 4096)])

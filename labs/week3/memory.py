@@ -1,7 +1,7 @@
 # Learner stub for Task 10, generated from solutions/week3/memory.py by `longctx stubs`.
 # Replace each `raise NotImplementedError(...)` with your code; grade it with
 #     pytest labs/week3 --task 10
-"""Task 10: memory layers (book chapter "Memory layers: Focused Transformer").
+"""Task 10: memory layers, FoT / LongLLaMA and the Memorizing Transformer (book chapter "Task 10: Memory layers").
 
 Focused Transformer (Tworkowski et al. 2023, the LongLLaMA models) gives a few
 layers a *memory*: the keys and values of earlier context windows. In such a
@@ -49,7 +49,7 @@ def top_k_mask(scores: mx.array, top_k: int | None) -> mx.array:
     highest (every entry when ``top_k`` is None or ``>= M``). Ties at the k-th score are all kept.
 
     Compare each score with the row's k-th largest (``mx.partition``). About 4 lines."""
-    raise NotImplementedError("Task 10: top_k_mask -- see the book chapter 'Memory layers: Focused Transformer'")
+    raise NotImplementedError("Task 10: top_k_mask -- see the book chapter 'Task 10: Memory layers'")
 
 
 def _grouped(q, k, v, memory_keys, memory_values, memory_mask, scale):
@@ -85,7 +85,7 @@ def memory_attention(q, k, v, memory_keys, memory_values, *, top_k: int | None =
     check_memory(q, k, v, memory_keys, memory_values, top_k, memory_mask)
     check_scale(scale)
     local, memory, (B, Hq, Lq, D, Hkv, G, M) = _grouped(q, k, v, memory_keys, memory_values, memory_mask, scale)
-    raise NotImplementedError("Task 10: memory_attention -- see the book chapter 'Memory layers: Focused Transformer'")
+    raise NotImplementedError("Task 10: memory_attention -- see the book chapter 'Task 10: Memory layers'")
     return out.reshape(B, Hq, Lq, D).astype(q.dtype)
 
 
@@ -102,7 +102,7 @@ def gated_memory_attention(q, k, v, memory_keys, memory_values, gate, *, top_k: 
     if tuple(gate.shape) != (q.shape[1],):
         raise ValueError(f"gate must have shape (Hq,) = ({q.shape[1]},), got {tuple(gate.shape)}")
     local, memory, (B, Hq, Lq, D, Hkv, G, M) = _grouped(q, k, v, memory_keys, memory_values, memory_mask, scale)
-    raise NotImplementedError("Task 10: gated_memory_attention -- see the book chapter 'Memory layers: Focused Transformer'")
+    raise NotImplementedError("Task 10: gated_memory_attention -- see the book chapter 'Task 10: Memory layers'")
     return out.reshape(B, Hq, Lq, D).astype(q.dtype)
 
 
@@ -136,7 +136,7 @@ def crossbatch_selector(batch_size: int, extra_contexts: int) -> tuple[mx.array,
     (no entry there; the index is then clipped to 0). About 3 lines."""
     batch_size = check_positive_int("batch_size", batch_size)
     extra_contexts = check_nonnegative_int("extra_contexts", extra_contexts)
-    raise NotImplementedError("Task 10: crossbatch_selector -- see the book chapter 'Memory layers: Focused Transformer'")
+    raise NotImplementedError("Task 10: crossbatch_selector -- see the book chapter 'Task 10: Memory layers'")
 
 
 def crossbatch_attention(q, k, v, raw_keys, extra_contexts: int, *, scale: float | None = None) -> mx.array:
@@ -228,7 +228,7 @@ class MemoryKVCache:
         (``self.flush()``); then append the new entries to ``self.keys``/``self.values``. About
         7 lines."""
         S = keys.shape[2]
-        raise NotImplementedError("Task 10: MemoryKVCache.update_and_fetch -- see the book chapter 'Memory layers: Focused Transformer'")
+        raise NotImplementedError("Task 10: MemoryKVCache.update_and_fetch -- see the book chapter 'Task 10: Memory layers'")
         if self.local_length > self.context_length:
             raise ValueError(f"a memory cache takes at most context_length={self.context_length} local entries "
                              f"(LongLLaMA's windows), got {self.local_length}: feed windows through "
@@ -242,7 +242,7 @@ class MemoryKVCache:
         context becomes empty. About 8 lines."""
         if self.local_length == 0:
             return
-        raise NotImplementedError("Task 10: MemoryKVCache.flush -- see the book chapter 'Memory layers: Focused Transformer'")
+        raise NotImplementedError("Task 10: MemoryKVCache.flush -- see the book chapter 'Task 10: Memory layers'")
 
     def attend(self, queries, keys, values, scale, mask):
         """``LongContextQwen3``'s seam: ``memory_attention`` over the local context and the memory."""

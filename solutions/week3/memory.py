@@ -1,4 +1,4 @@
-"""Task 10: memory layers (book chapter "Memory layers: Focused Transformer").
+"""Task 10: memory layers, FoT / LongLLaMA and the Memorizing Transformer (book chapter "Task 10: Memory layers").
 
 Focused Transformer (Tworkowski et al. 2023, the LongLLaMA models) gives a few
 layers a *memory*: the keys and values of earlier context windows. In such a

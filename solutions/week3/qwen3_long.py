@@ -42,8 +42,8 @@ hierarchical    levels, dilations (Task 2's)                    L <= min(levels)
 streaming       sink_tokens=4, window=4096                      L <= sink_tokens + window
 compressed      compression_ratio=0.5, method="snapkv", ...     always for the prompt (the cache is
                 (Task 4's ``ContextCompressor`` arguments)      compressed after it, for generation)
-memory          memory_layers=None (the last), memory_size,     L <= context_length (one window, an
-                last_context_length=256, top_k=None,            empty memory)
+memory          memory_layers=None (the last), memory_size,     L <= last_context_length (one window,
+                last_context_length=256, top_k=None,            an empty memory)
                 context_length=None (the model's max positions)
 ==============  ==============================================  =========================================
 

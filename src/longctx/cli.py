@@ -1,5 +1,5 @@
-"""The ``longctx`` command: ``bench`` (the main job), ``eval``, ``train-tiny``, ``make-model``, ``doctor``,
-``stubs``."""
+"""The ``longctx`` command: ``bench`` (the main job), ``eval``, ``train-tiny``, ``extend``, ``train-memory``,
+``make-model``, ``doctor``, ``stubs``."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,13 @@ def _positive_ints(text: str) -> list[int]:
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
     return values
+
+
+def _layer_ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
 def _names(text: str) -> list[str]:
@@ -91,7 +98,7 @@ def cmd_eval(args) -> int:
     from longctx import eval as suite
     console = Console(width=None if sys.stdout.isatty() else 160)
     suite.run_suite(args.model, Path(args.out), console, backend=args.backend, quick=args.quick,
-                    compare=args.compare)
+                    compare=args.compare, memory_model=args.memory_model)
     return 0
 
 
@@ -125,6 +132,21 @@ def cmd_extend(args) -> int:
         return 2
     print(f"wrote {path}: mlx_lm.load({str(path)!r}) and AutoModelForCausalLM.from_pretrained({str(path)!r}) "
           f"read it; score it with `longctx eval --model {path}`")
+    return 0
+
+
+def cmd_train_memory(args) -> int:
+    from longctx.models.train_memory import train_memory
+    try:
+        path = train_memory(args.base, args.out, memory_layers=args.memory_layers, steps=args.steps, docs=args.docs,
+                            windows=args.windows, extra_contexts=args.extra_contexts,
+                            context_length=args.context_length, last_context_length=args.last_context_length,
+                            lr=args.lr, seed=args.seed, progress=sys.stdout.isatty())
+    except ValueError as error:
+        print(f"longctx train-memory: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} (its memory options in memory.json); score it with "
+          f"`longctx eval --memory-model {path}`")
     return 0
 
 
@@ -215,6 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer trials and lengths (a smoke run)")
     p.add_argument("--compare", type=_model_path, nargs="*", default=[],
                    help="more `longctx extend` folders for the position-extension table")
+    p.add_argument("--memory-model", type=_model_path, default=None,
+                   help="a `longctx train-memory` folder: its rows in the memory-layer table (Task 10)")
     p.set_defaults(run=cmd_eval)
     p = sub.add_parser("train-tiny", help="train the small Qwen3 that ships with longctx (MLX, CPU)")
     p.add_argument("path")
@@ -243,6 +267,20 @@ def main(argv=None) -> int:
     p.add_argument("--generations", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_extend)
+    p = sub.add_parser("train-memory", help="Task 10: Focused Transformer's crossbatch fine-tune of memory layers "
+                                            "(MLX, CPU; resumable: run it again to continue)")
+    p.add_argument("base", type=_model_path, help="a Hugging Face Qwen3 folder or 'shipped'")
+    p.add_argument("out")
+    p.add_argument("--memory-layers", type=_layer_ints, default=None, help="e.g. 1 or 0,1 (default: the last layer)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--docs", type=int, default=2, help="documents per batch")
+    p.add_argument("--windows", type=int, default=4, help="windows of --context-length per document")
+    p.add_argument("--extra-contexts", type=int, default=3, help="crossbatch: earlier batch entries each one sees")
+    p.add_argument("--context-length", type=int, default=None, help="the local window (default: the model's)")
+    p.add_argument("--last-context-length", type=int, default=256, help="a prompt's last tokens kept local")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_train_memory)
     p = sub.add_parser("make-model", help="write a tiny seeded Qwen3 checkpoint (Hugging Face layout) to PATH")
     p.add_argument("path")
     p.add_argument("--seed", type=int, default=0)

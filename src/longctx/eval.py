@@ -166,10 +166,117 @@ def extension_table(path, backend: str = "mlx", *, compare=(), trials: int = 2, 
     return out
 
 
+def _measured(fn, backend: str):
+    """``(fn(), seconds, peak bytes)``; the peak is MLX's (or CUDA's) allocator high-water mark, None on a torch CPU."""
+    import time
+    if backend == "mlx":
+        import mlx.core as mx
+        mx.synchronize()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+    else:
+        import torch
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    value = fn()
+    seconds = time.perf_counter() - start
+    if backend == "mlx":
+        peak = max(0, mx.get_peak_memory() - before)
+    else:
+        peak = torch.cuda.max_memory_allocated() if cuda else None
+    return value, seconds, peak
+
+
+def memory_rows(path, memory_model=None) -> dict:
+    """``{row name: (model folder, strategy, options)}`` for Task 10's table: full attention, a
+    sliding window of the training length, and the memory layer (off, dense, top-k 128 and 32) on
+    the model at ``path``; the same memory rows on ``memory_model`` (a ``longctx train-memory``
+    folder, with its ``memory.json``; ``path`` itself when it has one)."""
+    import json
+    from pathlib import Path
+
+    from longctx.models.train_memory import memory_options
+    path = Path(path)
+    T = json.loads((path / "config.json").read_text())["max_position_embeddings"]
+    rows = {"full": (path, "full", {}), f"sliding {T}": (path, "sliding", {"window_size": T})}
+    trained = memory_model or (path if memory_options(path) else None)
+    for label, folder in (("no fine-tune", path if memory_options(path) is None else None),
+                          ("crossbatch", trained)):
+        if folder is None:
+            continue
+        o = {k: v for k, v in (memory_options(folder) or {}).items() if k != "top_k"}
+        rows[f"memory off, {label}"] = (Path(folder), "memory", {**o, "memory_size": 0})
+        rows[f"memory dense, {label}"] = (Path(folder), "memory", o)
+        for k in (128, 32):
+            rows[f"memory top_k={k}, {label}"] = (Path(folder), "memory", {**o, "top_k": k})
+    return rows
+
+
+def memory_table(path, backend: str = "mlx", *, memory_model=None, lengths=None, depths: int = 5, trials: int = 1,
+                 console=None) -> dict:
+    """Task 10's table: for each of ``memory_rows``, passkey and needle accuracy at each of
+    ``lengths`` (default 2, 4, 8 and 16 times the training length T; ``depths`` depths x
+    ``trials``), with the time per token of the passkey prompts and the peak memory, every row in
+    this one process."""
+    import json
+    from pathlib import Path
+
+    from longctx.models import load_trained
+    T = json.loads((Path(path) / "config.json").read_text())["max_position_embeddings"]
+    lengths = list(lengths or [2 * T, 4 * T, 8 * T, 16 * T])
+    where = [(d + 0.5) / depths for d in range(check_positive_int("depths", depths))]
+    wrapper, models = _wrapper(backend), {}
+    out = {"training_length": T, "lengths": lengths, "depths": where, "trials": trials, "rows": {}}
+    for name, (folder, strategy, options) in memory_rows(path, memory_model).items():
+        if folder not in models:
+            models[folder] = load_trained(backend, folder)
+        model, tokenizer = models[folder]
+        if console is not None:
+            console.print(f"  memory layers: {name}")
+        row = out["rows"][name] = {"strategy": strategy, "options": options, "model": str(folder), "passkey": [],
+                                   "needle": [], "ms_per_token": [], "peak_mib": []}
+        for L in lengths:
+            long = wrapper(model, strategy, **options)
+            accuracy, seconds, peak = _measured(
+                lambda: passkey_accuracy(long, tokenizer, L, depths=where, trials=trials, seed=L), backend)
+            row["passkey"].append(accuracy)
+            row["ms_per_token"].append(round(1e3 * seconds / (L * len(where) * trials), 4))
+            row["peak_mib"].append(None if peak is None else round(peak / 2**20, 1))
+            row["needle"].append(float(needle_grid(long, tokenizer, [L], where, trials=trials, seed=L).mean()))
+    return out
+
+
+def memory_plot(table: dict, path) -> None:
+    """Task 10's figure: passkey accuracy and time per token against length, one line per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
+    for name, row in table["rows"].items():
+        style = "--" if "crossbatch" not in name else "-"
+        ax1.plot(table["lengths"], row["passkey"], style, marker="o", label=name)
+        ax2.plot(table["lengths"], row["ms_per_token"], style, marker="o", label=name)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(table["lengths"], table["lengths"])
+        ax.set_xlabel(f"prompt length (tokens; the model's context is {table['training_length']})")
+    ax1.set_ylim(-0.05, 1.05)
+    ax1.set_ylabel("passkey accuracy")
+    ax1.set_title("retrieval beyond the context")
+    ax2.set_ylabel("ms per prompt token")
+    ax2.set_title("cost")
+    fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- the suite (`longctx eval`)
 
 def run_suite(path, out, console, *, backend: str = "mlx", quick: bool = False, window: int = 128,
-              compare=()) -> dict:
+              compare=(), memory_model=None) -> dict:
     """Every experiment on the model at ``path``, each strategy through ``LongContextQwen3``:
     a table, ``eval.json`` and one PNG per experiment in ``out``. Lengths are set from the
     model's training length ``T`` (``max_position_embeddings``, at most 512 here on a CPU)."""
@@ -217,6 +324,8 @@ def run_suite(path, out, console, *, backend: str = "mlx", quick: bool = False, 
     results["extension"] = extension_table(path, backend, compare=compare, trials=1 if quick else 2,
                                            lengths=[T, 2 * T] if quick else None, depths=3 if quick else 10,
                                            console=console)
+    results["memory"] = memory_table(path, backend, memory_model=memory_model, lengths=[2 * T] if quick else None,
+                                     depths=2 if quick else 5, console=console)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     _plots(results, depths, grid_lengths, out)
@@ -260,6 +369,16 @@ def _table(results: dict, console) -> None:
         table.add_row(name, *(f"{p:.0%} / {n:.0%}" for p, n in zip(row["passkey"], row["needle"])),
                       f"{row['perplexity']:.3f}")
     console.print(table)
+    mem = results["memory"]
+    table = Table(title=f"memory layers (context {mem['training_length']}): passkey / needle accuracy, ms per "
+                        "token, peak MiB")
+    for column in ("strategy", *(f"{L}" for L in mem["lengths"])):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for name, row in mem["rows"].items():
+        table.add_row(name, *(f"{p:.0%} / {n:.0%}  {ms:.2f} ms  {'-' if mib is None else f'{mib:.0f}'}"
+                              for p, n, ms, mib in zip(row["passkey"], row["needle"], row["ms_per_token"],
+                                                       row["peak_mib"])))
+    console.print(table)
     lim = results["lost_in_the_middle"]
     console.print(f"lost in the middle ({lim['pairs']} pairs), accuracy by asked position: "
                   + ", ".join(f"{p}: {a:.0%}" for p, a in zip(lim["positions"], lim["accuracy"])))
@@ -293,6 +412,7 @@ def _plots(results: dict, depths, grid_lengths, out) -> None:
     fig.savefig(out / "eval-perplexity.png", dpi=110)
     plt.close(fig)
     extension_plot(results["extension"], out / "eval-extension.png")
+    memory_plot(results["memory"], out / "eval-memory.png")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     lim = results["lost_in_the_middle"]
     ax1.plot(lim["positions"], lim["accuracy"], marker="o")

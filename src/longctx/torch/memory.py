@@ -237,5 +237,5 @@ class MemoryKVCache(Cache):
             layer.flush()
 
 
-__all__ = ["MemoryAttention", "MemoryKVCache", "MemoryLayer", "crossbatch_attention", "crossbatch_selector", "gated_memory_attention",
-           "memory_attention", "retrieve", "top_k_mask"]
+__all__ = ["MemoryAttention", "MemoryKVCache", "MemoryLayer", "crossbatch_attention", "crossbatch_selector",
+           "gated_memory_attention", "memory_attention", "retrieve", "top_k_mask"]
