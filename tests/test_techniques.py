@@ -4,6 +4,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from longctx import techniques as registry
 from longctx.techniques import TASKS, TECHNIQUES
@@ -142,3 +144,19 @@ def test_no_import_cycle_in_the_package():
     for node in sorted(graph):
         if node not in state:
             visit(node, [])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 64), st.integers(0, 64), st.integers(1, 80))
+def test_memory_windows_are_longllamas(n, context_length, last, chunk_size):
+    """Every token once, in order; the prefix in windows of context_length from the start, each
+    flushed after its last chunk; the last ``last_context_length`` tokens one local window."""
+    from longctx.checks import memory_windows
+    last = min(last, context_length)
+    pieces = memory_windows(n, context_length, last, chunk_size)
+    assert [a for a, _, _ in pieces] == [0] + [b for _, b, _ in pieces[:-1]] and pieces[-1][1] == n
+    prefix = max(n - last, 0)
+    flushed = [b for _, b, to_memory in pieces if to_memory]
+    assert flushed == [min(s + context_length, prefix) for s in range(0, prefix, context_length)]
+    assert all(b <= prefix for _, b, to_memory in pieces if to_memory)
+    assert not any(to_memory for a, _, to_memory in pieces if a >= prefix)

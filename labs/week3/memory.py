@@ -36,6 +36,7 @@ while generating, when the local context is full and another token comes).
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models import base
 from mlx_lm.models.cache import create_attention_mask
 
@@ -81,7 +82,8 @@ def memory_attention(q, k, v, memory_keys, memory_values, *, top_k: int | None =
     in ``q``'s dtype, computed in float32.
 
     ``_grouped`` gives the masked scores; keep the memory's ``top_k_mask`` entries, take one
-    softmax over ``[local | memory]`` and weight ``[v ; memory_values]``. About 8 lines."""
+    softmax over ``[local | memory]`` and weight ``[v ; memory_values]`` into ``out`` (float32,
+    ``(B, Hkv, G * Lq, D)``; the last line reshapes it). About 5 lines."""
     check_memory(q, k, v, memory_keys, memory_values, top_k, memory_mask)
     check_scale(scale)
     local, memory, (B, Hq, Lq, D, Hkv, G, M) = _grouped(q, k, v, memory_keys, memory_values, memory_mask, scale)
@@ -96,7 +98,8 @@ def gated_memory_attention(q, k, v, memory_keys, memory_values, gate, *, top_k: 
     ``g * memory_out + (1 - g) * local_out``. ``gate (Hq,)`` logits (learned); other arguments
     as ``memory_attention``. A query with no visible memory entry gets ``memory_out = 0``.
 
-    About 7 lines."""
+    Set ``out`` (float32, ``(B, Hkv, G, Lq, D)`` or any shape that reshapes to the output's, query
+    head ``h`` being ``kv * G + g``). About 8 lines."""
     check_memory(q, k, v, memory_keys, memory_values, top_k, memory_mask)
     check_scale(scale)
     if tuple(gate.shape) != (q.shape[1],):
@@ -114,14 +117,13 @@ def retrieve(queries, memory_keys, top_k: int, *, memory_mask=None, index: str =
     from longctx.knn import check_index, faiss_search
     check_positive_int("top_k", top_k)
     check_index(index)
-    B, Hq, Lq, D = queries.shape
-    Hkv, M = memory_keys.shape[1], memory_keys.shape[2]
     if memory_mask is not None:
         raise ValueError("memory_mask is not supported by retrieve: search each document's memory on its own")
+    B, Hq, Lq, D = queries.shape
+    Hkv, M = memory_keys.shape[1], memory_keys.shape[2]
     k = min(top_k, M)
     qg = queries.astype(mx.float32).reshape(B, Hkv, (Hq // Hkv) * Lq, D)
     if index == "faiss":
-        import numpy as np
         found = faiss_search(np.array(qg), np.array(memory_keys.astype(mx.float32)), k)
         return mx.array(found).reshape(B, Hq, Lq, k)
     scores = qg @ memory_keys.astype(mx.float32).swapaxes(-1, -2)

@@ -91,10 +91,15 @@ def test_top_k_mask_keeps_the_best(lab, arrays, top_k):
 def test_retrieved_sets_equal_exact_search(lab, arrays, index):
     if index == "faiss":
         pytest.importorskip("faiss")
+    """``retrieve`` (given) returns the entries your ``top_k_mask`` keeps, best first."""
     q, _, _, mk, _ = memory_inputs(11, 2, 4, 2, 5, 5, 30, 8)
-    got = arrays.numpy(lab("memory").retrieve(arrays.asarray(q), arrays.asarray(mk), 4, index=index)).astype(int)
+    m = lab("memory")
     scores = np.einsum("bhid,bhjd->bhij", q, np.repeat(mk, 2, axis=1))
+    kept = arrays.numpy(m.top_k_mask(arrays.asarray(scores), 4)).astype(bool)
+    got = arrays.numpy(m.retrieve(arrays.asarray(q), arrays.asarray(mk), 4, index=index)).astype(int)
     want = np.argsort(-scores, axis=-1)[..., :4]
+    assert (np.sort(np.nonzero(kept)[-1].reshape(got.shape), -1) == np.sort(want, -1)).all(), \
+        "top_k_mask must keep the top-4 inner products"
     assert got.shape == want.shape, f"retrieve must return (B, Hq, Lq, top_k), got {got.shape}"
     assert (np.sort(got, -1) == np.sort(want, -1)).all(), f"{index}: not the top-4 inner products"
     assert (got == want).all(), f"{index}: the entries must come best first"
@@ -273,6 +278,10 @@ def test_generation_moves_a_full_context_to_memory(lab, arrays, tiny_model, weig
 
 def test_bad_arguments_raise(lab, arrays, tiny_model):
     model, _, _ = tiny_model
+    q, k, v, mk, mv = memory_inputs(1, 1, 2, 1, 3, 3, 4, 8)
+    xs = [arrays.asarray(x) for x in (q, k, v, mk, mv)]
+    m = lab("memory")
+    m.memory_attention(*xs, top_k=2)  # a good call first
     LC = lab("qwen3_long").LongContextQwen3
     for options, name in (({"top_k": 0}, "top_k"), ({"memory_layers": [2]}, "memory_layers"),
                           ({"memory_layers": [-1]}, "memory_layers"), ({"last_context_length": -1},
@@ -280,9 +289,6 @@ def test_bad_arguments_raise(lab, arrays, tiny_model):
                           ({"last_context_length": 600, "context_length": 512}, "last_context_length")):
         with pytest.raises(ValueError, match=name):
             LC(model, "memory", **options)
-    q, k, v, mk, mv = memory_inputs(1, 1, 2, 1, 3, 3, 4, 8)
-    xs = [arrays.asarray(x) for x in (q, k, v, mk, mv)]
-    m = lab("memory")
     with pytest.raises(ValueError, match="memory_keys"):
         m.memory_attention(*xs[:3], arrays.asarray(mk[..., :4]), xs[4])
     with pytest.raises(ValueError, match="top_k"):

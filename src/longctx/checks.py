@@ -333,8 +333,5 @@ def memory_windows(n: int, context_length: int, last_context_length: int, chunk_
     pieces = [(s, min(s + context_length, prefix), True) for s in range(0, prefix, context_length)]
     if prefix < n:
         pieces.append((prefix, n, False))
-    out = []
-    for s, e, to_memory in pieces:
-        out += [(a, b, to_memory and b == e) for a, b in prefill_chunks(e - s, chunk_size) for a, b in
-                [(s + a, s + b)]]
-    return out
+    return [(s + a, s + b, to_memory and s + b == e)
+            for s, e, to_memory in pieces for a, b in prefill_chunks(e - s, chunk_size)]
