@@ -42,6 +42,19 @@ def test_one_softmax_over_local_and_memory(lab, arrays, shape, top_k):
                  + CHAPTER)
 
 
+def test_scale_argument(lab, arrays):
+    """``scale`` replaces ``D ** -0.5`` for the local and the memory scores alike."""
+    q, k, v, mk, mv = memory_inputs(2, 1, 4, 2, 5, 7, 6, 8)
+    m, xs = lab("memory"), [arrays.asarray(x) for x in (q, k, v, mk, mv)]
+    got = m.memory_attention(*xs, top_k=3, scale=0.9)
+    assert_close(arrays.numpy(got), oracles.memory_attention(q, k, v, mk, mv, top_k=3, scale=0.9), rtol=1e-4,
+                 atol=1e-5, name="memory_attention with scale=0.9")
+    gate = np.array([0.5, -1.0, 2.0, 0.0])
+    got = m.gated_memory_attention(*xs, arrays.asarray(gate), scale=0.9)
+    assert_close(arrays.numpy(got), oracles.gated_memory_attention(q, k, v, mk, mv, gate, scale=0.9), rtol=1e-4,
+                 atol=1e-5, name="gated_memory_attention with scale=0.9")
+
+
 def test_documents_do_not_share_memory(lab, arrays):
     """``memory_mask`` hides entries from a batch row: each document sees its own memory only."""
     q, k, v, mk, mv = memory_inputs(3, 3, 4, 2, 6, 6, 10, 8)
@@ -172,6 +185,8 @@ def test_cache_windowing(lab, arrays):
         keys = rng.standard_normal((1, 2, n, 8))
         fed.append(keys)
         before = layer(arrays, cache).local_length
+        assert arrays.cache_offset(layer(arrays, cache)) == (0 if before >= 4 else before), \
+            "the next token's local position: the local length, 0 once the local context is full"
         local_k, _ = update(arrays, cache, keys, keys)
         c = layer(arrays, cache)
         everything = np.concatenate(fed, axis=2)

@@ -48,7 +48,7 @@ memory          memory_layers=None (the last), memory_size,     L <= last_contex
 ==============  ==============================================  =========================================
 
 ``memory`` (Task 10) feeds a long prompt in LongLLaMA's windows
-(``longctx.checks.memory_windows``): each window of ``context_length`` moves
+(``longctx.checks.prefill_plan``): each window of ``context_length`` moves
 to the memory of the ``memory_layers`` after its forward (the other layers
 drop it); the last ``last_context_length`` tokens stay local for generation.
 """
@@ -65,8 +65,8 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from longctx.checks import (NEEDS_ATTENTION, check_memory_layers, check_memory_options, check_positive_int, check_tokens,
-                            memory_windows, prefill_chunks, rope_scaling_from_config)
+from longctx.checks import (NEEDS_ATTENTION, check_positive_int, check_tokens, prefill_plan, resolve_memory_options,
+                            rope_scaling_from_config)
 from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
 
 from .compression import CompressedKVCache, ContextCompressor
@@ -155,10 +155,7 @@ class LongContextQwen3:
         self.model = base_model
         self.strategy, self.chunk_size, self.options = check_strategy(context_strategy, options)
         if "memory_layers" in self.options:  # Task 10: the layers and the window, checked against the model
-            o = self.options
-            o["memory_layers"] = check_memory_layers(o["memory_layers"], len(layers))
-            o["context_length"] = o["context_length"] or base_model.args.max_position_embeddings
-            check_memory_options(o)
+            self.options = resolve_memory_options(self.options, len(layers), base_model.args.max_position_embeddings)
         self.rope = None  # Task 9: the scaled RoPE every layer uses inside our calls
         if rope_scaling is not None:
             head_dim, theta, _, _ = model_rope(base_model)
@@ -246,7 +243,7 @@ class LongContextQwen3:
 
     def _prefill(self, ids: list[int], cache: list) -> mx.array:
         logits = []
-        for start, end, to_memory in self._chunks(len(ids)):
+        for start, end, to_memory in prefill_plan(len(ids), self.chunk_size, self.options):
             with self._attention_seam():
                 logits.append(self.model(mx.array(ids[start:end])[None], cache=cache))
                 mx.eval(logits[-1], [c.state for c in cache])  # the lazy graph never spans more than a chunk
@@ -257,13 +254,6 @@ class LongContextQwen3:
             if isinstance(c, CompressedKVCache):
                 c.compress()
         return mx.concatenate(logits, axis=1)
-
-    def _chunks(self, n: int) -> list[tuple[int, int, bool]]:
-        """``(start, end, to_memory)`` of each prefill forward: LongLLaMA's windows for ``memory``."""
-        if "memory_layers" in self.options:
-            o = self.options
-            return memory_windows(n, o["context_length"], o["last_context_length"], self.chunk_size)
-        return [(start, end, False) for start, end in prefill_chunks(n, self.chunk_size)]
 
     def _check_tokens(self, tokens, new_tokens: int = 0) -> list[int]:
         """The prompt's ids, checked; the scaled RoPE's length for this call is the prompt's plus ``new_tokens``."""

@@ -33,8 +33,8 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from longctx.checks import (NEEDS_ATTENTION, check_memory_layers, check_memory_options, check_positive_int, check_tokens,
-                            memory_windows, prefill_chunks, rope_scaling_from_config)
+from longctx.checks import (NEEDS_ATTENTION, check_positive_int, check_tokens, prefill_plan, resolve_memory_options,
+                            rope_scaling_from_config)
 from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
 
 from .compression import CompressedKVCache, ContextCompressor
@@ -116,10 +116,8 @@ class LongContextQwen3:
         self.model = base_model
         self.strategy, self.chunk_size, self.options = check_strategy(context_strategy, options)
         if "memory_layers" in self.options:  # Task 10: the layers and the window, checked against the model
-            o = self.options
-            o["memory_layers"] = check_memory_layers(o["memory_layers"], base_model.config.num_hidden_layers)
-            o["context_length"] = o["context_length"] or base_model.config.max_position_embeddings
-            check_memory_options(o)
+            self.options = resolve_memory_options(self.options, base_model.config.num_hidden_layers,
+                                                  base_model.config.max_position_embeddings)
         self.rope = None  # Task 9: in the place of model.model.rotary_emb inside our calls
         if rope_scaling is not None:
             head_dim, theta, _, _ = model_rope(base_model)
@@ -167,13 +165,8 @@ class LongContextQwen3:
             yield int(token)
 
     def _prefill(self, ids: list[int]) -> torch.Tensor:
-        if "memory_layers" in self.options:  # Task 10: LongLLaMA's windows, each to memory after its forward
-            o = self.options
-            chunks = memory_windows(len(ids), o["context_length"], o["last_context_length"], self.chunk_size)
-        else:
-            chunks = [(start, end, False) for start, end in prefill_chunks(len(ids), self.chunk_size)]
         logits = []
-        for start, end, to_memory in chunks:
+        for start, end, to_memory in prefill_plan(len(ids), self.chunk_size, self.options):
             logits.append(self._forward(torch.tensor([ids[start:end]])))
             if to_memory:
                 self.cache.flush()
