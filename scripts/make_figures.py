@@ -19,7 +19,13 @@ Writes to book/src/figures/:
   Qwen3 as the input grows, and how far its logits are from the full model's;
 * rope-factors.png: PI, NTK, YaRN (exact and as a linear blend of factors),
   Llama 3 and the searched LongRoPE as per-pair rescale factors, beside each
-  pair's wavelength.
+  pair's wavelength;
+* sparse-patterns.png: Longformer's mask (bidirectional and causal, with global
+  tokens) and BigBird's per-key counts (seeded random blocks, and HF's
+  evaluation mode where the "random" blocks are all block 0);
+* linear-chunks.png: where a row of chunked linear attention gets each key
+  from (the state before its chunk, or the masked product inside it), and
+  the three forms' outputs against the float64 oracle.
 """
 from pathlib import Path
 
@@ -301,11 +307,74 @@ def rope_factors_figure(path: Path, factor: float = 4.0, head_dim: int = 32, bas
     plt.close(fig)
 
 
+def _grid(ax, image, title, cmap="Blues", vmax=1.4):
+    ax.imshow(image, cmap=cmap, vmin=0, vmax=vmax, aspect="equal")
+    ax.set_xticks([x - 0.5 for x in range(image.shape[1] + 1)], minor=True)
+    ax.set_yticks([y - 0.5 for y in range(image.shape[0] + 1)], minor=True)
+    ax.grid(which="minor", color="white", linewidth=0.5)
+    ax.tick_params(labelsize=6, which="both", length=0)
+    ax.set_xlabel("key position j")
+    ax.set_ylabel("query position i")
+    ax.set_title(title, fontsize=9)
+
+
+def sparse_figure(path: Path, L: int = 32, window: int = 6, globals_=(0, 13)) -> None:
+    from longctx.mlx.sparse import bigbird_random_blocks
+    from longctx.testing.oracles import bigbird_counts, longformer_mask
+    n, b, r = 8, 4, 1
+    blocks = bigbird_random_blocks(n, r, 0)
+    zeros = np.zeros((1, n, r), int)
+    zeros[:, [0, n - 1]] = -1
+    panels = [(longformer_mask(L, L, window, globals_), f"Longformer, window {window}, globals {globals_}", 1.4),
+              (longformer_mask(L, L, window, globals_, True), "Longformer, causal", 1.4),
+              (bigbird_counts(1, n, b, blocks)[0], f"BigBird, b = {b}, r = {r} random (seed 0)", 2.4),
+              (bigbird_counts(1, n, b, zeros)[0], "BigBird in HF's eval mode: block 0 counted 1 + r", 2.4)]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.6))
+    for ax, (image, title, vmax) in zip(axes, panels):
+        _grid(ax, image, title, vmax=vmax)
+    fig.suptitle("Which keys each query sees (darker: counted twice in the softmax)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def linear_figure(path: Path, L: int = 16, chunk: int = 4) -> None:
+    import mlx.core as mx
+
+    from longctx.mlx import linear
+    from longctx.testing.oracles import linear_attention
+    source = np.zeros((L, L))
+    for i in range(L):
+        start = (i // chunk) * chunk
+        source[i, :start] = 1  # read from the state S, z
+        source[i, start:i + 1] = 2  # the masked product inside the chunk
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    _grid(axes[0], source, f"chunk {chunk}: light = the state before the chunk, dark = inside it", vmax=2.4)
+    q, k, v = make_qkv(0, 1, 2, 2, 256, 256, 16)
+    want = linear_attention(q, k, v)[0]
+    xs = [mx.array(x.astype(np.float32)) for x in (q, k, v)]
+    state = linear.empty_state(1, 2, 16, 16)
+    forms = {"quadratic": linear.linear_attention_quadratic(*xs),
+             "chunked (64)": linear.linear_attention_chunked(*xs, state, 64)[0],
+             "recurrent": linear.linear_attention_recurrent(*xs, state)[0]}
+    for name, out in forms.items():
+        err = np.abs(np.array(out, dtype=np.float64) - want).max(axis=(0, 1, 3))
+        axes[1].semilogy(np.maximum(err, 1e-12), label=name, linewidth=1)
+    axes[1].set_xlabel("position")
+    axes[1].set_ylabel("max |out - float64 oracle|")
+    axes[1].set_title("three forms, one result (float32, L = 256)", fontsize=9)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     for name, draw in (("sliding-mask.png", sliding_mask_figure), ("dilated-pattern.png", dilated_figure),
                        ("ring-schedule.png", ring_figure), ("compression-survivors.png", compression_figure),
                        ("attention-sinks.png", sinks_figure), ("adaptive-context.png", adaptive_figure),
-                       ("qwen3-strategies.png", strategies_figure), ("rope-factors.png", rope_factors_figure)):
+                       ("qwen3-strategies.png", strategies_figure), ("rope-factors.png", rope_factors_figure),
+                       ("sparse-patterns.png", sparse_figure), ("linear-chunks.png", linear_figure)):
         draw(OUT / name)
         print(f"wrote {OUT / name}")

@@ -152,7 +152,7 @@ MUTANTS = {
     "swapped axes in the output": ("sliding", [("return o[:, :, :Lq].astype(q.dtype)",
                                                 "return o[:, :, :Lq].astype(q.dtype).swapaxes(1, 2)")]),
     "no float32 accumulation": ("sliding", [(".astype(mx.float32)", ".astype(q.dtype)")]),
-    "no validation": ("sliding", [("        check_attention(q, k, v)\n", "")]),
+    "no validation": ("sliding", [("        Lk = check_attention(q, k, v)[4]\n", "        Lk = k.shape[2]\n")]),
     "window not validated": ("sliding", [('self.window_size = check_positive_int("window_size", window_size)',
                                           "self.window_size = window_size")]),
     "quadratic memory (dense mask)": ("sliding", "QUADRATIC_MEMORY"),
@@ -386,6 +386,90 @@ MUTANTS = {
                                                      "                    c.flush()\n", "")]),
     "every layer gets a memory": ("qwen3_long", [('{} if memory_layers is None or i in memory_layers else '
                                                   '{"memory_size": 0}', "{}")]),
+    # Task 1: global tokens
+    "global key counted twice in the band": ("sliding", [("        local = local & (key_pos != g)\n", "        pass\n")]),
+    "global key seen before its position": ("sliding", [("mx.array(global_tokens) <= qpos,",
+                                                          "mx.array(global_tokens) <= qpos + Lk,")]),
+    "global values dropped": ("sliding", [("num, den = num + pg @ vg, den +", "num, den = num, den +")]),
+    "mask: global tokens ignored": ("sliding", [("return (j <= p) & ((j > p - self.window_size) | is_global)",
+                                                 "return (j <= p) & (j > p - self.window_size)")]),
+    "mask: global tokens seen from the past": ("sliding", [(
+        "return (j <= p) & ((j > p - self.window_size) | is_global)",
+        "return ((j <= p) & (j > p - self.window_size)) | is_global")]),
+    # Task 11
+    "feature map missing": ("linear", [("    return mx.where(x > 0, x + 1, mx.exp(mx.minimum(x, 0)))",
+                                        "    return x")]),
+    "relu without the + 1": ("linear", [("    return mx.where(x > 0, x + 1, mx.exp(mx.minimum(x, 0)))",
+                                         "    return mx.maximum(x, 0)")]),
+    "quadratic: normaliser dropped": ("linear", [("out = (a @ vf[:, :, None]) / (a.sum(axis=-1, keepdims=True) + EPS)",
+                                                  "out = a @ vf[:, :, None]")]),
+    "quadratic: not causal": ("linear", [("causal = mx.arange(Lk)[None, :] <= mx.arange(Lq)[:, None]",
+                                          "causal = mx.arange(Lk)[None, :] <= Lk")]),
+    "recurrent: reads before adding": ("linear", [(
+        "        S = S + fk[:, :, t, :, None] * vf[:, :, t, None, :]  # (B, Hkv, D, Dv)\n"
+        "        z = z + fk[:, :, t]\n        qt = fq[:, :, :, t]  # (B, Hkv, G, D)\n"
+        "        outs.append((qt @ S) / ((qt * z[:, :, None]).sum(axis=-1, keepdims=True) + EPS))\n",
+        "        qt = fq[:, :, :, t]  # (B, Hkv, G, D)\n"
+        "        outs.append((qt @ S) / ((qt * z[:, :, None]).sum(axis=-1, keepdims=True) + EPS))\n"
+        "        S = S + fk[:, :, t, :, None] * vf[:, :, t, None, :]  # (B, Hkv, D, Dv)\n"
+        "        z = z + fk[:, :, t]\n")]),
+    "recurrent: normaliser never updated": ("linear", [("        z = z + fk[:, :, t]\n", "")]),
+    "recurrent: normaliser dropped": ("linear", [(
+        "outs.append((qt @ S) / ((qt * z[:, :, None]).sum(axis=-1, keepdims=True) + EPS))", "outs.append(qt @ S)")]),
+    "chunked: state updated before the chunk": ("linear", [("mx.cumsum(kv, axis=2, inclusive=False)",
+                                                            "mx.cumsum(kv, axis=2)")]),
+    "chunked: normaliser updated before the chunk": ("linear", [("mx.cumsum(kz, axis=2, inclusive=False)",
+                                                                 "mx.cumsum(kz, axis=2)")]),
+    "chunked: diagonal left out": ("linear", [("causal = mx.arange(C)[None, :] <= mx.arange(C)[:, None]",
+                                               "causal = mx.arange(C)[None, :] < mx.arange(C)[:, None]")]),
+    "chunked: the new state misses the last chunk": ("linear", [("return out.astype(q.dtype), (S0 + kv.sum(axis=2), "
+                                                                 "z0 + kz.sum(axis=2))",
+                                                                 "return out.astype(q.dtype), (S[:, :, -1], z[:, :, -1])")]),
+    "chunked: initial state ignored": ("linear", [("S = S0[:, :, None] + mx.cumsum", "S = mx.cumsum")]),
+    # Task 12
+    "longformer: global key counted twice in the band": ("sparse", [(
+        "local = (key_pos >= 0) & (key_pos < Lk) & ~is_global[mx.clip(key_pos, 0, Lk - 1)]",
+        "local = (key_pos >= 0) & (key_pos < Lk)")]),
+    "longformer: global values dropped": ("sparse", [("num, den = num + pg @ vg, den +", "num, den = num, den +")]),
+    "longformer: causal global keys from the future": ("sparse", [("sg = mx.where(g <= qpos, sg, -mx.inf)",
+                                                                  "sg = mx.where(g <= qpos + Lk, sg, -mx.inf)")]),
+    "longformer: window keys each side": ("sparse", [("if causal else (window // 2, window // 2)",
+                                                      "if causal else (window, window)")]),
+    "longformer: causal window off by one": ("sparse", [("left, right = (window - 1, 0) if causal",
+                                                         "left, right = (window, 0) if causal")]),
+    "longformer: band edge off by one": ("sparse", [("keep = (rel >= -left) & (rel <= right)",
+                                                     "keep = (rel > -left) & (rel <= right)")]),
+    "longformer: global rows not overwritten": ("sparse", [(
+        "        out[:, :, mx.array(rows - P0)] = global_rows(gq, gk, gv, rows, causal, scale)\n", "")]),
+    "longformer: global_qkv ignored": ("sparse", [("gq, gk, gv = (q, k, v) if global_qkv is None else global_qkv",
+                                                   "gq, gk, gv = (q, k, v)")]),
+    "global rows exclude themselves": ("sparse", [("mx.arange(L)[None, :] <= mx.array(rows)[:, None]",
+                                                   "mx.arange(L)[None, :] < mx.array(rows)[:, None]")]),
+    "global rows unscaled": ("sparse", [("s = (qr * scale) @", "s = qr @")]),
+    "random blocks overlap the window": ("sparse", [("np.setdiff1d(np.arange(1, n - 1), [i - 1, i, i + 1])",
+                                                     "np.setdiff1d(np.arange(1, n - 1), [i])")]),
+    "random blocks may be global": ("sparse", [("np.setdiff1d(np.arange(1, n - 1), [i - 1, i, i + 1])",
+                                                "np.setdiff1d(np.arange(0, n), [i - 1, i, i + 1])")]),
+    "causal random blocks from the future": ("sparse", [("pool = np.arange(1, i - 2) if causal",
+                                                         "pool = np.setdiff1d(np.arange(1, n - 1), [i - 2, i - 1, i]) "
+                                                         "if causal")]),
+    "causal random blocks overlap the window": ("sparse", [("pool = np.arange(1, i - 2) if causal",
+                                                            "pool = np.arange(1, i - 1) if causal")]),
+    "every head draws the same blocks": ("sparse", [(
+        "    for h in range(heads):\n        for i in range(1, n - 1):",
+        "    for h in range(heads):\n        rng = np.random.default_rng(seed)\n        for i in range(1, n - 1):")]),
+    "bigbird: window block that is global counted twice": ("sparse", [(
+        " & ~np.isin(fixed[:, c], [0, n - 1][:len(globals_)])", "")]),
+    "bigbird: random blocks ignored": ("sparse", [("np.broadcast_to(keep_fixed, (Hq, *fixed.shape)), rand >= 0]",
+                                                   "np.broadcast_to(keep_fixed, (Hq, *fixed.shape)), rand > n]")]),
+    "bigbird: causal diagonal excluded": ("sparse", [("mask = mask & (key_pos <= (i[:, None] * b",
+                                                      "mask = mask & (key_pos < (i[:, None] * b")]),
+    "bigbird: global query blocks not overwritten": ("sparse", [(
+        "    out[:, :, mx.array(rows)] = global_rows(q, k, v, rows, causal, scale)\n", "")]),
+    "bigbird: last block not global": ("sparse", [(
+        "if causal or n == 1 else [np.zeros(n, int), np.full(n, n - 1)]", "")]),
+    "bigbird: unscaled": ("sparse", [("qb = q.astype(mx.float32).reshape(B, Hq, n, b, D) * scale",
+                                      "qb = q.astype(mx.float32).reshape(B, Hq, n, b, D)")]),
 }
 MUTANT_TASK = {name: 10 for name in ("windows never move to memory", "every layer gets a memory")}  # qwen3_long's memory path: Task 10's tests
 

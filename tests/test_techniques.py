@@ -13,7 +13,8 @@ from longctx.techniques import TASKS, TECHNIQUES
 SMALL = {"full": {}, "sliding": {"window_size": 48}, "hierarchical": {"levels": [32, 128]},
          "ring": {"ring_size": 3, "block_size": 40}, "streaming": {"sink_tokens": 4, "window": 40, "chunk_size": 24},
          "compressed": {"compression_ratio": 0.75, "method": "snapkv", "observation_window": 8},
-         "memory": {"context_length": 40, "top_k": 8}}
+         "memory": {"context_length": 40, "top_k": 8}, "linear": {"chunk_size": 16},
+         "longformer": {"window": 24, "global_tokens": (0, 3)}, "bigbird": {"block_size": 8, "num_random_blocks": 2}}
 
 
 def test_every_technique_and_task_has_its_files_and_chapter():
@@ -68,6 +69,15 @@ def test_useful_flops_count_the_visible_pairs():
     levels = [16, 64]
     pairs = sum(dilated_pairs(H, L, L, w, max(1, w // levels[0])).sum() for w in levels)
     assert registry.useful_flops("hierarchical", L, {"levels": levels}, H, D) == 4 * D * pairs
+    from longctx.mlx.sparse import bigbird_random_blocks
+    from longctx.testing.oracles import bigbird_counts, longformer_mask
+    for w, g in ((7, (0,)), (7, (0, 5, 100, 103, 300)), (400, (3,)), (1, (0, 1, 2))):
+        assert registry.useful_flops("longformer", L, {"window": w, "global_tokens": g}, H, D) == \
+            4 * H * D * longformer_mask(L, L, w, g, causal=True).sum()
+    for n, b, r in ((1, 4, 2), (2, 4, 1), (9, 4, 2), (12, 3, 3)):
+        blocks = bigbird_random_blocks(n, r, 0, causal=True)
+        assert registry.useful_flops("bigbird", n * b, {"block_size": b, "num_random_blocks": r}, H, D) == \
+            4 * H * D * (bigbird_counts(1, n, b, blocks, causal=True) > 0).sum()
     assert registry.useful_flops("streaming", L, {}, H, D) is None
 
 

@@ -26,8 +26,10 @@ import math
 import warnings
 
 import mlx.core as mx
+import numpy as np
 
-from longctx.checks import check_attention, check_nonnegative_int, check_positive_int, check_scale
+from longctx.checks import (check_attention, check_global_tokens, check_nonnegative_int, check_positive_int,
+                            check_scale)
 
 LOG2E = math.log2(math.e)
 # Elements of the (rows x keys) score tiles computed per step of the CPU path:
@@ -36,16 +38,19 @@ TILE_ELEMENTS = 1 << 21
 
 
 class SlidingWindowAttention:
-    """Causal attention restricted to the last ``window_size`` positions."""
+    """Causal attention restricted to the last ``window_size`` positions, plus ``global_tokens``:
+    positions every later query also sees (Longformer's global keys, StreamingLLM's sinks),
+    counted once when they are inside the window too."""
 
-    def __init__(self, window_size: int = 512, scale: float | None = None):
+    def __init__(self, window_size: int = 512, scale: float | None = None, global_tokens=()):
         self.window_size = check_positive_int("window_size", window_size)
         self.scale = check_scale(scale)  # None: D ** -0.5
+        self.global_tokens = tuple(int(g) for g in check_global_tokens(global_tokens, 2**62))
 
     def create_sliding_mask(self, seq_len: int, offset: int = 0) -> mx.array:
         """Boolean ``(seq_len, offset + seq_len)``: row ``i`` is the query at
         position ``offset + i``; ``True`` where it may attend (``self.window_size``
-        keys ending at the query itself). About 3 lines."""
+        keys ending at the query itself, and the earlier ``self.global_tokens``). About 5 lines."""
         seq_len = check_positive_int("seq_len", seq_len)
         offset = check_nonnegative_int("offset", offset)
         raise NotImplementedError("Task 1: SlidingWindowAttention.create_sliding_mask -- see the book chapter 'Sliding-window attention'")
@@ -55,18 +60,19 @@ class SlidingWindowAttention:
 
         Given: the checks and the dispatch, to the fused GPU kernel where one
         runs (the stretch exercise) and to your ``_blocked`` everywhere else."""
-        check_attention(q, k, v)
+        Lk = check_attention(q, k, v)[4]
+        glob = check_global_tokens(self.global_tokens, Lk)
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        if _fused_kernel_for(q) is not None:
+        if len(glob) == 0 and _fused_kernel_for(q) is not None:
             out = _fused_checked(q, k, v, self.window_size, scale)
             if out is not None:
                 return out
-        return _blocked(q, k, v, self.window_size, scale)
+        return _blocked(q, k, v, self.window_size, scale, glob)
 
     __call__ = sliding_attention
 
 
-def _blocked(q, k, v, window: int, scale: float) -> mx.array:
+def _blocked(q, k, v, window: int, scale: float, global_tokens=np.zeros(0, np.int64)) -> mx.array:
     """The band-blocked ops version: exact, O(Lq * window) time and memory.
 
     ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` (checked; GQA: query head
@@ -76,7 +82,9 @@ def _blocked(q, k, v, window: int, scale: float) -> mx.array:
     ``window - 1`` before its first row to its last row, so compute
     ``(block, keys)`` score tiles with the band masked, a softmax with the
     row max subtracted, and ``P @ V``. Never build an ``Lq x Lk`` array.
-    ``_windows`` below gathers such key blocks if you want it. About 30 lines.
+    ``_windows`` below gathers such key blocks if you want it. ``global_tokens`` (sorted int
+    array, in range): keys also seen by every query at or after them; take them out of the band
+    tiles and score them beside each tile, in the same softmax. About 40 lines.
     """
     raise NotImplementedError("Task 1: _blocked -- see the book chapter 'Sliding-window attention'")
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from longctx.testing import assert_close, assert_mask_equal
 from longctx.testing.inputs import make_qkv
-from longctx.testing.oracles import sliding_mask, sliding_mistakes, sliding_window_attention
+from longctx.testing.oracles import sliding_mask, sliding_mistakes, sliding_window_attention, weighted_attention
 
 pytestmark = pytest.mark.task(1)
 
@@ -196,3 +196,50 @@ def test_faster_than_dense_masked_attention(lab, arrays, record):
     record("speed vs dense masked SDPA (L=4096, W=32)", f"{dense / sliding:.1f}x faster")
     assert sliding < 0.5 * dense, (f"sliding took {sliding * 1e3:.1f} ms, the dense masked baseline "
                                    f"{dense * 1e3:.1f} ms: the work should grow as L * W, not L * L")
+
+
+# ---------------------------------------------------------------- global tokens (Longformer's, in a causal window)
+
+@given(seq_len=st.integers(1, 60), offset=st.integers(0, 40), window=st.integers(1, 30),
+       globals_=st.lists(st.integers(0, 99), max_size=4))
+def test_global_tokens_mask_equals_oracle(lab, arrays, seq_len, offset, window, globals_):
+    """A global position is visible to every query at or after it, inside the window or not."""
+    globals_ = [g for g in globals_ if g < offset + seq_len]
+    attn = lab("sliding").SlidingWindowAttention(window_size=window, global_tokens=globals_)
+    got = arrays.numpy(attn.create_sliding_mask(seq_len, offset)).astype(bool)
+    assert_mask_equal(got, sliding_mask(seq_len, offset + seq_len, window, globals_),
+                      name=f"mask with global_tokens={globals_} (book: Task 1, \"Global tokens\")")
+
+
+@pytest.mark.parametrize("Hq, Hkv, Lq, Lk, window, globals_", [
+    (4, 2, 300, 300, 17, (0, 3, 150)),  # a global inside some windows: counted once
+    (2, 1, 5, 90, 8, (1, 80, 89)),  # decode rows; globals after some queries stay unseen
+    (2, 2, 50, 50, 100, (2,)),  # window > L: every global is inside every window
+    (2, 2, 1, 70, 1, (0, 69)),  # window 1: the query itself plus the sinks
+    (3, 3, 130, 130, 5, tuple(range(0, 130, 7))),  # many globals
+])
+def test_global_tokens_attention_equals_oracle(lab, arrays, Hq, Hkv, Lq, Lk, window, globals_):
+    q, k, v = make_qkv(Lk + window, 1, Hq, Hkv, Lq, Lk, 16)
+    attn = lab("sliding").SlidingWindowAttention(window_size=window, global_tokens=globals_)
+    out = attn(*(arrays.asarray(x) for x in (q, k, v)))
+    want = sliding_window_attention(q, k, v, window, global_tokens=globals_)
+    inside = np.isin(np.arange(Lk), globals_)[None, :] & sliding_mask(Lq, Lk, window)
+    mistakes = {"global tokens ignored (plain sliding window)": sliding_window_attention(q, k, v, window)}
+    if inside.any():
+        counts = sliding_mask(Lq, Lk, window, globals_) + inside  # a global inside the window twice
+        mistakes["global tokens counted twice when inside the window (take them out of the band)"] = \
+            weighted_attention(q, k, v, counts)
+    assert_close(arrays.numpy(out), want, rtol=2e-4, atol=2e-5, mistakes=mistakes,
+                 name=f"global_tokens={globals_[:5]}... (book: Task 1, \"Global tokens\")")
+
+
+def test_global_tokens_out_of_range_raise(lab, arrays):
+    sliding = lab("sliding")
+    x = arrays.asarray(np.ones((1, 2, 8, 4)))
+    attn = sliding.SlidingWindowAttention(window_size=2, global_tokens=(0, 7))
+    assert arrays.numpy(attn(x, x, x)).shape == (1, 2, 8, 4)
+    with pytest.raises(ValueError, match="global_tokens"):
+        sliding.SlidingWindowAttention(window_size=2, global_tokens=(8,))(x, x, x)
+    for bad in ((-1,), (1.5,), "0"):
+        with pytest.raises(ValueError, match="global_tokens"):
+            sliding.SlidingWindowAttention(window_size=2, global_tokens=bad)

@@ -10,6 +10,7 @@ _WHERE = {
     "BenchmarkResult": "benchmark", "benchmark_long_context": "benchmark",
     "CompressedContext": "compression", "CompressedKVCache": "compression", "ContextCompressor": "compression",
     "HierarchicalAttention": "hierarchical", "dilated_attention": "hierarchical",
+    "LinearAttention": "linear", "linear_attention": "linear",
     "LongContextQwen3": "qwen3_long",
     "MemoryAttention": "memory", "MemoryKVCache": "memory", "crossbatch_attention": "memory",
     "crossbatch_selector": "memory", "gated_memory_attention": "memory", "memory_attention": "memory",
@@ -18,6 +19,8 @@ _WHERE = {
     "RingAttention": "ring", "RingState": "ring", "merge_states": "ring", "ring_attention_distributed": "ring",
     "ring_shard": "ring",
     "SlidingWindowAttention": "sliding",
+    "BigBirdAttention": "sparse", "LongformerAttention": "sparse", "bigbird_attention": "sparse",
+    "longformer_attention": "sparse",
     "SinkKVCache": "streaming", "StreamingProcessor": "streaming",
 }
 __all__ = sorted(_WHERE)

@@ -23,8 +23,10 @@ import math
 import warnings
 
 import mlx.core as mx
+import numpy as np
 
-from longctx.checks import check_attention, check_nonnegative_int, check_positive_int, check_scale
+from longctx.checks import (check_attention, check_global_tokens, check_nonnegative_int, check_positive_int,
+                            check_scale)
 
 LOG2E = math.log2(math.e)
 # Elements of the (rows x keys) score tiles computed per step of the CPU path:
@@ -33,22 +35,28 @@ TILE_ELEMENTS = 1 << 21
 
 
 class SlidingWindowAttention:
-    """Causal attention restricted to the last ``window_size`` positions."""
+    """Causal attention restricted to the last ``window_size`` positions, plus ``global_tokens``:
+    positions every later query also sees (Longformer's global keys, StreamingLLM's sinks),
+    counted once when they are inside the window too."""
 
-    def __init__(self, window_size: int = 512, scale: float | None = None):
+    def __init__(self, window_size: int = 512, scale: float | None = None, global_tokens=()):
         self.window_size = check_positive_int("window_size", window_size)
         self.scale = check_scale(scale)  # None: D ** -0.5
+        self.global_tokens = tuple(int(g) for g in check_global_tokens(global_tokens, 2**62))
 
     def create_sliding_mask(self, seq_len: int, offset: int = 0) -> mx.array:
         """Boolean ``(seq_len, offset + seq_len)``: row ``i`` is the query at
         position ``offset + i``; ``True`` where it may attend (``self.window_size``
-        keys ending at the query itself). About 3 lines."""
+        keys ending at the query itself, and the earlier ``self.global_tokens``). About 5 lines."""
         seq_len = check_positive_int("seq_len", seq_len)
         offset = check_nonnegative_int("offset", offset)
         # BEGIN SOLUTION
         p = mx.arange(offset, offset + seq_len)[:, None]  # (seq_len, 1) query positions
         j = mx.arange(offset + seq_len)[None, :]  # (1, offset + seq_len) key positions
-        return (j <= p) & (j > p - self.window_size)
+        is_global = mx.zeros(j.shape, dtype=mx.bool_)
+        for g in self.global_tokens:
+            is_global = is_global | (j == g)
+        return (j <= p) & ((j > p - self.window_size) | is_global)
         # END SOLUTION
 
     def sliding_attention(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
@@ -56,18 +64,19 @@ class SlidingWindowAttention:
 
         Given: the checks and the dispatch, to the fused GPU kernel where one
         runs (the stretch exercise) and to your ``_blocked`` everywhere else."""
-        check_attention(q, k, v)
+        Lk = check_attention(q, k, v)[4]
+        glob = check_global_tokens(self.global_tokens, Lk)
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        if _fused_kernel_for(q) is not None:
+        if len(glob) == 0 and _fused_kernel_for(q) is not None:
             out = _fused_checked(q, k, v, self.window_size, scale)
             if out is not None:
                 return out
-        return _blocked(q, k, v, self.window_size, scale)
+        return _blocked(q, k, v, self.window_size, scale, glob)
 
     __call__ = sliding_attention
 
 
-def _blocked(q, k, v, window: int, scale: float) -> mx.array:
+def _blocked(q, k, v, window: int, scale: float, global_tokens=np.zeros(0, np.int64)) -> mx.array:
     """The band-blocked ops version: exact, O(Lq * window) time and memory.
 
     ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` (checked; GQA: query head
@@ -77,7 +86,9 @@ def _blocked(q, k, v, window: int, scale: float) -> mx.array:
     ``window - 1`` before its first row to its last row, so compute
     ``(block, keys)`` score tiles with the band masked, a softmax with the
     row max subtracted, and ``P @ V``. Never build an ``Lq x Lk`` array.
-    ``_windows`` below gathers such key blocks if you want it. About 30 lines.
+    ``_windows`` below gathers such key blocks if you want it. ``global_tokens`` (sorted int
+    array, in range): keys also seen by every query at or after them; take them out of the band
+    tiles and score them beside each tile, in the same softmax. About 40 lines.
     """
     # BEGIN SOLUTION
     B, Hq, Lq, D = q.shape
@@ -108,8 +119,17 @@ def _blocked(q, k, v, window: int, scale: float) -> mx.array:
     c = mx.arange(ncol)[None, :] - nprev * block
     band = (c <= r) & (c > r - window)  # (block, ncol)
     key_pos = start + mx.arange(nb)[:, None, None] * block + mx.arange(ncol)  # (nb, 1, ncol)
-    bias = mx.where(band & (key_pos >= 0), 0.0, -mx.inf)  # (nb, block, ncol)
+    local = key_pos >= 0
+    for g in global_tokens.tolist():  # a global key is scored beside the tile, not in it
+        local = local & (key_pos != g)
+    bias = mx.where(band & local, 0.0, -mx.inf)  # (nb, block, ncol)
     bias = bias[:, None]  # (nb, 1, block, ncol): shared by the rep heads
+    G = len(global_tokens)
+    if G:  # (nb, 1, block, G): a global key is seen from its own position on
+        qpos = (Lk - Lq) + mx.arange(nb * block).reshape(nb, 1, block, 1)
+        gbias = mx.where(mx.array(global_tokens) <= qpos, 0.0, -mx.inf)
+        kg = k[:, :, mx.array(global_tokens)].astype(mx.float32)[:, :, None, None]  # (B, Hkv, 1, 1, G, D)
+        vg = v[:, :, mx.array(global_tokens)].astype(mx.float32)[:, :, None, None]
 
     per_step = max(1, TILE_ELEMENTS // (B * Hq * block * ncol))
     streams = _cpu_streams() if mx.default_device() == mx.cpu else [mx.default_stream(mx.gpu)]
@@ -121,8 +141,15 @@ def _blocked(q, k, v, window: int, scale: float) -> mx.array:
             vb = _windows(vp, b0, b1, block, nprev)
             s = mx.addmm(bias[b0:b1], qf[:, :, b0:b1], kb.swapaxes(-1, -2))  # (B, Hkv, n, rep, block, ncol)
             s_max = mx.max(s, axis=-1, keepdims=True)
+            if G:
+                sg = mx.addmm(gbias[b0:b1], qf[:, :, b0:b1], kg.swapaxes(-1, -2))  # (B, Hkv, n, rep, block, G)
+                s_max = mx.maximum(s_max, mx.max(sg, axis=-1, keepdims=True))
             p = mx.power(2.0, s - s_max)
-            o = (p @ vb) / mx.sum(p, axis=-1, keepdims=True)  # (B, Hkv, n, rep, block, D)
+            num, den = p @ vb, mx.sum(p, axis=-1, keepdims=True)
+            if G:
+                pg = mx.power(2.0, sg - s_max)
+                num, den = num + pg @ vg, den + mx.sum(pg, axis=-1, keepdims=True)
+            o = num / den  # (B, Hkv, n, rep, block, D)
             outs.append(o)
             mx.async_eval(o)  # start this tile now, so only two are alive at once
     o = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]

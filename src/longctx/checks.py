@@ -353,3 +353,70 @@ def memory_windows(n: int, context_length: int, last_context_length: int, chunk_
         pieces.append((prefix, n, False))
     return [(s + a, s + b, to_memory and s + b == e)
             for s, e, to_memory in pieces for a, b in prefill_chunks(e - s, chunk_size)]
+
+
+def check_linear_state(state, B: int, Hkv: int, D: int) -> tuple:
+    """Task 11's state ``(S (B, Hkv, D, D), z (B, Hkv, D))``, float32, or ValueError naming ``state``."""
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise ValueError(f"state must be a pair (S, z) as linear_attention returns it, got {type(state).__name__}")
+    S, z = state
+    if tuple(S.shape) != (B, Hkv, D, D) or tuple(z.shape) != (B, Hkv, D):
+        raise ValueError(f"state must be (S {(B, Hkv, D, D)}, z {(B, Hkv, D)}) for these inputs, "
+                         f"got S {tuple(S.shape)} and z {tuple(z.shape)}")
+    if "float32" not in str(S.dtype) or "float32" not in str(z.dtype):
+        raise ValueError(f"state must be float32 (it accumulates), got {S.dtype} and {z.dtype}")
+    return tuple(state)
+
+
+def check_global_tokens(global_tokens, length: int):
+    """Sorted, de-duplicated global positions as an int numpy array; each in ``0 .. length-1``."""
+    import numpy as np
+
+    if isinstance(global_tokens, (str, bytes)) or not hasattr(global_tokens, "__iter__"):
+        raise ValueError(f"global_tokens must be a sequence of positions, got {global_tokens!r}")
+    values = [int(g) if isinstance(g, (int, np.integer)) and not isinstance(g, bool) else g for g in global_tokens]
+    bad = [g for g in values if not isinstance(g, int) or not 0 <= g < length]
+    if bad:
+        raise ValueError(f"global_tokens must be positions in 0 .. {length - 1}, got {bad[0]!r}")
+    return np.unique(np.array(values, dtype=np.int64))
+
+
+def check_longformer(window, global_tokens, causal, Lq: int, Lk: int, global_qkv, qkv):
+    """``longformer_attention``'s arguments: returns the global positions (see ``check_global_tokens``)."""
+    window = check_positive_int("window", window)
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be True or False, got {causal!r}")
+    if not causal and window % 2:
+        raise ValueError(f"window must be even for bidirectional Longformer (window / 2 keys each side), got {window}")
+    if not causal and Lq != Lk:
+        raise ValueError(f"bidirectional Longformer is self-attention: Lq must equal Lk, got {Lq} and {Lk}")
+    if global_qkv is not None:
+        if not isinstance(global_qkv, (tuple, list)) or len(global_qkv) != 3 or any(
+                tuple(g.shape) != tuple(x.shape) or g.dtype != x.dtype for g, x in zip(global_qkv, qkv)):
+            raise ValueError("global_qkv must be (q, k, v) with the shapes and dtype of q, k, v")
+    return check_global_tokens(global_tokens, Lk)
+
+
+def check_bigbird(block_size, num_random_blocks, Lq: int, Lk: int, Hq: int, random_blocks):
+    """``bigbird_attention``'s arguments: ``(number of blocks, random_blocks as (Hq, n, r) int or None)``."""
+    import numpy as np
+
+    b = check_positive_int("block_size", block_size)
+    r = check_nonnegative_int("num_random_blocks", num_random_blocks)
+    if Lq != Lk:
+        raise ValueError(f"bigbird_attention is self-attention: Lq must equal Lk, got {Lq} and {Lk}")
+    if Lk % b:
+        raise ValueError(f"the length must be a multiple of block_size={b} (BigBird works in whole blocks), "
+                         f"got L={Lk}; pad the sequence")
+    n = Lk // b
+    if random_blocks is None:
+        return n, None
+    rand = np.asarray(random_blocks)
+    if rand.ndim == 0:
+        rand = np.full((Hq, n, r), int(rand))
+    if rand.shape != (Hq, n, r) or rand.dtype.kind not in "iu" or (rand < -1).any() or (rand >= n).any():
+        raise ValueError(f"random_blocks must be ints in -1 .. {n - 1} of shape {(Hq, n, r)} "
+                         f"(-1: none), got shape {rand.shape}")
+    rand = rand.astype(np.int64)
+    rand[:, [0, n - 1]] = -1  # global query blocks see everything already
+    return n, rand

@@ -50,6 +50,8 @@ TASKS = {t.number: t for t in (
     Task(8, "Qwen3 integration", "qwen3-integration.md", "qwen3_long"),
     Task(9, "Position extension (LongRoPE)", "task9-position-extension.md", "rope_scaling"),
     Task(10, "Memory layers (Focused Transformer)", "task10-memory.md", "memory"),
+    Task(11, "Linear attention", "task11-linear.md", "linear"),
+    Task(12, "Global + local sparse attention (Longformer, BigBird)", "task12-sparse.md", "sparse"),
 )}
 
 
@@ -133,6 +135,51 @@ def _memory_pairs(L: int, o: dict) -> float:
     return pairs
 
 
+def _linear_memory(L, H, D, o, backend):
+    c = min(o["chunk_size"], L)
+    seg = min(L, 64 * c)  # one evaluated segment of 64 chunks
+    return (H * seg * (3 * c + 8 * D) + 3 * H * (seg // c + 1) * D * D) * BYTES  # one segment, written in place
+
+
+def _linear_flops(L, H, D, o):
+    c = min(o["chunk_size"], L)
+    return 4.0 * H * L * D * D + 2.0 * H * L * (c + 1) * D  # the state's update and read; the causal chunk
+
+
+def _longformer_memory(L, H, D, o, backend):
+    ncol = 64 + o["window"]  # a query block's band keys
+    return (2 * H * L * D + 6 * min(1 << 22, H * L * ncol) + 2 * L * ncol) * BYTES
+
+
+def _longformer_pairs(L: int, o: dict) -> float:
+    """Visible (query, key) pairs of causal Longformer: a local row its window plus the global
+    keys before it, a global row its whole past."""
+    w = o["window"]
+    glob = sorted({g for g in o["global_tokens"] if g < L})
+    pairs = _pairs_sliding(L, {"window_size": w})
+    for g in glob:
+        pairs += (g + 1) - min(g + 1, w)  # g's own row: the whole past
+        pairs += max(0, L - g - w) - sum(1 for h in glob if h >= g + w)  # local rows p >= g + w see g too
+    return pairs
+
+
+def _bigbird_memory(L, H, D, o, backend):
+    b, k = o["block_size"], 5 + o["num_random_blocks"]
+    tile = min(1 << 22, H * L * k * b)
+    return (2 * H * L * D + 8 * H * b * L + 6 * tile + 2 * tile * D // b + H * L * k) * BYTES
+
+
+def _bigbird_pairs(L: int, o: dict) -> float:
+    """Visible (query, key) pairs of causal BigBird on ``ceil(L / b)`` blocks."""
+    b, r = o["block_size"], o["num_random_blocks"]
+    n = -(-L // b)
+    pairs = b * (b + 1) / 2 + (n > 1) * (b * (n - 1) * b + b * (b + 1) / 2)  # the global query blocks
+    for i in range(1, n - 1):
+        past = len({0, i - 2, i - 1} - {-1, i}) + min(r, max(0, i - 3))  # whole earlier blocks
+        pairs += past * b * b + b * (b + 1) / 2
+    return pairs
+
+
 def hierarchical_pairs(L: int, levels, heads: int, dilations=None) -> int:
     """Causal (query, key) pairs the LongNet levels keep, over all heads: a segment whose head
     keeps ``c`` positions has ``c (c + 1) / 2`` of them."""
@@ -187,6 +234,16 @@ TECHNIQUES = {t.name: t for t in (
               strategy={"memory_layers": None, "memory_size": 65536, "last_context_length": 256, "top_k": None,
                         "context_length": None}, cache="MemoryKVCache",
               from_window=lambda w: {"context_length": w}, subquadratic=False, validate=check_memory_options),
+    Technique("linear", 11, "causal linear attention, phi = elu + 1: a D x D state instead of a cache",
+              {"chunk_size": 64}, _linear_memory, _linear_flops, attention="LinearAttention"),
+    Technique("longformer", 12, "Longformer: a causal window plus global tokens every query sees",
+              {"window": 512, "global_tokens": (0,), "causal": True}, _longformer_memory,
+              lambda L, H, D, o: 4.0 * H * D * _longformer_pairs(L, o), attention="LongformerAttention",
+              from_window=lambda w: {"window": w}),
+    Technique("bigbird", 12, "BigBird: blocks of a window, two global blocks and seeded random blocks",
+              {"block_size": 64, "num_random_blocks": 3, "seed": 0, "causal": True}, _bigbird_memory,
+              lambda L, H, D, o: 4.0 * H * D * _bigbird_pairs(L, o), attention="BigBirdAttention",
+              from_window=lambda w: {"block_size": max(1, w // 3)}),
 )}
 STRATEGIES = tuple(name for name, t in TECHNIQUES.items() if t.strategy is not None)
 SUBQUADRATIC = tuple(name for name, t in TECHNIQUES.items() if t.subquadratic)

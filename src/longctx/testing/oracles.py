@@ -21,11 +21,12 @@ def causal_mask(lq: int, lk: int) -> np.ndarray:
 
 
 # ANCHOR: sliding_mask
-def sliding_mask(lq: int, lk: int, window: int) -> np.ndarray:
-    """``(lq, lk)`` bool: query at ``p`` sees ``p - window < j <= p``."""
+def sliding_mask(lq: int, lk: int, window: int, global_tokens=()) -> np.ndarray:
+    """``(lq, lk)`` bool: query at ``p`` sees ``p - window < j <= p``, and the global
+    positions ``j <= p``."""
     p = query_positions(lq, lk)[:, None]
     j = np.arange(lk)[None, :]
-    return (j <= p) & (j > p - window)
+    return (j <= p) & ((j > p - window) | np.isin(j, list(global_tokens)))
 # ANCHOR_END: sliding_mask
 
 
@@ -62,9 +63,9 @@ def relative_error(out, exact) -> float:
     return float(np.linalg.norm(out - exact) / np.linalg.norm(exact))
 
 
-def sliding_window_attention(q, k, v, window: int, *, scale=None) -> np.ndarray:
+def sliding_window_attention(q, k, v, window: int, *, scale=None, global_tokens=()) -> np.ndarray:
     """Task 1's oracle: attention under :func:`sliding_mask`."""
-    return attention(q, k, v, sliding_mask(q.shape[2], k.shape[2], window), scale=scale)
+    return attention(q, k, v, sliding_mask(q.shape[2], k.shape[2], window, global_tokens), scale=scale)
 
 
 def sliding_mistakes(q, k, v, window: int, *, scale=None) -> dict[str, np.ndarray]:
@@ -495,3 +496,108 @@ def memory_model_logits(weights: dict, config: dict, ids, *, memory_layers, cont
                 memory[i] = (mk[:, :, mk.shape[2] - keep:], mv[:, :, mv.shape[2] - keep:])
     return np.concatenate(out, axis=0)
 # ANCHOR_END: memory_model_logits
+
+
+# ---------------------------------------------------------------- Task 11: linear attention
+
+# ANCHOR: linear_attention
+def elu_plus_one(x):
+    return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+
+
+def linear_attention(q, k, v, state=None, *, eps: float = 1e-6, phi=elu_plus_one, normalise: bool = True):
+    """Causal linear attention, ``phi(x) = elu(x) + 1``: ``out_i = phi(q_i) S_i / (phi(q_i) . z_i
+    + eps)`` with ``S_i = S_0 + sum_{j <= i} phi(k_j) v_j^T``, ``z_i = z_0 + sum_{j <= i}
+    phi(k_j)``; the queries are the last ``Lq`` positions. Returns ``(out, (S, z))``, float64.
+    (``phi``, ``normalise=False``: what the classic mistakes compute.)"""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    fq, fk = phi(q), phi(k)
+    S = np.zeros((B, Hkv, D, v.shape[-1])) if state is None else np.asarray(state[0], np.float64)
+    z = np.zeros((B, Hkv, D)) if state is None else np.asarray(state[1], np.float64)
+    out = np.zeros(q.shape[:3] + v.shape[-1:])
+    for j in range(Lk):
+        S = S + np.einsum("bhd,bhe->bhde", fk[:, :, j], v[:, :, j])
+        z = z + fk[:, :, j]
+        i = j - (Lk - Lq)
+        if i >= 0:
+            Sq, zq = np.repeat(S, Hq // Hkv, axis=1), np.repeat(z, Hq // Hkv, axis=1)
+            num = np.einsum("bhd,bhde->bhe", fq[:, :, i], Sq)
+            out[:, :, i] = num / ((fq[:, :, i] * zq).sum(-1, keepdims=True) + eps) if normalise else num
+    return out, (S, z)
+# ANCHOR_END: linear_attention
+
+
+# ---------------------------------------------------------------- Task 12: Longformer, BigBird
+
+# ANCHOR: longformer_mask
+def longformer_mask(lq: int, lk: int, window: int, global_tokens=(), causal: bool = False) -> np.ndarray:
+    """``(lq, lk)`` bool. Local query ``p``: ``|p - j| <= window / 2`` (causal: ``p - window < j
+    <= p``) or ``j`` global (causal: and ``j <= p``). A global query sees every key (causal:
+    ``j <= p``). Each key at most once: a mask has no multiplicity."""
+    p = query_positions(lq, lk)[:, None]
+    j = np.arange(lk)[None, :]
+    g = np.isin(j, list(global_tokens))
+    past = j <= p
+    if causal:
+        mask = past & ((j > p - window) | g)
+    else:
+        mask = (np.abs(p - j) <= window // 2) | g
+    rows = np.isin(p[:, 0], list(global_tokens))
+    mask[rows] = past[rows] if causal else True
+    return mask
+# ANCHOR_END: longformer_mask
+
+
+def longformer_attention(q, k, v, window: int, global_tokens=(), causal: bool = False, *, global_qkv=None,
+                         scale=None) -> np.ndarray:
+    """Attention under :func:`longformer_mask`; the global queries' rows from ``global_qkv``."""
+    lq, lk = q.shape[2], k.shape[2]
+    mask = longformer_mask(lq, lk, window, global_tokens, causal)
+    out = attention(q, k, v, mask, scale=scale)
+    if global_qkv is not None:
+        rows = np.isin(query_positions(lq, lk), list(global_tokens))
+        out[:, :, rows] = attention(*global_qkv, mask, scale=scale)[:, :, rows]
+    return out
+
+
+# ANCHOR: bigbird_counts
+def bigbird_counts(heads: int, num_blocks: int, block_size: int, random_blocks, causal: bool = False) -> np.ndarray:
+    """``(heads, L, L)``: how many times query ``i`` counts key ``j`` in BigBird's softmax. Query
+    blocks ``0, n-1``: every key once. Middle block ``i``: the set {global blocks (0 and n-1;
+    causal: 0), window blocks ``i-1 .. i+1`` (causal: ``i-2 .. i``) inside ``0 .. n-1``} once
+    each, plus one per entry of ``random_blocks[h, i]`` that is ``>= 0``. Causal: times ``j <= i``."""
+    n, b = num_blocks, block_size
+    L = n * b
+    counts = np.zeros((heads, L, L))
+    for h in range(heads):
+        for i in range(n):
+            rows = slice(i * b, (i + 1) * b)
+            if i in (0, n - 1):
+                counts[h, rows] = 1
+                continue
+            fixed = {0} | ({i - 2, i - 1, i} if causal else {n - 1, i - 1, i, i + 1})
+            for c in [c for c in fixed if 0 <= c < n] + [int(c) for c in random_blocks[h, i] if c >= 0]:
+                counts[h, rows, c * b:(c + 1) * b] += 1
+    if causal:
+        counts *= np.tril(np.ones((L, L)))
+    return counts
+# ANCHOR_END: bigbird_counts
+
+
+def weighted_attention(q, k, v, counts, *, scale=None) -> np.ndarray:
+    """Softmax attention where key ``j`` enters query ``i``'s softmax ``counts[..., i, j]`` times
+    (``counts`` broadcastable to ``(B, Hq, Lq, Lk)``; 0 = masked; every row needs a key)."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = np.einsum("bhid,bhjd->bhij", q, np.repeat(k, rep, axis=1)) * scale
+    e = np.exp(s - s.max(axis=-1, keepdims=True)) * counts
+    return np.einsum("bhij,bhjd->bhid", e / e.sum(axis=-1, keepdims=True), np.repeat(v, rep, axis=1))
+
+
+def bigbird_attention(q, k, v, block_size: int, random_blocks, causal: bool = False, *, scale=None) -> np.ndarray:
+    """Attention weighted by :func:`bigbird_counts`."""
+    counts = bigbird_counts(q.shape[1], q.shape[2] // block_size, block_size, np.asarray(random_blocks), causal)
+    return weighted_attention(q, k, v, counts[None], scale=scale)

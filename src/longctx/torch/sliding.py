@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import torch
 
-from longctx.checks import check_attention, check_positive_int, check_scale
+from longctx.checks import check_attention, check_global_tokens, check_positive_int, check_scale
 
 # Score-tile elements per step: bounds the peak memory of one call.
 TILE_ELEMENTS = 1 << 22
 
 
 class SlidingWindowAttention:
-    """Causal attention restricted to the last ``window_size`` positions."""
+    """Causal attention restricted to the last ``window_size`` positions, plus ``global_tokens``
+    (positions every later query also sees, counted once)."""
 
-    def __init__(self, window_size: int = 512, scale: float | None = None):
+    def __init__(self, window_size: int = 512, scale: float | None = None, global_tokens=()):
         self.window_size = check_positive_int("window_size", window_size)
         self.scale = check_scale(scale)
+        self.global_tokens = tuple(int(g) for g in check_global_tokens(global_tokens, 2**62))
 
     def create_sliding_mask(self, seq_len: int, offset: int = 0, device=None) -> torch.Tensor:
         """Boolean ``(seq_len, offset + seq_len)``; row ``i`` is the query at ``offset + i``."""
@@ -29,11 +31,13 @@ class SlidingWindowAttention:
             raise ValueError(f"offset must be an integer >= 0, got {offset!r}")
         p = torch.arange(offset, offset + seq_len, device=device)[:, None]
         j = torch.arange(offset + seq_len, device=device)[None, :]
-        return (j <= p) & (j > p - self.window_size)
+        is_global = torch.isin(j, torch.tensor(self.global_tokens, dtype=j.dtype, device=device))
+        return (j <= p) & ((j > p - self.window_size) | is_global)
 
     def sliding_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` -> ``(B, Hq, Lq, D)``, dtype of ``q``."""
         B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
+        glob = torch.as_tensor(check_global_tokens(self.global_tokens, Lk), device=q.device)
         if q.device != k.device or q.device != v.device:
             raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
         scale = D ** -0.5 if self.scale is None else self.scale
@@ -58,7 +62,11 @@ class SlidingWindowAttention:
         c = torch.arange(ncol, device=q.device)[None, :] - nprev * block
         band = (c <= r) & (c > r - window)  # (block, ncol)
         key_pos = start + torch.arange(nb, device=q.device)[:, None, None] * block + c + nprev * block
-        visible = (band & (key_pos >= 0))[:, None]  # (nb, 1, block, ncol)
+        visible = (band & (key_pos >= 0) & ~torch.isin(key_pos, glob))[:, None]  # (nb, 1, block, ncol)
+        if len(glob):  # global keys: scored beside each tile, seen from their own position on
+            qpos = (Lk - Lq) + torch.arange(nb * block, device=q.device).view(nb, 1, block, 1)
+            seen = glob <= qpos  # (nb, 1, block, G)
+            kg, vg = k[:, :, glob].float()[:, :, None], v[:, :, glob].float()[:, :, None]  # (B, Hkv, 1, G, D)
 
         out = torch.empty(B, Hkv, nb, rep, block, D, device=q.device)
         per_step = max(1, TILE_ELEMENTS // (B * Hq * block * ncol))
@@ -66,7 +74,12 @@ class SlidingWindowAttention:
             b1 = min(nb, b0 + per_step)
             s = qf[:, :, b0:b1] @ kw[:, :, b0:b1, None].transpose(-1, -2)  # (B, Hkv, n, rep, block, ncol)
             s = s.masked_fill(~visible[b0:b1], float("-inf"))
-            out[:, :, b0:b1] = torch.softmax(s, dim=-1) @ vw[:, :, b0:b1, None]
+            if not len(glob):
+                out[:, :, b0:b1] = torch.softmax(s, dim=-1) @ vw[:, :, b0:b1, None]
+                continue
+            sg = (qf[:, :, b0:b1] @ kg[:, :, None].transpose(-1, -2)).masked_fill(~seen[b0:b1], float("-inf"))
+            p = torch.softmax(torch.cat([s, sg], dim=-1), dim=-1)
+            out[:, :, b0:b1] = p[..., :ncol] @ vw[:, :, b0:b1, None] + p[..., ncol:] @ vg[:, :, None]
         out = out.transpose(2, 3).reshape(B, Hq, nb * block, D)
         return out[:, :, :Lq].to(q.dtype)
 

@@ -1,0 +1,192 @@
+"""Graded tests, Task 11: linear attention (Katharopoulos et al. 2020).
+
+Run: ``pytest labs/week3 --task 11`` (your stubs), ``--impl solutions`` or
+``--impl torch``. Expected values come from ``longctx.testing.oracles.linear_attention``:
+a float64 loop over tokens that adds ``phi(k_j) v_j^T`` to the state and reads it with
+``phi(q_i)``, ``phi(x) = elu(x) + 1``.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longctx.testing import assert_close, oracles
+from longctx.testing.inputs import make_qkv
+
+pytestmark = pytest.mark.task(11)
+CHAPTER = "(book: Task 11, \"Three forms of one computation\")"
+
+
+def mistakes(q, k, v, state=None):
+    relu = lambda x: np.maximum(x, 0.0)  # noqa: E731
+    return {
+        "feature map missing (phi(x) = x)": oracles.linear_attention(q, k, v, state, phi=lambda x: x)[0],
+        "relu without the + 1 (phi(x) = max(x, 0))": oracles.linear_attention(q, k, v, state, phi=relu)[0],
+        "the normaliser phi(q) . z is dropped": oracles.linear_attention(q, k, v, state, normalise=False)[0],
+    }
+
+
+def as_state(arrays, state):
+    return tuple(arrays.asarray(x) for x in state)
+
+
+def empty(B, Hkv, D):
+    return np.zeros((B, Hkv, D, D)), np.zeros((B, Hkv, D))
+
+
+def test_feature_map_is_elu_plus_one(lab, arrays):
+    x = np.array([-30.0, -2.0, -0.5, 0.0, 1e-3, 0.7, 3.0, 50.0])
+    got = arrays.numpy(lab("linear").feature_map(arrays.asarray(x)))
+    assert_close(got, oracles.elu_plus_one(x), rtol=1e-6, atol=1e-7, axes=("x",),
+                 name="feature_map = elu(x) + 1: positive everywhere, x + 1 above 0, exp(x) below")
+
+
+SHAPES = [(1, 1, 1, 1, 4), (1, 2, 2, 7, 8), (2, 4, 2, 19, 8), (1, 6, 3, 33, 16), (2, 3, 1, 64, 4)]
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, L, D", SHAPES)
+def test_quadratic_form_equals_oracle(lab, arrays, B, Hq, Hkv, L, D):
+    q, k, v = make_qkv(L + D, B, Hq, Hkv, L, L, D)
+    got = lab("linear").linear_attention_quadratic(*(arrays.asarray(x) for x in (q, k, v)))
+    assert_close(arrays.numpy(got), oracles.linear_attention(q, k, v)[0], rtol=1e-4, atol=1e-5,
+                 mistakes=mistakes(q, k, v), name=f"linear_attention_quadratic {B, Hq, Hkv, L, D} {CHAPTER}")
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, L, D", SHAPES)
+def test_recurrent_form_equals_oracle_from_a_state(lab, arrays, B, Hq, Hkv, L, D):
+    """The state holds tokens that came before: start from the oracle's state after 5 of them."""
+    q0, k0, v0 = make_qkv(L, B, Hq, Hkv, 5, 5, D)
+    state = oracles.linear_attention(q0, k0, v0)[1]
+    q, k, v = make_qkv(L + 1, B, Hq, Hkv, L, L, D)
+    out, (S, z) = lab("linear").linear_attention_recurrent(*(arrays.asarray(x) for x in (q, k, v)),
+                                                           as_state(arrays, state))
+    want, (S_want, z_want) = oracles.linear_attention(q, k, v, state)
+    assert_close(arrays.numpy(out), want, rtol=1e-4, atol=1e-5, mistakes=mistakes(q, k, v, state),
+                 name=f"linear_attention_recurrent {B, Hq, Hkv, L, D} {CHAPTER}")
+    assert_close(arrays.numpy(S), S_want, rtol=1e-4, atol=1e-4, name="recurrent: the state S after the call")
+    assert_close(arrays.numpy(z), z_want, rtol=1e-4, atol=1e-4, axes=("B", "H", "D"),
+                 name="recurrent: the normaliser z after the call")
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), rep=st.sampled_from([1, 2, 3]), L=st.integers(1, 90),
+       D=st.sampled_from([4, 8]), chunk=st.sampled_from([1, 2, 5, 16, 64, 200]), prior=st.integers(0, 6),
+       seed=st.integers(0, 999))
+def test_chunked_form_equals_oracle(lab, arrays, B, Hkv, rep, L, D, chunk, prior, seed):
+    """Any length against any chunk size (one chunk, L not a multiple, chunk > L), from a state."""
+    q0, k0, v0 = make_qkv(seed + 1, B, Hkv * rep, Hkv, prior, prior, D) if prior else (None,) * 3
+    state = oracles.linear_attention(q0, k0, v0)[1] if prior else empty(B, Hkv, D)
+    q, k, v = make_qkv(seed, B, Hkv * rep, Hkv, L, L, D)
+    out, (S, z) = lab("linear").linear_attention_chunked(*(arrays.asarray(x) for x in (q, k, v)),
+                                                         as_state(arrays, state), chunk)
+    want, (S_want, z_want) = oracles.linear_attention(q, k, v, state)
+    assert_close(arrays.numpy(out), want, rtol=1e-4, atol=1e-5, mistakes=mistakes(q, k, v, state),
+                 name=f"linear_attention_chunked L={L} chunk={chunk} {CHAPTER}")
+    assert_close(arrays.numpy(S), S_want, rtol=1e-4, atol=1e-4, name="chunked: the state S after the call")
+    assert_close(arrays.numpy(z), z_want, rtol=1e-4, atol=1e-4, axes=("B", "H", "D"),
+                 name="chunked: the normaliser z after the call")
+
+
+def test_chunk_rows_read_the_state_before_their_chunk(lab, arrays):
+    """Two chunks of 4: row 5 must see keys 0..5 -- not 0..3 only (diagonal block missing) nor
+    0..7 (the chunk added to the state before its rows were read)."""
+    q, k, v = make_qkv(3, 1, 2, 2, 8, 8, 4)
+    out, _ = lab("linear").linear_attention_chunked(*(arrays.asarray(x) for x in (q, k, v)),
+                                                    as_state(arrays, empty(1, 2, 4)), 4)
+    want = oracles.linear_attention(q, k, v)[0]
+    late = oracles.linear_attention(q[:, :, 4:], k, v)[0]  # every row of chunk 2 seeing all of it
+    early = oracles.linear_attention(q[:, :, 4:], k[:, :, :4], v[:, :, :4])[0]
+    got = arrays.numpy(out)
+    assert not np.allclose(got[:, :, 4:], late, atol=1e-5) or np.allclose(want[:, :, 4:], late), \
+        "rows see their whole chunk: the state took the chunk before its rows were read " + CHAPTER
+    assert not np.allclose(got[:, :, 4:], early, atol=1e-5), "rows miss their own chunk's keys " + CHAPTER
+    assert_close(got, want, rtol=1e-4, atol=1e-5, name="two chunks of 4 " + CHAPTER)
+
+
+@settings(max_examples=25, deadline=None)
+@given(L=st.integers(2, 70), chunk=st.integers(1, 40), seed=st.integers(0, 999))
+def test_three_forms_agree(lab, arrays, L, chunk, seed):
+    q, k, v = (arrays.asarray(x) for x in make_qkv(seed, 1, 4, 2, L, L, 8))
+    m = lab("linear")
+    quadratic = arrays.numpy(m.linear_attention_quadratic(q, k, v))
+    state = as_state(arrays, empty(1, 2, 8))
+    recurrent, (S1, z1) = m.linear_attention_recurrent(q, k, v, state)
+    chunked, (S2, z2) = m.linear_attention_chunked(q, k, v, state, chunk)
+    assert_close(arrays.numpy(recurrent), quadratic, rtol=1e-4, atol=1e-5, name="recurrent vs quadratic")
+    assert_close(arrays.numpy(chunked), quadratic, rtol=1e-4, atol=1e-5, name=f"chunked({chunk}) vs quadratic")
+    assert_close(arrays.numpy(S2), arrays.numpy(S1), rtol=1e-4, atol=1e-4, name="chunked vs recurrent state")
+
+
+@pytest.mark.parametrize("L, steps, chunk", [(40, 4, 16), (9, 3, 64), (100, 2, 7)])
+def test_prefill_then_decode_equals_one_long_call(lab, arrays, L, steps, chunk):
+    """State carried across calls loses nothing: prefill ``L`` tokens, then ``steps`` decode
+    calls of one token each, equal the last rows of one call over all of them."""
+    m = lab("linear")
+    q, k, v = make_qkv(L, 2, 4, 2, L + steps, L + steps, 8)
+    xs = [arrays.asarray(x) for x in (q, k, v)]
+    full, _ = m.linear_attention(*xs, chunk_size=chunk)
+    out, state = m.linear_attention(*(x[:, :, :L] for x in xs), chunk_size=chunk)
+    for t in range(L, L + steps):
+        row, state = m.linear_attention(*(x[:, :, t:t + 1] for x in xs), state=state, chunk_size=chunk)
+        assert_close(arrays.numpy(row), arrays.numpy(full)[:, :, t:t + 1], rtol=1e-4, atol=1e-5,
+                     name=f"decode step at position {t} vs one long call")
+    assert_close(arrays.numpy(full), oracles.linear_attention(q, k, v)[0], rtol=1e-4, atol=1e-5,
+                 mistakes=mistakes(q, k, v), name="linear_attention over all tokens")
+
+
+def test_queries_the_last_positions_of_the_keys(lab, arrays):
+    """``Lq < Lk``: the keys before the queries only go into the state."""
+    q, k, v = make_qkv(8, 1, 4, 2, 5, 23, 8)
+    out, (S, _) = lab("linear").linear_attention(*(arrays.asarray(x) for x in (q, k, v)), chunk_size=4)
+    want, (S_want, _) = oracles.linear_attention(q, k, v)
+    assert_close(arrays.numpy(out), want, rtol=1e-4, atol=1e-5, mistakes=mistakes(q, k, v), name="Lq=5 < Lk=23")
+    assert_close(arrays.numpy(S), S_want, rtol=1e-4, atol=1e-4, name="the state after Lq < Lk")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_accumulates_in_float32(lab, arrays, dtype):
+    """Large features (elu(x) + 1 = x + 1 for x > 0) over 300 tokens overflow a float16 state."""
+    q, k, v = make_qkv(9, 1, 2, 2, 300, 300, 16, std=8.0)
+    xs = [arrays.asarray(x, dtype) for x in (q, k, v)]
+    m = lab("linear")
+    out, (S, z) = m.linear_attention(*xs, chunk_size=32)
+    assert arrays.dtype_name(out) == dtype, f"the output keeps the input dtype {dtype}"
+    assert arrays.dtype_name(S) == "float32" and arrays.dtype_name(z) == "float32", "the state is float32"
+    exact = [arrays.numpy(x) for x in xs]
+    assert_close(arrays.numpy(out), oracles.linear_attention(*exact)[0], rtol=2e-2, atol=2e-2,
+                 name=f"linear_attention in {dtype}")
+    rec, _ = m.linear_attention_recurrent(*(x[:, :, :40] for x in xs), (S * 0, z * 0))
+    assert_close(arrays.numpy(rec), oracles.linear_attention(*(x[:, :, :40] for x in exact))[0], rtol=2e-2,
+                 atol=2e-2, name=f"linear_attention_recurrent in {dtype}")
+
+
+def test_bad_input_raises_naming_the_argument(lab, arrays):
+    m = lab("linear")
+    x = arrays.asarray(np.ones((1, 2, 6, 4)))
+    out, state = m.linear_attention(x, x, x)  # a good call first
+    assert arrays.numpy(out).shape == (1, 2, 6, 4)
+    for chunk in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            m.linear_attention(x, x, x, chunk_size=chunk)
+    with pytest.raises(ValueError, match="state"):
+        m.linear_attention(x, x, x, state=(state[0], state[0]))
+    with pytest.raises(ValueError, match="state"):
+        m.linear_attention(x, x, x, state=state[0])
+    with pytest.raises(ValueError, match="Lq"):
+        m.linear_attention_quadratic(x[:, :, :3], x, x)
+    with pytest.raises(ValueError, match="Lq"):
+        m.linear_attention(arrays.asarray(np.ones((1, 2, 7, 4))), x, x)
+
+
+def test_peak_memory_does_not_grow_with_length(lab, arrays, record):
+    """The chunked path keeps a state, not a cache: beyond the inputs and the output, its peak
+    memory is the same at 4x the length (quadratic attention: 16x)."""
+    m = lab("linear")
+    extra = {}
+    for L in (4096, 16384):
+        q, k, v = (arrays.asarray(x) for x in make_qkv(L, 1, 2, 2, L, L, 16))
+        extra[L] = arrays.peak_bytes(lambda: m.linear_attention(q, k, v)[0]) - L * 2 * 16 * 4  # the output
+    record("peak memory beyond q, k, v, out: L=16384 vs 4096", f"{extra[16384] / 2**20:.1f} vs "
+                                                                f"{extra[4096] / 2**20:.1f} MiB")
+    assert extra[16384] < 1.5 * extra[4096] + (1 << 20), \
+        f"memory beyond inputs and output grew from {extra[4096] / 2**20:.1f} to {extra[16384] / 2**20:.1f} MiB"

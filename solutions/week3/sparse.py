@@ -1,0 +1,249 @@
+"""Task 12: global + local sparse attention, Longformer and BigBird (book chapter "Task 12: Global + local attention").
+
+Both keep a band of local keys and add a few *global* positions: a global key
+is seen by every query, a global query sees every key. The work is gathered
+by blocks, never masked out of an ``L x L`` matrix, so time and memory grow as
+``L * (window + globals + random)``.
+
+**Longformer** (Beltagy et al. 2020; Hugging Face's ``LongformerSelfAttention``):
+query ``i`` sees the keys ``|i - j| <= window / 2`` (``window`` even), and every
+global key. A global key inside the band is taken *out* of the band, so it is
+counted once. A global query attends to every key, with its own projections
+(``global_qkv``: HF's ``query_global``, ``key_global``, ``value_global``).
+Causal variant (for decoders): ``window`` keys ending at the query, global keys
+``g <= i``, a global query sees every ``j <= i``.
+
+**BigBird** (Zaheer et al. 2020; HF's ``BigBirdBlockSparseAttention``, ITC):
+``L = n b`` in blocks of ``b``. Query blocks ``0`` and ``n - 1`` are global
+(they see everything, and every query sees them); a middle block ``i`` sees
+blocks ``i - 1, i, i + 1`` (window, a block counted once when it is also
+global) and ``r`` random blocks drawn from the rest, per head, seeded.
+Causal variant: a window of blocks ``i - 2 .. i``, token-level causal inside,
+random blocks from the past, key block 0 global. In **evaluation mode HF
+draws no random blocks**: its random indices are all ``0``, so each middle
+block attends to block 0 ``1 + r`` times (the first global block, weighted
+``1 + r`` in the softmax) -- ``random_blocks=0`` reproduces it exactly.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from longctx.checks import (check_attention, check_bigbird, check_longformer, check_nonnegative_int,
+                            check_positive_int, check_scale)
+
+BLOCK = 64  # query rows per Longformer band tile
+TILE = 1 << 22  # score elements per step: bounds the peak memory of one call
+
+
+def global_rows(q: mx.array, k: mx.array, v: mx.array, rows: np.ndarray, causal: bool, scale: float) -> mx.array:
+    """Global queries: the queries at absolute positions ``rows`` (sorted int array; ``q (B, Hq,
+    Lq, D)`` holds the last ``Lq`` of the ``Lk`` positions of ``k, v (B, Hkv, Lk, D)``) attend
+    to every key (``causal``: every ``j <= row``) in one float32 softmax, ``scale`` applied.
+    Returns ``(B, Hq, len(rows), D)`` float32. About 8 lines."""
+    # BEGIN SOLUTION
+    B, Hq, Lq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    qr = q[:, :, mx.array(rows - (L - Lq))].astype(mx.float32).reshape(B, Hkv, Hq // Hkv, len(rows), D)
+    s = (qr * scale) @ k.astype(mx.float32)[:, :, None].swapaxes(-1, -2)  # (B, Hkv, G, R, L)
+    if causal:
+        s = mx.where(mx.arange(L)[None, :] <= mx.array(rows)[:, None], s, -mx.inf)
+    out = mx.softmax(s, axis=-1) @ v.astype(mx.float32)[:, :, None]
+    return out.reshape(B, Hq, len(rows), D)
+    # END SOLUTION
+
+
+def _band_keys(x: mx.array, lo: int, nb: int, block: int, ncol: int) -> mx.array:
+    """Given: for query block ``b``, the rows of ``x (B, H, L, D)`` at positions ``lo + b * block
+    + c``, ``0 <= c < ncol`` (zeros outside ``0 .. L-1``): ``(B, H, nb, ncol, D)``."""
+    B, H, L, D = x.shape
+    nt = -(-ncol // block)
+    total = (nb + nt) * block
+    a, b = max(lo, 0), min(L, lo + total)
+    xp = mx.pad(x[:, :, a:b], [(0, 0), (0, 0), (a - lo, lo + total - b), (0, 0)])
+    parts = [xp[:, :, t * block:(t + nb) * block].reshape(B, H, nb, block, D) for t in range(nt)]
+    return mx.concatenate(parts, axis=3)[:, :, :, :ncol]
+
+
+def longformer_attention(q: mx.array, k: mx.array, v: mx.array, window: int, global_tokens=(), causal: bool = False,
+                         *, global_qkv=None, scale: float | None = None) -> mx.array:
+    """Longformer: ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` -> ``(B, Hq, Lq, D)``, dtype of
+    ``q``. Bidirectional: ``Lq == Lk``, ``window`` even (``window / 2`` keys each side);
+    ``causal``: ``window`` keys ending at each query, and the queries may be the last ``Lq``
+    positions (decode). ``global_tokens``: absolute positions; ``global_qkv``: ``(q, k, v)`` for
+    the global queries' rows (HF's global projections), default ``(q, k, v)``.
+
+    Given: the checks and ``_band_keys``. Yours: cut the queries into blocks of ``BLOCK`` rows;
+    block ``b`` reads ``ncol = BLOCK + left + right`` band keys starting at position ``P0 + b
+    BLOCK - left`` (``P0 = Lk - Lq``); mask the band, positions outside ``0 .. Lk-1`` and the
+    global keys; score the global keys separately (causal: ``g <= p``); one softmax over both
+    (a shared row max), in float32; then overwrite the global queries' rows with
+    ``global_rows``. About 30 lines."""
+    B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
+    glob = check_longformer(window, global_tokens, causal, Lq, Lk, global_qkv, (q, k, v))
+    scale = q.shape[-1] ** -0.5 if check_scale(scale) is None else scale
+    # BEGIN SOLUTION
+    left, right = (window - 1, 0) if causal else (window // 2, window // 2)
+    P0, rep = Lk - Lq, Hq // Hkv
+    nb = -(-Lq // BLOCK)
+    ncol = BLOCK + left + right
+    qf = mx.pad(q.astype(mx.float32) * scale, [(0, 0), (0, 0), (0, nb * BLOCK - Lq), (0, 0)])
+    qf = qf.reshape(B, Hkv, rep, nb, BLOCK, D)
+    kf, vf = k.astype(mx.float32), v.astype(mx.float32)
+    flags = np.zeros(Lk, bool)
+    flags[glob] = True
+    is_global = mx.array(flags)
+    g = mx.array(glob)
+    if len(glob):
+        kg, vg = kf[:, :, g][:, :, None, None], vf[:, :, g][:, :, None, None]  # (B, Hkv, 1, 1, G, D)
+    rel = mx.arange(ncol)[None, :] - left - mx.arange(BLOCK)[:, None]  # key - query position, (BLOCK, ncol)
+    step, outs = max(1, TILE // (B * Hq * BLOCK * ncol)), []
+    for b0 in range(0, nb, step):  # a tile of query blocks at a time
+        b1 = min(nb, b0 + step)
+        lo = P0 - left + b0 * BLOCK
+        kb = _band_keys(kf, lo, b1 - b0, BLOCK, ncol)[:, :, None]  # (B, Hkv, 1, n, ncol, D)
+        vb = _band_keys(vf, lo, b1 - b0, BLOCK, ncol)[:, :, None]
+        key_pos = lo + mx.arange(b1 - b0)[:, None] * BLOCK + mx.arange(ncol)[None, :]  # (n, ncol)
+        local = (key_pos >= 0) & (key_pos < Lk) & ~is_global[mx.clip(key_pos, 0, Lk - 1)]
+        keep = (rel >= -left) & (rel <= right) & local[:, None, :]  # (n, BLOCK, ncol)
+        s = mx.where(keep, qf[:, :, :, b0:b1] @ kb.swapaxes(-1, -2), -mx.inf)  # (B, Hkv, rep, n, BLOCK, ncol)
+        m = s.max(axis=-1, keepdims=True)
+        if len(glob):  # the global keys, in the same softmax
+            sg = qf[:, :, :, b0:b1] @ kg.swapaxes(-1, -2)  # (B, Hkv, rep, n, BLOCK, G)
+            if causal:
+                qpos = P0 + mx.arange(b0 * BLOCK, b1 * BLOCK).reshape(b1 - b0, BLOCK, 1)
+                sg = mx.where(g <= qpos, sg, -mx.inf)
+            m = mx.maximum(m, sg.max(axis=-1, keepdims=True))
+        p = mx.exp(s - m)
+        num, den = p @ vb, p.sum(axis=-1, keepdims=True)
+        if len(glob):
+            pg = mx.exp(sg - m)
+            num, den = num + pg @ vg, den + pg.sum(axis=-1, keepdims=True)
+        outs.append(num / den)
+        mx.async_eval(outs[-1])
+    out = mx.concatenate(outs, axis=3).reshape(B, Hq, nb * BLOCK, D)[:, :, :Lq]
+    rows = glob[glob >= P0]
+    if len(rows):
+        gq, gk, gv = (q, k, v) if global_qkv is None else global_qkv
+        out[:, :, mx.array(rows - P0)] = global_rows(gq, gk, gv, rows, causal, scale)
+    return out.astype(q.dtype)
+    # END SOLUTION
+
+
+def bigbird_random_blocks(num_blocks: int, num_random_blocks: int, seed: int, *, heads: int = 1,
+                          causal: bool = False) -> np.ndarray:
+    """BigBird's random key blocks: ``(heads, num_blocks, num_random_blocks)`` int, ``-1`` where
+    none. Global query blocks (``0``, ``num_blocks - 1``) get none. Middle block ``i`` draws,
+    per head and without replacement (``np.random.default_rng(seed)``, heads then blocks in
+    order), ``min(r, available)`` blocks among those no other rule already shows it: not a
+    global block, not in its window (``i-1 .. i+1``; causal: ``i-2 .. i``, and only earlier
+    blocks). About 10 lines."""
+    n = check_positive_int("num_blocks", num_blocks)
+    r = check_nonnegative_int("num_random_blocks", num_random_blocks)
+    heads = check_positive_int("heads", heads)
+    # BEGIN SOLUTION
+    rng = np.random.default_rng(seed)
+    out = np.full((heads, n, r), -1, dtype=np.int64)
+    for h in range(heads):
+        for i in range(1, n - 1):
+            pool = np.arange(1, i - 2) if causal else np.setdiff1d(np.arange(1, n - 1), [i - 1, i, i + 1])
+            chosen = rng.choice(pool, size=min(r, len(pool)), replace=False)
+            out[h, i, :len(chosen)] = chosen
+    return out
+    # END SOLUTION
+
+
+def _head_blocks(x: mx.array, heads: int, block_size: int) -> mx.array:
+    """Given: ``x (B, Hkv, L, D)`` as the blocks each of ``heads`` query heads reads (GQA: head
+    ``h`` reads kv head ``h // (heads // Hkv)``): ``(B, heads * n, block_size, D)``, head-major."""
+    B, Hkv, L, D = x.shape
+    n = L // block_size
+    return x.reshape(B, Hkv, n, block_size, D)[:, mx.arange(heads) // (heads // Hkv)].reshape(B, heads * n,
+                                                                                              block_size, D)
+
+
+def _gather_blocks(xb: mx.array, idx: np.ndarray) -> mx.array:
+    """Given: from ``xb = _head_blocks(...)`` (``n`` blocks per head), ``idx (heads, m, K)`` block
+    numbers (clipped to ``0 .. n-1``) -> ``(B, heads, m, K b, D)``: row ``i`` of head ``h`` reads
+    blocks ``idx[h, i]`` in order."""
+    B, _, b, D = xb.shape
+    heads, m, K = idx.shape
+    n = xb.shape[1] // heads
+    flat = (np.arange(heads)[:, None, None] * n + np.clip(idx, 0, n - 1)).reshape(-1)
+    return mx.take(xb, mx.array(flat), axis=1).reshape(B, heads, m, K * b, D)
+
+
+def bigbird_attention(q: mx.array, k: mx.array, v: mx.array, block_size: int, num_random_blocks: int, seed: int = 0,
+                      causal: bool = False, *, random_blocks=None, scale: float | None = None) -> mx.array:
+    """BigBird (ITC): ``q (B, Hq, L, D)``, ``k, v (B, Hkv, L, D)``, ``L`` a multiple of
+    ``block_size`` -> ``(B, Hq, L, D)``, dtype of ``q``. ``random_blocks``: ``(Hq, n, r)`` key
+    blocks (``-1``: none; duplicates count as often as they appear, like HF); None: drawn by
+    ``bigbird_random_blocks(n, r, seed, heads=Hq, causal=causal)``; ``0``: HF's evaluation mode.
+
+    Given: the checks, ``_head_blocks`` and ``_gather_blocks``. Yours: per query block ``i``
+    the key blocks ``[0, n-1, i-1, i, i+1, random...]`` (causal: ``[0, i-2, i-1, i,
+    random...]``), a window entry kept only when inside ``0 .. n-1`` and not a global block, a
+    random one when ``>= 0``;
+    gather them, score ``(b, K b)`` tiles (causal: key position ``<=`` query position), one
+    float32 softmax, ``@ v``; then the global query blocks' rows with ``global_rows``.
+    About 25 lines."""
+    B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
+    n, rand = check_bigbird(block_size, num_random_blocks, Lq, Lk, Hq, random_blocks)
+    if rand is None:
+        rand = bigbird_random_blocks(n, num_random_blocks, seed, heads=Hq, causal=causal)
+    scale = q.shape[-1] ** -0.5 if check_scale(scale) is None else scale
+    # BEGIN SOLUTION
+    b, i = block_size, np.arange(n)
+    window = [i - 2, i - 1, i] if causal else [i - 1, i, i + 1]
+    globals_ = [np.zeros(n, int)] if causal or n == 1 else [np.zeros(n, int), np.full(n, n - 1)]
+    fixed = np.stack(globals_ + window, axis=-1)  # (n, K0)
+    keep_fixed = np.ones(fixed.shape, bool)
+    for c in range(len(globals_), fixed.shape[1]):  # a window block that is outside or global: not again
+        keep_fixed[:, c] = (fixed[:, c] >= 0) & (fixed[:, c] < n) & ~np.isin(fixed[:, c], [0, n - 1][:len(globals_)])
+    idx = np.concatenate([np.broadcast_to(fixed, (Hq, *fixed.shape)), rand], axis=-1)  # (Hq, n, K)
+    keep = np.concatenate([np.broadcast_to(keep_fixed, (Hq, *fixed.shape)), rand >= 0], axis=-1)
+    K = idx.shape[-1]
+    mask = np.repeat(keep, b, axis=-1)[:, :, None, :]  # (Hq, n, 1, K b)
+    if causal:
+        key_pos = (np.clip(idx, 0, None)[..., None] * b + np.arange(b)).reshape(Hq, n, 1, K * b)
+        mask = mask & (key_pos <= (i[:, None] * b + np.arange(b))[None, :, :, None])
+    kh, vh = _head_blocks(k.astype(mx.float32), Hq, b), _head_blocks(v.astype(mx.float32), Hq, b)
+    qb = q.astype(mx.float32).reshape(B, Hq, n, b, D) * scale
+    step, outs = max(1, TILE // (B * Hq * b * K * b)), []
+    for i0 in range(0, n, step):  # a tile of query blocks at a time
+        i1 = min(n, i0 + step)
+        kb = _gather_blocks(kh, idx[:, i0:i1])  # (B, Hq, m, K b, D)
+        vb = _gather_blocks(vh, idx[:, i0:i1])
+        s = mx.where(mx.array(mask[:, i0:i1]), qb[:, :, i0:i1] @ kb.swapaxes(-1, -2), -mx.inf)  # (B, Hq, m, b, K b)
+        outs.append(mx.softmax(s, axis=-1) @ vb)
+        mx.async_eval(outs[-1])
+    out = mx.concatenate(outs, axis=2).reshape(B, Hq, Lq, D)
+    rows = np.concatenate([np.arange(b), np.arange(Lq - b, Lq)]) if n > 1 else np.arange(b)
+    out[:, :, mx.array(rows)] = global_rows(q, k, v, rows, causal, scale)
+    return out.astype(q.dtype)
+    # END SOLUTION
+
+
+class LongformerAttention:
+    """``longctx bench``'s wrapper: causal Longformer with ``global_tokens`` (default: the first)."""
+
+    def __init__(self, window: int = 512, global_tokens=(0,), causal: bool = True):
+        self.window, self.global_tokens, self.causal = window, tuple(global_tokens), causal
+
+    def __call__(self, q, k, v):
+        return longformer_attention(q, k, v, self.window, self.global_tokens, self.causal)
+
+
+class BigBirdAttention:
+    """``longctx bench``'s wrapper: causal BigBird, seeded random blocks. A length that is not a
+    multiple of ``block_size`` is padded at the end: keys after the last query are invisible to
+    every query of a causal pattern, so the real rows are exact."""
+
+    def __init__(self, block_size: int = 64, num_random_blocks: int = 3, seed: int = 0, causal: bool = True):
+        self.block_size, self.num_random_blocks, self.seed, self.causal = block_size, num_random_blocks, seed, causal
+
+    def __call__(self, q, k, v):
+        L, pad = q.shape[2], -q.shape[2] % self.block_size
+        if pad and self.causal:
+            q, k, v = (mx.pad(x, [(0, 0), (0, 0), (0, pad), (0, 0)]) for x in (q, k, v))
+        return bigbird_attention(q, k, v, self.block_size, self.num_random_blocks, self.seed, self.causal)[:, :, :L]

@@ -1,0 +1,174 @@
+"""Task 12 in PyTorch: Longformer and BigBird, the mirror of ``longctx.mlx.sparse`` (read the chapter there).
+
+Same names and semantics. The project tests compare both with Hugging Face's
+``LongformerSelfAttention`` and ``BigBirdBlockSparseAttention`` on random
+weights (bidirectional), and the causal variants with the float64 oracles.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from longctx.checks import (check_attention, check_bigbird, check_longformer, check_nonnegative_int,
+                            check_positive_int, check_scale)
+
+BLOCK = 64
+TILE = 1 << 22  # score elements per step
+
+
+def global_rows(q, k, v, rows: np.ndarray, causal: bool, scale: float) -> torch.Tensor:
+    """The queries at absolute positions ``rows`` attend to every key (causal: ``j <= row``)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    r = torch.as_tensor(rows, device=q.device)
+    qr = q[:, :, r - (L - Lq)].float().view(B, Hkv, Hq // Hkv, len(rows), D)
+    s = (qr * scale) @ k.float()[:, :, None].transpose(-1, -2)  # (B, Hkv, G, R, L)
+    if causal:
+        s = s.masked_fill(torch.arange(L, device=q.device)[None, :] > r[:, None], float("-inf"))
+    return (torch.softmax(s, dim=-1) @ v.float()[:, :, None]).reshape(B, Hq, len(rows), D)
+
+
+def _band_keys(x, lo: int, nb: int, block: int, ncol: int) -> torch.Tensor:
+    """For query block ``b``, rows of ``x`` at positions ``lo + b * block + c``: ``(B, H, nb, ncol, D)``."""
+    L = x.shape[2]
+    total = (nb - 1) * block + ncol
+    a, b = max(lo, 0), min(L, lo + total)
+    xp = F.pad(x[:, :, a:b], (0, 0, a - lo, lo + total - b))
+    return xp.unfold(2, ncol, block).transpose(-1, -2)  # a view: overlapping windows
+
+
+@torch.no_grad()
+def longformer_attention(q, k, v, window: int, global_tokens=(), causal: bool = False, *, global_qkv=None,
+                         scale: float | None = None) -> torch.Tensor:
+    """Longformer (see ``longctx.mlx.sparse.longformer_attention``)."""
+    B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
+    glob = check_longformer(window, global_tokens, causal, Lq, Lk, global_qkv, (q, k, v))
+    scale = D ** -0.5 if check_scale(scale) is None else scale
+    left, right = (window - 1, 0) if causal else (window // 2, window // 2)
+    P0, rep, dev = Lk - Lq, Hq // Hkv, q.device
+    nb = -(-Lq // BLOCK)
+    ncol = BLOCK + left + right
+    qf = F.pad(q.float() * scale, (0, 0, 0, nb * BLOCK - Lq)).view(B, Hkv, rep, nb, BLOCK, D)
+    kb = _band_keys(k.float(), P0 - left, nb, BLOCK, ncol)[:, :, None]  # (B, Hkv, 1, nb, ncol, D): a view
+    vb = _band_keys(v.float(), P0 - left, nb, BLOCK, ncol)[:, :, None]
+    key_pos = P0 - left + torch.arange(nb, device=dev)[:, None] * BLOCK + torch.arange(ncol, device=dev)[None, :]
+    rel = torch.arange(ncol, device=dev)[None, :] - left - torch.arange(BLOCK, device=dev)[:, None]
+    g = torch.as_tensor(glob, device=dev)
+    local = (key_pos >= 0) & (key_pos < Lk) & ~torch.isin(key_pos, g)
+    keep = (rel >= -left) & (rel <= right) & local[:, None, :]  # (nb, BLOCK, ncol)
+    kg, vg = k[:, :, g].float()[:, :, None, None], v[:, :, g].float()[:, :, None, None]  # (B, Hkv, 1, 1, G, D)
+    qpos = P0 + torch.arange(nb * BLOCK, device=dev).view(nb, BLOCK, 1)
+    seen = g <= qpos if causal else torch.ones(nb, BLOCK, len(glob), dtype=torch.bool, device=dev)
+    out = torch.empty(B, Hkv, rep, nb, BLOCK, D, device=dev)
+    step = max(1, TILE // (B * Hq * BLOCK * ncol))
+    for b0 in range(0, nb, step):  # a tile of query blocks at a time
+        b1 = min(nb, b0 + step)
+        s = (qf[:, :, :, b0:b1] @ kb[:, :, :, b0:b1].transpose(-1, -2)).masked_fill(~keep[b0:b1], float("-inf"))
+        sg = (qf[:, :, :, b0:b1] @ kg.transpose(-1, -2)).masked_fill(~seen[b0:b1], float("-inf"))
+        p = torch.softmax(torch.cat([s, sg], dim=-1), dim=-1)
+        out[:, :, :, b0:b1] = p[..., :ncol] @ vb[:, :, :, b0:b1] + p[..., ncol:] @ vg
+    out = out.reshape(B, Hq, nb * BLOCK, D)[:, :, :Lq]
+    rows = glob[glob >= P0]
+    if len(rows):
+        gq, gk, gv = (q, k, v) if global_qkv is None else global_qkv
+        out[:, :, torch.as_tensor(rows - P0, device=dev)] = global_rows(gq, gk, gv, rows, causal, scale)
+    return out.to(q.dtype)
+
+
+def bigbird_random_blocks(num_blocks: int, num_random_blocks: int, seed: int, *, heads: int = 1,
+                          causal: bool = False) -> np.ndarray:
+    """BigBird's random key blocks ``(heads, n, r)``, ``-1`` for none (see the MLX reference)."""
+    n = check_positive_int("num_blocks", num_blocks)
+    r = check_nonnegative_int("num_random_blocks", num_random_blocks)
+    heads = check_positive_int("heads", heads)
+    rng = np.random.default_rng(seed)
+    out = np.full((heads, n, r), -1, dtype=np.int64)
+    for h in range(heads):
+        for i in range(1, n - 1):
+            pool = np.arange(1, i - 2) if causal else np.setdiff1d(np.arange(1, n - 1), [i - 1, i, i + 1])
+            chosen = rng.choice(pool, size=min(r, len(pool)), replace=False)
+            out[h, i, :len(chosen)] = chosen
+    return out
+
+
+def _head_blocks(x, heads: int, block_size: int) -> torch.Tensor:
+    """``x (B, Hkv, L, D)`` as each query head's blocks: ``(B, heads * n, block_size, D)``."""
+    B, Hkv, L, D = x.shape
+    n = L // block_size
+    expanded = x.view(B, Hkv, n, block_size, D)[:, torch.arange(heads, device=x.device) // (heads // Hkv)]
+    return expanded.reshape(B, heads * n, block_size, D)
+
+
+def _gather_blocks(xb, idx: np.ndarray) -> torch.Tensor:
+    """Blocks ``idx (heads, m, K)`` of ``xb = _head_blocks(...)`` -> ``(B, heads, m, K b, D)``."""
+    B, _, b, D = xb.shape
+    heads, m, K = idx.shape
+    n = xb.shape[1] // heads
+    flat = torch.as_tensor((np.arange(heads)[:, None, None] * n + np.clip(idx, 0, n - 1)).reshape(-1),
+                           device=xb.device)
+    return xb[:, flat].view(B, heads, m, K * b, D)
+
+
+@torch.no_grad()
+def bigbird_attention(q, k, v, block_size: int, num_random_blocks: int, seed: int = 0, causal: bool = False, *,
+                      random_blocks=None, scale: float | None = None) -> torch.Tensor:
+    """BigBird, ITC (see ``longctx.mlx.sparse.bigbird_attention``)."""
+    B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
+    n, rand = check_bigbird(block_size, num_random_blocks, Lq, Lk, Hq, random_blocks)
+    if rand is None:
+        rand = bigbird_random_blocks(n, num_random_blocks, seed, heads=Hq, causal=causal)
+    scale = D ** -0.5 if check_scale(scale) is None else scale
+    b, i = block_size, np.arange(n)
+    window = [i - 2, i - 1, i] if causal else [i - 1, i, i + 1]
+    globals_ = [np.zeros(n, int)] if causal or n == 1 else [np.zeros(n, int), np.full(n, n - 1)]
+    fixed = np.stack(globals_ + window, axis=-1)
+    keep_fixed = np.ones(fixed.shape, bool)
+    for c in range(len(globals_), fixed.shape[1]):
+        keep_fixed[:, c] = (fixed[:, c] >= 0) & (fixed[:, c] < n) & ~np.isin(fixed[:, c], [0, n - 1][:len(globals_)])
+    idx = np.concatenate([np.broadcast_to(fixed, (Hq, *fixed.shape)), rand], axis=-1)
+    keep = np.concatenate([np.broadcast_to(keep_fixed, (Hq, *fixed.shape)), rand >= 0], axis=-1)
+    K = idx.shape[-1]
+    mask = np.repeat(keep, b, axis=-1)[:, :, None, :]
+    if causal:
+        key_pos = (np.clip(idx, 0, None)[..., None] * b + np.arange(b)).reshape(Hq, n, 1, K * b)
+        mask = mask & (key_pos <= (i[:, None] * b + np.arange(b))[None, :, :, None])
+    mask = torch.as_tensor(mask, device=q.device)
+    kh, vh = _head_blocks(k.float(), Hq, b), _head_blocks(v.float(), Hq, b)
+    qb = q.float().view(B, Hq, n, b, D) * scale
+    out = torch.empty(B, Hq, n, b, D, device=q.device)
+    step = max(1, TILE // (B * Hq * b * K * b))
+    for i0 in range(0, n, step):
+        i1 = min(n, i0 + step)
+        kb, vb = _gather_blocks(kh, idx[:, i0:i1]), _gather_blocks(vh, idx[:, i0:i1])
+        s = (qb[:, :, i0:i1] @ kb.transpose(-1, -2)).masked_fill(~mask[:, i0:i1], float("-inf"))
+        out[:, :, i0:i1] = torch.softmax(s, dim=-1) @ vb
+    out = out.view(B, Hq, Lq, D)
+    rows = np.concatenate([np.arange(b), np.arange(Lq - b, Lq)]) if n > 1 else np.arange(b)
+    out[:, :, torch.as_tensor(rows, device=q.device)] = global_rows(q, k, v, rows, causal, scale)
+    return out.to(q.dtype)
+
+
+class LongformerAttention:
+    """``longctx bench``'s wrapper: causal Longformer with ``global_tokens`` (default: the first)."""
+
+    def __init__(self, window: int = 512, global_tokens=(0,), causal: bool = True):
+        self.window, self.global_tokens, self.causal = window, tuple(global_tokens), causal
+
+    def __call__(self, q, k, v):
+        return longformer_attention(q, k, v, self.window, self.global_tokens, self.causal)
+
+
+class BigBirdAttention:
+    """``longctx bench``'s wrapper: causal BigBird, seeded random blocks. A length that is not a
+    multiple of ``block_size`` is padded at the end: keys after the last query are invisible to
+    every query of a causal pattern, so the real rows are exact."""
+
+    def __init__(self, block_size: int = 64, num_random_blocks: int = 3, seed: int = 0, causal: bool = True):
+        self.block_size, self.num_random_blocks, self.seed, self.causal = block_size, num_random_blocks, seed, causal
+
+    def __call__(self, q, k, v):
+        L, pad = q.shape[2], -q.shape[2] % self.block_size
+        if pad and self.causal:
+            q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        return bigbird_attention(q, k, v, self.block_size, self.num_random_blocks, self.seed, self.causal)[:, :, :L]
