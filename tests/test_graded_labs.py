@@ -462,8 +462,8 @@ MUTANTS = {
         " & ~np.isin(fixed[:, c], [0, n - 1][:len(globals_)])", "")]),
     "bigbird: random blocks ignored": ("sparse", [("np.broadcast_to(keep_fixed, (Hq, *fixed.shape)), rand >= 0]",
                                                    "np.broadcast_to(keep_fixed, (Hq, *fixed.shape)), rand > n]")]),
-    "bigbird: causal diagonal excluded": ("sparse", [("mask = mask & (key_pos <= (i[:, None] * b",
-                                                      "mask = mask & (key_pos < (i[:, None] * b")]),
+    "bigbird: causal diagonal excluded": ("sparse", [("mask = mask & (key_pos <= (np.arange(i0, i1)[:, None] * b",
+                                                      "mask = mask & (key_pos < (np.arange(i0, i1)[:, None] * b")]),
     "bigbird: global query blocks not overwritten": ("sparse", [(
         "    out[:, :, mx.array(rows)] = global_rows(q, k, v, rows, causal, scale)\n", "")]),
     "bigbird: last block not global": ("sparse", [(

@@ -203,18 +203,18 @@ def bigbird_attention(q: mx.array, k: mx.array, v: mx.array, block_size: int, nu
     idx = np.concatenate([np.broadcast_to(fixed, (Hq, *fixed.shape)), rand], axis=-1)  # (Hq, n, K)
     keep = np.concatenate([np.broadcast_to(keep_fixed, (Hq, *fixed.shape)), rand >= 0], axis=-1)
     K = idx.shape[-1]
-    mask = np.repeat(keep, b, axis=-1)[:, :, None, :]  # (Hq, n, 1, K b)
-    if causal:
-        key_pos = (np.clip(idx, 0, None)[..., None] * b + np.arange(b)).reshape(Hq, n, 1, K * b)
-        mask = mask & (key_pos <= (i[:, None] * b + np.arange(b))[None, :, :, None])
     kh, vh = _head_blocks(k.astype(mx.float32), Hq, b), _head_blocks(v.astype(mx.float32), Hq, b)
     qb = q.astype(mx.float32).reshape(B, Hq, n, b, D) * scale
     step, outs = max(1, TILE // (B * Hq * b * K * b)), []
     for i0 in range(0, n, step):  # a tile of query blocks at a time
         i1 = min(n, i0 + step)
+        mask = np.repeat(keep[:, i0:i1], b, axis=-1)[:, :, None, :]  # (Hq, m, 1, K b)
+        if causal:
+            key_pos = (np.clip(idx[:, i0:i1], 0, None)[..., None] * b + np.arange(b)).reshape(Hq, i1 - i0, 1, K * b)
+            mask = mask & (key_pos <= (np.arange(i0, i1)[:, None] * b + np.arange(b))[None, :, :, None])
         kb = _gather_blocks(kh, idx[:, i0:i1])  # (B, Hq, m, K b, D)
         vb = _gather_blocks(vh, idx[:, i0:i1])
-        s = mx.where(mx.array(mask[:, i0:i1]), qb[:, :, i0:i1] @ kb.swapaxes(-1, -2), -mx.inf)  # (B, Hq, m, b, K b)
+        s = mx.where(mx.array(mask), qb[:, :, i0:i1] @ kb.swapaxes(-1, -2), -mx.inf)  # (B, Hq, m, b, K b)
         outs.append(mx.softmax(s, axis=-1) @ vb)
         mx.async_eval(outs[-1])
     out = mx.concatenate(outs, axis=2).reshape(B, Hq, Lq, D)

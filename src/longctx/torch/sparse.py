@@ -129,19 +129,19 @@ def bigbird_attention(q, k, v, block_size: int, num_random_blocks: int, seed: in
     idx = np.concatenate([np.broadcast_to(fixed, (Hq, *fixed.shape)), rand], axis=-1)
     keep = np.concatenate([np.broadcast_to(keep_fixed, (Hq, *fixed.shape)), rand >= 0], axis=-1)
     K = idx.shape[-1]
-    mask = np.repeat(keep, b, axis=-1)[:, :, None, :]
-    if causal:
-        key_pos = (np.clip(idx, 0, None)[..., None] * b + np.arange(b)).reshape(Hq, n, 1, K * b)
-        mask = mask & (key_pos <= (i[:, None] * b + np.arange(b))[None, :, :, None])
-    mask = torch.as_tensor(mask, device=q.device)
     kh, vh = _head_blocks(k.float(), Hq, b), _head_blocks(v.float(), Hq, b)
     qb = q.float().view(B, Hq, n, b, D) * scale
     out = torch.empty(B, Hq, n, b, D, device=q.device)
     step = max(1, TILE // (B * Hq * b * K * b))
     for i0 in range(0, n, step):
         i1 = min(n, i0 + step)
+        mask = np.repeat(keep[:, i0:i1], b, axis=-1)[:, :, None, :]
+        if causal:
+            key_pos = (np.clip(idx[:, i0:i1], 0, None)[..., None] * b + np.arange(b)).reshape(Hq, i1 - i0, 1, K * b)
+            mask = mask & (key_pos <= (np.arange(i0, i1)[:, None] * b + np.arange(b))[None, :, :, None])
         kb, vb = _gather_blocks(kh, idx[:, i0:i1]), _gather_blocks(vh, idx[:, i0:i1])
-        s = (qb[:, :, i0:i1] @ kb.transpose(-1, -2)).masked_fill(~mask[:, i0:i1], float("-inf"))
+        s = (qb[:, :, i0:i1] @ kb.transpose(-1, -2)).masked_fill(~torch.as_tensor(mask, device=q.device),
+                                                                float("-inf"))
         out[:, :, i0:i1] = torch.softmax(s, dim=-1) @ vb
     out = out.view(B, Hq, Lq, D)
     rows = np.concatenate([np.arange(b), np.arange(Lq - b, Lq)]) if n > 1 else np.arange(b)
