@@ -45,7 +45,7 @@ class SlidingWindowAttention:
     def __init__(self, window_size: int = 512, scale: float | None = None, global_tokens=()):
         self.window_size = check_positive_int("window_size", window_size)
         self.scale = check_scale(scale)  # None: D ** -0.5
-        self.global_tokens = tuple(int(g) for g in check_global_tokens(global_tokens, 2**62))
+        self.global_tokens = tuple(int(g) for g in check_global_tokens(global_tokens))
 
     def create_sliding_mask(self, seq_len: int, offset: int = 0) -> mx.array:
         """Boolean ``(seq_len, offset + seq_len)``: row ``i`` is the query at

@@ -368,16 +368,18 @@ def check_linear_state(state, B: int, Hkv: int, D: int) -> tuple:
     return tuple(state)
 
 
-def check_global_tokens(global_tokens, length: int):
-    """Sorted, de-duplicated global positions as an int numpy array; each in ``0 .. length-1``."""
+def check_global_tokens(global_tokens, length: int | None = None):
+    """Sorted, de-duplicated global positions as an int numpy array: integers ``>= 0`` and, when
+    ``length`` is given, ``< length``."""
     import numpy as np
 
     if isinstance(global_tokens, (str, bytes)) or not hasattr(global_tokens, "__iter__"):
         raise ValueError(f"global_tokens must be a sequence of positions, got {global_tokens!r}")
     values = [int(g) if isinstance(g, (int, np.integer)) and not isinstance(g, bool) else g for g in global_tokens]
-    bad = [g for g in values if not isinstance(g, int) or not 0 <= g < length]
+    limit = "" if length is None else f" and < the length {length}"
+    bad = [g for g in values if not isinstance(g, int) or g < 0 or (length is not None and g >= length)]
     if bad:
-        raise ValueError(f"global_tokens must be positions in 0 .. {length - 1}, got {bad[0]!r}")
+        raise ValueError(f"global_tokens must be integer positions >= 0{limit}, got {bad[0]!r}")
     return np.unique(np.array(values, dtype=np.int64))
 
 
