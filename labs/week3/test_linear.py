@@ -87,20 +87,42 @@ def test_chunked_form_equals_oracle(lab, arrays, B, Hkv, rep, L, D, chunk, prior
                  name="chunked: the normaliser z after the call")
 
 
+def chunked_mistake(q, k, v, chunk, *, state_first=False, diagonal=True, eps=1e-6):
+    """Float64 chunked linear attention with a classic mistake: the state takes each chunk
+    before its rows read it (``state_first``), or the intra-chunk mask drops the diagonal."""
+    rep = q.shape[1] // k.shape[1]
+    fq, fk, v = oracles.elu_plus_one(q), np.repeat(oracles.elu_plus_one(k), rep, 1), np.repeat(v, rep, 1)
+    B, H, L, D = q.shape
+    S, z, out = np.zeros((B, H, D, D)), np.zeros((B, H, D)), np.zeros(q.shape)
+    for c0 in range(0, L, chunk):
+        c = slice(c0, min(L, c0 + chunk))
+        kv, kz = np.einsum("bhjd,bhje->bhde", fk[:, :, c], v[:, :, c]), fk[:, :, c].sum(2)
+        if state_first:
+            S, z = S + kv, z + kz
+        n = c.stop - c.start
+        a = np.einsum("bhid,bhjd->bhij", fq[:, :, c], fk[:, :, c]) * np.tril(np.ones((n, n)), 0 if diagonal else -1)
+        num = np.einsum("bhid,bhde->bhie", fq[:, :, c], S) + a @ v[:, :, c]
+        den = np.einsum("bhid,bhd->bhi", fq[:, :, c], z)[..., None] + a.sum(-1, keepdims=True)
+        out[:, :, c] = num / (den + eps)
+        if not state_first:
+            S, z = S + kv, z + kz
+    return out
+
+
 def test_chunk_rows_read_the_state_before_their_chunk(lab, arrays):
-    """Two chunks of 4: row 5 must see keys 0..5 -- not 0..3 only (diagonal block missing) nor
-    0..7 (the chunk added to the state before its rows were read)."""
-    q, k, v = make_qkv(3, 1, 2, 2, 8, 8, 4)
-    out, _ = lab("linear").linear_attention_chunked(*(arrays.asarray(x) for x in (q, k, v)),
-                                                    as_state(arrays, empty(1, 2, 4)), 4)
-    want = oracles.linear_attention(q, k, v)[0]
-    late = oracles.linear_attention(q[:, :, 4:], k, v)[0]  # every row of chunk 2 seeing all of it
-    early = oracles.linear_attention(q[:, :, 4:], k[:, :, :4], v[:, :, :4])[0]
-    got = arrays.numpy(out)
-    assert not np.allclose(got[:, :, 4:], late, atol=1e-5) or np.allclose(want[:, :, 4:], late), \
-        "rows see their whole chunk: the state took the chunk before its rows were read " + CHAPTER
-    assert not np.allclose(got[:, :, 4:], early, atol=1e-5), "rows miss their own chunk's keys " + CHAPTER
-    assert_close(got, want, rtol=1e-4, atol=1e-5, name="two chunks of 4 " + CHAPTER)
+    """Two chunks of 4 (and 3 of 3 over 8 tokens): row 5 sees keys 0..5 -- the state from
+    before its chunk plus its chunk's keys up to itself, diagonal included."""
+    q, k, v = make_qkv(3, 1, 4, 2, 8, 8, 4)
+    for chunk in (4, 3):
+        out, _ = lab("linear").linear_attention_chunked(*(arrays.asarray(x) for x in (q, k, v)),
+                                                        as_state(arrays, empty(1, 2, 4)), chunk)
+        mistakes = {"the state took the chunk before its rows read it (an inclusive prefix sum)":
+                    chunked_mistake(q, k, v, chunk, state_first=True),
+                    "the diagonal is left out of the intra-chunk mask": chunked_mistake(q, k, v, chunk, diagonal=False)}
+        assert_close(arrays.numpy(out), oracles.linear_attention(q, k, v)[0], rtol=1e-4, atol=1e-5,
+                     mistakes=mistakes, name=f"chunks of {chunk} over 8 tokens {CHAPTER}")
+    assert_close(chunked_mistake(q, k, v, 3), oracles.linear_attention(q, k, v)[0], rtol=1e-9, atol=1e-12,
+                 name="the test's own chunked form (no mistake) equals the oracle")
 
 
 @settings(max_examples=25, deadline=None)
