@@ -143,14 +143,13 @@ MUTANTS = {
     "missing scale": ("sliding", [("(scale * LOG2E)", "LOG2E")]),
     "scale argument ignored": ("sliding", [("scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale",
                                             "scale = q.shape[-1] ** -0.5")]),
-    "offset ignored (attention)": ("sliding", [("start = (Lk - Lq) - nprev * block", "start = -nprev * block")]),
+    "offset ignored (attention)": ("sliding", [("    p0 = Lk - Lq\n", "    p0 = 0\n")]),
     "offset ignored (mask)": ("sliding", [("mx.arange(offset, offset + seq_len)[:, None]",
                                            "mx.arange(seq_len)[:, None]")]),
     "GQA heads as h % Hkv": ("sliding", [(
-        "qf = qf.reshape(B, Hkv, rep, nb, block, D).transpose(0, 1, 3, 2, 4, 5)",
-        "qf = qf.reshape(B, rep, Hkv, nb, block, D).transpose(0, 2, 3, 1, 4, 5)")]),
-    "swapped axes in the output": ("sliding", [("return o[:, :, :Lq].astype(q.dtype)",
-                                                "return o[:, :, :Lq].astype(q.dtype).swapaxes(1, 2)")]),
+        ".reshape(B, Hkv, rep, n, block, D)\n", ".reshape(B, rep, Hkv, n, block, D).swapaxes(1, 2)\n")]),
+    "swapped axes in the output": ("sliding", [("return out.result().reshape(B, Hq, Lq, D)",
+                                                "return out.result().reshape(B, Hq, Lq, D).swapaxes(1, 2)")]),
     "no float32 accumulation": ("sliding", [(".astype(mx.float32)", ".astype(q.dtype)")]),
     "no validation": ("sliding", [("        Lk = check_attention(q, k, v)[4]\n", "        Lk = k.shape[2]\n")]),
     "window not validated": ("sliding", [('self.window_size = check_positive_int("window_size", window_size)',
@@ -387,7 +386,8 @@ MUTANTS = {
     "every layer gets a memory": ("qwen3_long", [('{} if memory_layers is None or i in memory_layers else '
                                                   '{"memory_size": 0}', "{}")]),
     # Task 1: global tokens
-    "global key counted twice in the band": ("sliding", [("        local = local & (key_pos != g)\n", "        pass\n")]),
+    "global key counted twice in the band": ("sliding", [("            visible = visible & (key_pos != g)\n",
+                                                          "            pass\n")]),
     "global key seen before its position": ("sliding", [("mx.array(global_tokens) <= qpos,",
                                                           "mx.array(global_tokens) <= qpos + Lk,")]),
     "global values dropped": ("sliding", [("num, den = num + pg @ vg, den +", "num, den = num, den +")]),
@@ -440,7 +440,7 @@ MUTANTS = {
     "longformer: band edge off by one": ("sparse", [("keep = (rel >= -left) & (rel <= right)",
                                                      "keep = (rel > -left) & (rel <= right)")]),
     "longformer: global rows not overwritten": ("sparse", [(
-        "        out[:, :, mx.array(rows - P0)] = global_rows(gq, gk, gv, rows, causal, scale)\n", "")]),
+        "        out = _put_global_rows(out, gq, gk, gv, rows, causal, scale)\n", "")]),
     "longformer: global_qkv ignored": ("sparse", [("gq, gk, gv = (q, k, v) if global_qkv is None else global_qkv",
                                                    "gq, gk, gv = (q, k, v)")]),
     "global rows exclude themselves": ("sparse", [("mx.arange(L)[None, :] <= mx.array(rows)[:, None]",
@@ -465,11 +465,10 @@ MUTANTS = {
     "bigbird: causal diagonal excluded": ("sparse", [("mask = mask & (key_pos <= (np.arange(i0, i1)[:, None] * b",
                                                       "mask = mask & (key_pos < (np.arange(i0, i1)[:, None] * b")]),
     "bigbird: global query blocks not overwritten": ("sparse", [(
-        "    out[:, :, mx.array(rows)] = global_rows(q, k, v, rows, causal, scale)\n", "")]),
+        "    return _put_global_rows(out, q, k, v, rows, causal, scale)\n", "    return out\n")]),
     "bigbird: last block not global": ("sparse", [(
         "if causal or n == 1 else [np.zeros(n, int), np.full(n, n - 1)]", "")]),
-    "bigbird: unscaled": ("sparse", [("qb = q.astype(mx.float32).reshape(B, Hq, n, b, D) * scale",
-                                      "qb = q.astype(mx.float32).reshape(B, Hq, n, b, D)")]),
+    "bigbird: unscaled": ("sparse", [(".reshape(B, Hq, i1 - i0, b, D) * scale", ".reshape(B, Hq, i1 - i0, b, D)")]),
 }
 MUTANT_TASK = {name: 10 for name in ("windows never move to memory", "every layer gets a memory")}  # qwen3_long's memory path: Task 10's tests
 

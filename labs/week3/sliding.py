@@ -30,6 +30,7 @@ import numpy as np
 
 from longctx.checks import (check_attention, check_global_tokens, check_nonnegative_int, check_positive_int,
                             check_scale)
+from longctx.tiles import RowWriter
 
 LOG2E = math.log2(math.e)
 # Elements of the (rows x keys) score tiles computed per step of the CPU path:
@@ -82,7 +83,8 @@ def _blocked(q, k, v, window: int, scale: float, global_tokens=np.zeros(0, np.in
     ``window - 1`` before its first row to its last row, so compute
     ``(block, keys)`` score tiles with the band masked, a softmax with the
     row max subtracted, and ``P @ V``. Never build an ``Lq x Lk`` array.
-    ``_windows`` below gathers such key blocks if you want it. ``global_tokens`` (sorted int
+    ``_rows`` and ``_windows`` below gather such key blocks, and ``RowWriter`` fills the output
+    tile by tile in place, so memory beyond the inputs and the output stays one tile's. ``global_tokens`` (sorted int
     array, in range): keys also seen by every query at or after them; take them out of the band
     tiles and score them beside each tile, in the same softmax. About 40 lines.
     """
@@ -97,6 +99,13 @@ def _windows(x, b0: int, b1: int, block: int, nprev: int) -> mx.array:
     parts = [x[:, :, (b0 + t) * block:(b1 + t) * block].reshape(B, H, n, 1, block, D)
              for t in range(nprev + 1)]
     return mx.concatenate(parts, axis=-2)
+
+
+def _rows(x, first: int, count: int) -> mx.array:
+    """Given helper: rows ``first .. first + count - 1`` of ``x (B, H, L, D)`` in float32, zeros
+    for those outside ``0 .. L - 1`` (before position 0, or past the end; some must be inside)."""
+    lo, hi = max(0, first), min(x.shape[2], first + count)
+    return mx.pad(x[:, :, lo:hi].astype(mx.float32), [(0, 0), (0, 0), (lo - first, first + count - hi), (0, 0)])
 
 
 @functools.cache

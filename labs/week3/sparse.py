@@ -34,6 +34,7 @@ import numpy as np
 
 from longctx.checks import (check_attention, check_bigbird, check_longformer, check_nonnegative_int,
                             check_positive_int, check_scale)
+from longctx.tiles import RowWriter
 
 BLOCK = 64  # query rows per Longformer band tile
 TILE = 1 << 22  # score elements per step: bounds the peak memory of one call
@@ -67,12 +68,13 @@ def longformer_attention(q: mx.array, k: mx.array, v: mx.array, window: int, glo
     positions (decode). ``global_tokens``: absolute positions; ``global_qkv``: ``(q, k, v)`` for
     the global queries' rows (HF's global projections), default ``(q, k, v)``.
 
-    Given: the checks and ``_band_keys``. Yours: cut the queries into blocks of ``BLOCK`` rows;
+    Given: the checks, ``_band_keys``, ``RowWriter`` (the output written tile by tile in place)
+    and ``_put_global_rows``. Yours: cut the queries into blocks of ``BLOCK`` rows;
     block ``b`` reads ``ncol = BLOCK + left + right`` band keys starting at position ``P0 + b
     BLOCK - left`` (``P0 = Lk - Lq``); mask the band, positions outside ``0 .. Lk-1`` and the
     global keys; score the global keys separately (causal: ``g <= p``); one softmax over both
-    (a shared row max), in float32; then overwrite the global queries' rows with
-    ``global_rows``. About 30 lines."""
+    (a shared row max), in float32; then overwrite the global queries' rows
+    (``_put_global_rows``). About 30 lines."""
     B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
     glob = check_longformer(window, global_tokens, causal, Lq, Lk, global_qkv, (q, k, v))
     scale = q.shape[-1] ** -0.5 if check_scale(scale) is None else scale
@@ -93,24 +95,30 @@ def bigbird_random_blocks(num_blocks: int, num_random_blocks: int, seed: int, *,
     raise NotImplementedError("Task 12: bigbird_random_blocks -- see the book chapter 'Task 12: Global + local attention'")
 
 
-def _head_blocks(x: mx.array, heads: int, block_size: int) -> mx.array:
-    """Given: ``x (B, Hkv, L, D)`` as the blocks each of ``heads`` query heads reads (GQA: head
-    ``h`` reads kv head ``h // (heads // Hkv)``): ``(B, heads * n, block_size, D)``, head-major."""
+def _gather_blocks(x: mx.array, idx: np.ndarray, block_size: int) -> mx.array:
+    """Given: the key blocks each query head reads, from ``x (B, Hkv, L, D)`` (GQA: head ``h``
+    reads kv head ``h // (heads // Hkv)``): ``idx (heads, m, K)`` block numbers (clipped to
+    ``0 .. n-1``) -> ``(B, heads, m, K b, D)`` float32: row ``i`` of head ``h`` reads blocks
+    ``idx[h, i]`` in order."""
     B, Hkv, L, D = x.shape
-    n = L // block_size
-    return x.reshape(B, Hkv, n, block_size, D)[:, mx.arange(heads) // (heads // Hkv)].reshape(B, heads * n,
-                                                                                              block_size, D)
-
-
-def _gather_blocks(xb: mx.array, idx: np.ndarray) -> mx.array:
-    """Given: from ``xb = _head_blocks(...)`` (``n`` blocks per head), ``idx (heads, m, K)`` block
-    numbers (clipped to ``0 .. n-1``) -> ``(B, heads, m, K b, D)``: row ``i`` of head ``h`` reads
-    blocks ``idx[h, i]`` in order."""
-    B, _, b, D = xb.shape
     heads, m, K = idx.shape
-    n = xb.shape[1] // heads
-    flat = (np.arange(heads)[:, None, None] * n + np.clip(idx, 0, n - 1)).reshape(-1)
-    return mx.take(xb, mx.array(flat), axis=1).reshape(B, heads, m, K * b, D)
+    n = L // block_size
+    kv = np.arange(heads) // (heads // Hkv)
+    flat = (kv[:, None, None] * n + np.clip(idx, 0, n - 1)).reshape(-1)
+    blocks = mx.take(x.reshape(B, Hkv * n, block_size, D), mx.array(flat), axis=1)
+    return blocks.astype(mx.float32).reshape(B, heads, m, K * block_size, D)
+
+
+def _put_global_rows(out: mx.array, q, k, v, rows: np.ndarray, causal: bool, scale: float) -> mx.array:
+    """Given: ``out[:, :, rows - P0] = global_rows(q, k, v, rows, causal, scale)``, a few rows
+    at a time so that their ``rows x Lk`` scores stay about ``TILE`` elements."""
+    B, Hq, Lq, _ = q.shape
+    P0, step = k.shape[2] - Lq, max(1, TILE // (B * Hq * k.shape[2]))
+    for i in range(0, len(rows), step):
+        out[:, :, mx.array(rows[i:i + step] - P0)] = global_rows(q, k, v, rows[i:i + step], causal,
+                                                                 scale).astype(out.dtype)
+        mx.eval(out)  # synchronously: in place
+    return out
 
 
 def bigbird_attention(q: mx.array, k: mx.array, v: mx.array, block_size: int, num_random_blocks: int, seed: int = 0,
@@ -120,12 +128,12 @@ def bigbird_attention(q: mx.array, k: mx.array, v: mx.array, block_size: int, nu
     blocks (``-1``: none; duplicates count as often as they appear, like HF); None: drawn by
     ``bigbird_random_blocks(n, r, seed, heads=Hq, causal=causal)``; ``0``: HF's evaluation mode.
 
-    Given: the checks, ``_head_blocks`` and ``_gather_blocks``. Yours: per query block ``i``
+    Given: the checks, ``_gather_blocks`` and ``_put_global_rows``. Yours: per query block ``i``
     the key blocks ``[0, n-1, i-1, i, i+1, random...]`` (causal: ``[0, i-2, i-1, i,
     random...]``), a window entry kept only when inside ``0 .. n-1`` and not a global block, a
     random one when ``>= 0``;
     gather them, score ``(b, K b)`` tiles (causal: key position ``<=`` query position), one
-    float32 softmax, ``@ v``; then the global query blocks' rows with ``global_rows``.
+    float32 softmax, ``@ v`` (into a ``RowWriter``); then the global query blocks' rows.
     About 25 lines."""
     B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
     n, rand = check_bigbird(block_size, num_random_blocks, Lq, Lk, Hq, random_blocks)

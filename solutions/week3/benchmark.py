@@ -38,6 +38,7 @@ from mlx.utils import tree_flatten
 
 from longctx import techniques as registry
 from longctx.techniques import ERROR, PASSKEY, BenchmarkResult, default_memory_limit  # shared with the mirror
+from longctx.tiles import RowWriter
 
 from .compression import ContextCompressor
 from .streaming import SinkKVCache
@@ -82,14 +83,14 @@ def attention_run(technique: str, q: mx.array, k: mx.array, v: mx.array, **optio
         return lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal"), np.arange(L)
     if technique == "streaming":
         def streaming():
-            cache, outs = SinkKVCache(o["sink_tokens"], o["window"]), []
+            cache, out = SinkKVCache(o["sink_tokens"], o["window"]), RowWriter(q.shape, q.dtype, axis=2)
             for s in range(0, L, o["chunk_size"]):
                 e = min(L, s + o["chunk_size"])
                 keys, values = cache.update_and_fetch(k[:, :, s:e], v[:, :, s:e])
-                outs.append(mx.fast.scaled_dot_product_attention(q[:, :, s:e], keys, values, scale=scale,
-                                                                  mask="causal"))
-                mx.eval(outs[-1], cache.keys, cache.values)  # one chunk's scores alive at a time
-            return mx.concatenate(outs, axis=2)
+                out.put(s, mx.fast.scaled_dot_product_attention(q[:, :, s:e], keys, values, scale=scale,
+                                                                mask="causal"))
+                mx.eval(cache.keys, cache.values)  # one chunk's scores alive at a time
+            return out.result()
         return streaming, np.arange(L)
     compressor = ContextCompressor(o["compression_ratio"], method=o["method"],
                                    observation_window=o["observation_window"])

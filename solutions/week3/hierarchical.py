@@ -20,6 +20,8 @@ import math
 import mlx.core as mx
 
 from longctx.checks import check_attention, check_level, check_levels, check_scale, self_attention_inputs
+from longctx.techniques import HIERARCHICAL_TILE  # scores per level and span (the memory formula's too)
+from longctx.tiles import RowWriter
 
 LOG2E = math.log2(math.e)
 
@@ -100,10 +102,33 @@ class HierarchicalAttention:
         """``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` -> ``(B, Hq, Lq, D)``, dtype of ``q``.
 
         ``hierarchical_forward(x)`` is self-attention of ``x`` with itself (``q = k = v = x``).
-        Run ``dilated_attention`` per level and mix the levels by their softmax
-        denominators: ``sum_i exp(lse_i - logsumexp_i lse_i) * out_i``. About 8 lines."""
+        Given: the checks and the tiling. Every segment size divides ``span``, so a span's
+        queries see only the keys of that span: ``mix_levels`` runs span by span and its rows
+        are written into the output in place, so memory beyond the inputs and the output
+        depends on the levels, never on ``L``."""
         k, v = self_attention_inputs(q, k, v)
-        check_attention(q, k, v)
+        B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
+        span = self.span(B * Hq)
+        if span >= Lk:
+            return self.mix_levels(q, k, v)
+        p0 = Lk - Lq  # position of the first query
+        out = RowWriter(q.shape, q.dtype, axis=2)
+        for a in range(p0 // span * span, Lk, span):
+            b = min(a + span, Lk)
+            out.put(max(a, p0) - p0, self.mix_levels(q[:, :, max(a, p0) - p0:b - p0], k[:, :, a:b], v[:, :, a:b]))
+        return out.result()
+
+    def span(self, rows: int) -> int:
+        """Positions per tile of ``hierarchical_forward``: a multiple of every segment size, with
+        about ``HIERARCHICAL_TILE`` scores per level for ``rows = B * Hq`` query heads."""
+        lcm = math.lcm(*self.levels)
+        m = max(-(-w // r) for w, r in zip(self.levels, self.dilations))  # keys per kept row
+        return lcm * max(1, HIERARCHICAL_TILE // (rows * lcm * m))
+
+    def mix_levels(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """The levels, mixed: shapes as in ``hierarchical_forward``. Run ``dilated_attention`` per
+        level and mix the levels by their softmax denominators:
+        ``sum_i exp(lse_i - logsumexp_i lse_i) * out_i``. About 8 lines."""
         # BEGIN SOLUTION
         outs, lses = [], []
         for w, r in zip(self.levels, self.dilations):

@@ -27,6 +27,7 @@ import numpy as np
 
 from longctx.checks import (check_attention, check_global_tokens, check_nonnegative_int, check_positive_int,
                             check_scale)
+from longctx.tiles import RowWriter
 
 LOG2E = math.log2(math.e)
 # Elements of the (rows x keys) score tiles computed per step of the CPU path:
@@ -86,7 +87,8 @@ def _blocked(q, k, v, window: int, scale: float, global_tokens=np.zeros(0, np.in
     ``window - 1`` before its first row to its last row, so compute
     ``(block, keys)`` score tiles with the band masked, a softmax with the
     row max subtracted, and ``P @ V``. Never build an ``Lq x Lk`` array.
-    ``_windows`` below gathers such key blocks if you want it. ``global_tokens`` (sorted int
+    ``_rows`` and ``_windows`` below gather such key blocks, and ``RowWriter`` fills the output
+    tile by tile in place, so memory beyond the inputs and the output stays one tile's. ``global_tokens`` (sorted int
     array, in range): keys also seen by every query at or after them; take them out of the band
     tiles and score them beside each tile, in the same softmax. About 40 lines.
     """
@@ -98,63 +100,49 @@ def _blocked(q, k, v, window: int, scale: float, global_tokens=np.zeros(0, np.in
     nprev = -(-(window - 1) // block)  # key blocks before the diagonal one
     nb = -(-Lq // block)  # query blocks
     ncol = (nprev + 1) * block  # keys seen by one query block
-
-    # Fold the scale and log2(e) into q: exp2 of the scores is then the softmax
-    # numerator, and MLX's power(2, x) is twice as fast as exp on the CPU.
-    qf = q.astype(mx.float32) * (scale * LOG2E)
-    qf = mx.pad(qf, [(0, 0), (0, 0), (0, nb * block - Lq), (0, 0)])
-    # Group the query heads that share a kv head: (B, Hkv, nb, rep, block, D).
-    qf = qf.reshape(B, Hkv, rep, nb, block, D).transpose(0, 1, 3, 2, 4, 5)
-
-    # Key row m of the padded keys holds position start + m; query block b
-    # reads padded rows [b * block, b * block + ncol).
-    start = (Lk - Lq) - nprev * block
-    lo, hi = max(0, start), min(Lk, start + (nprev + nb) * block)
-    pad = [(0, 0), (0, 0), (lo - start, start + (nprev + nb) * block - hi), (0, 0)]
-    kp = mx.pad(k[:, :, lo:hi].astype(mx.float32), pad)  # (B, Hkv, (nprev+nb)*block, D)
-    vp = mx.pad(v[:, :, lo:hi].astype(mx.float32), pad)
-
-    # The band inside one tile, then the keys before position 0 (first blocks only).
+    # Query block b holds positions p0 + b * block + r and reads the keys from position
+    # p0 + (b - nprev) * block on: ncol keys, the band inside them the same for every block.
+    p0 = Lk - Lq
     r = mx.arange(block)[:, None]
     c = mx.arange(ncol)[None, :] - nprev * block
     band = (c <= r) & (c > r - window)  # (block, ncol)
-    key_pos = start + mx.arange(nb)[:, None, None] * block + mx.arange(ncol)  # (nb, 1, ncol)
-    local = key_pos >= 0
-    for g in global_tokens.tolist():  # a global key is scored beside the tile, not in it
-        local = local & (key_pos != g)
-    bias = mx.where(band & local, 0.0, -mx.inf)  # (nb, block, ncol)
-    bias = bias[:, None]  # (nb, 1, block, ncol): shared by the rep heads
     G = len(global_tokens)
-    if G:  # (nb, 1, block, G): a global key is seen from its own position on
-        qpos = (Lk - Lq) + mx.arange(nb * block).reshape(nb, 1, block, 1)
-        gbias = mx.where(mx.array(global_tokens) <= qpos, 0.0, -mx.inf)
+    if G:  # a global key is scored beside each tile, seen from its own position on
         kg = k[:, :, mx.array(global_tokens)].astype(mx.float32)[:, :, None, None]  # (B, Hkv, 1, 1, G, D)
         vg = v[:, :, mx.array(global_tokens)].astype(mx.float32)[:, :, None, None]
 
+    out = RowWriter((B, Hkv, rep, Lq, D), q.dtype, axis=3)  # filled tile by tile, in place
     per_step = max(1, TILE_ELEMENTS // (B * Hq * block * ncol))
     streams = _cpu_streams() if mx.default_device() == mx.cpu else [mx.default_stream(mx.gpu)]
-    outs = []
     for i, b0 in enumerate(range(0, nb, per_step)):
         b1 = min(nb, b0 + per_step)
+        n, e = b1 - b0, min(Lq, b1 * block)
         with mx.stream(streams[i % len(streams)]):
-            kb = _windows(kp, b0, b1, block, nprev)  # (B, Hkv, n, 1, ncol, D)
-            vb = _windows(vp, b0, b1, block, nprev)
-            s = mx.addmm(bias[b0:b1], qf[:, :, b0:b1], kb.swapaxes(-1, -2))  # (B, Hkv, n, rep, block, ncol)
+            # Fold the scale and log2(e) into q: exp2 of the scores is then the softmax
+            # numerator, and MLX's power(2, x) is twice as fast as exp on the CPU.
+            qb = q[:, :, b0 * block:e].astype(mx.float32) * (scale * LOG2E)
+            qb = mx.pad(qb, [(0, 0), (0, 0), (0, b1 * block - e), (0, 0)]).reshape(B, Hkv, rep, n, block, D)
+            k0 = p0 + (b0 - nprev) * block  # position of this step's first key row
+            kb = _windows(_rows(k, k0, (n + nprev) * block), 0, n, block, nprev).reshape(B, Hkv, 1, n, ncol, D)
+            vb = _windows(_rows(v, k0, (n + nprev) * block), 0, n, block, nprev).reshape(B, Hkv, 1, n, ncol, D)
+            key_pos = k0 + mx.arange(n)[:, None, None] * block + mx.arange(ncol)  # (n, 1, ncol)
+            visible = band & (key_pos >= 0)
+            for g in global_tokens.tolist():  # a global key is not also counted in the band
+                visible = visible & (key_pos != g)
+            s = mx.addmm(mx.where(visible, 0.0, -mx.inf), qb, kb.swapaxes(-1, -2))  # (B, Hkv, rep, n, block, ncol)
             s_max = mx.max(s, axis=-1, keepdims=True)
             if G:
-                sg = mx.addmm(gbias[b0:b1], qf[:, :, b0:b1], kg.swapaxes(-1, -2))  # (B, Hkv, n, rep, block, G)
+                qpos = p0 + b0 * block + mx.arange(n * block).reshape(n, block, 1)
+                gbias = mx.where(mx.array(global_tokens) <= qpos, 0.0, -mx.inf)  # (n, block, G)
+                sg = mx.addmm(gbias, qb, kg.swapaxes(-1, -2))  # (B, Hkv, rep, n, block, G)
                 s_max = mx.maximum(s_max, mx.max(sg, axis=-1, keepdims=True))
             p = mx.power(2.0, s - s_max)
             num, den = p @ vb, mx.sum(p, axis=-1, keepdims=True)
             if G:
                 pg = mx.power(2.0, sg - s_max)
                 num, den = num + pg @ vg, den + mx.sum(pg, axis=-1, keepdims=True)
-            o = num / den  # (B, Hkv, n, rep, block, D)
-            outs.append(o)
-            mx.async_eval(o)  # start this tile now, so only two are alive at once
-    o = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
-    o = o.transpose(0, 1, 3, 2, 4, 5).reshape(B, Hq, nb * block, D)
-    return o[:, :, :Lq].astype(q.dtype)
+            out.put(b0 * block, (num / den).reshape(B, Hkv, rep, n * block, D)[:, :, :, :e - b0 * block])
+    return out.result().reshape(B, Hq, Lq, D)
     # END SOLUTION
 
 
@@ -166,6 +154,13 @@ def _windows(x, b0: int, b1: int, block: int, nprev: int) -> mx.array:
     parts = [x[:, :, (b0 + t) * block:(b1 + t) * block].reshape(B, H, n, 1, block, D)
              for t in range(nprev + 1)]
     return mx.concatenate(parts, axis=-2)
+
+
+def _rows(x, first: int, count: int) -> mx.array:
+    """Given helper: rows ``first .. first + count - 1`` of ``x (B, H, L, D)`` in float32, zeros
+    for those outside ``0 .. L - 1`` (before position 0, or past the end; some must be inside)."""
+    lo, hi = max(0, first), min(x.shape[2], first + count)
+    return mx.pad(x[:, :, lo:hi].astype(mx.float32), [(0, 0), (0, 0), (lo - first, first + count - hi), (0, 0)])
 
 
 @functools.cache

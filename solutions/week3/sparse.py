@@ -31,6 +31,7 @@ import numpy as np
 
 from longctx.checks import (check_attention, check_bigbird, check_longformer, check_nonnegative_int,
                             check_positive_int, check_scale)
+from longctx.tiles import RowWriter
 
 BLOCK = 64  # query rows per Longformer band tile
 TILE = 1 << 22  # score elements per step: bounds the peak memory of one call
@@ -73,12 +74,13 @@ def longformer_attention(q: mx.array, k: mx.array, v: mx.array, window: int, glo
     positions (decode). ``global_tokens``: absolute positions; ``global_qkv``: ``(q, k, v)`` for
     the global queries' rows (HF's global projections), default ``(q, k, v)``.
 
-    Given: the checks and ``_band_keys``. Yours: cut the queries into blocks of ``BLOCK`` rows;
+    Given: the checks, ``_band_keys``, ``RowWriter`` (the output written tile by tile in place)
+    and ``_put_global_rows``. Yours: cut the queries into blocks of ``BLOCK`` rows;
     block ``b`` reads ``ncol = BLOCK + left + right`` band keys starting at position ``P0 + b
     BLOCK - left`` (``P0 = Lk - Lq``); mask the band, positions outside ``0 .. Lk-1`` and the
     global keys; score the global keys separately (causal: ``g <= p``); one softmax over both
-    (a shared row max), in float32; then overwrite the global queries' rows with
-    ``global_rows``. About 30 lines."""
+    (a shared row max), in float32; then overwrite the global queries' rows
+    (``_put_global_rows``). About 30 lines."""
     B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
     glob = check_longformer(window, global_tokens, causal, Lq, Lk, global_qkv, (q, k, v))
     scale = q.shape[-1] ** -0.5 if check_scale(scale) is None else scale
@@ -87,8 +89,6 @@ def longformer_attention(q: mx.array, k: mx.array, v: mx.array, window: int, glo
     P0, rep = Lk - Lq, Hq // Hkv
     nb = -(-Lq // BLOCK)
     ncol = BLOCK + left + right
-    qf = mx.pad(q.astype(mx.float32) * scale, [(0, 0), (0, 0), (0, nb * BLOCK - Lq), (0, 0)])
-    qf = qf.reshape(B, Hkv, rep, nb, BLOCK, D)
     kf, vf = k.astype(mx.float32), v.astype(mx.float32)
     flags = np.zeros(Lk, bool)
     flags[glob] = True
@@ -97,19 +97,22 @@ def longformer_attention(q: mx.array, k: mx.array, v: mx.array, window: int, glo
     if len(glob):
         kg, vg = kf[:, :, g][:, :, None, None], vf[:, :, g][:, :, None, None]  # (B, Hkv, 1, 1, G, D)
     rel = mx.arange(ncol)[None, :] - left - mx.arange(BLOCK)[:, None]  # key - query position, (BLOCK, ncol)
-    step, outs = max(1, TILE // (B * Hq * BLOCK * ncol)), []
+    step, out = max(1, TILE // (B * Hq * BLOCK * ncol)), RowWriter((B, Hkv, rep, Lq, D), q.dtype, axis=3)
     for b0 in range(0, nb, step):  # a tile of query blocks at a time
         b1 = min(nb, b0 + step)
+        n, e = b1 - b0, min(Lq, b1 * BLOCK)
+        qf = q[:, :, b0 * BLOCK:e].astype(mx.float32) * scale
+        qf = mx.pad(qf, [(0, 0), (0, 0), (0, b1 * BLOCK - e), (0, 0)]).reshape(B, Hkv, rep, n, BLOCK, D)
         lo = P0 - left + b0 * BLOCK
         kb = _band_keys(kf, lo, b1 - b0, BLOCK, ncol)[:, :, None]  # (B, Hkv, 1, n, ncol, D)
         vb = _band_keys(vf, lo, b1 - b0, BLOCK, ncol)[:, :, None]
         key_pos = lo + mx.arange(b1 - b0)[:, None] * BLOCK + mx.arange(ncol)[None, :]  # (n, ncol)
         local = (key_pos >= 0) & (key_pos < Lk) & ~is_global[mx.clip(key_pos, 0, Lk - 1)]
         keep = (rel >= -left) & (rel <= right) & local[:, None, :]  # (n, BLOCK, ncol)
-        s = mx.where(keep, qf[:, :, :, b0:b1] @ kb.swapaxes(-1, -2), -mx.inf)  # (B, Hkv, rep, n, BLOCK, ncol)
+        s = mx.where(keep, qf @ kb.swapaxes(-1, -2), -mx.inf)  # (B, Hkv, rep, n, BLOCK, ncol)
         m = s.max(axis=-1, keepdims=True)
         if len(glob):  # the global keys, in the same softmax
-            sg = qf[:, :, :, b0:b1] @ kg.swapaxes(-1, -2)  # (B, Hkv, rep, n, BLOCK, G)
+            sg = qf @ kg.swapaxes(-1, -2)  # (B, Hkv, rep, n, BLOCK, G)
             if causal:
                 qpos = P0 + mx.arange(b0 * BLOCK, b1 * BLOCK).reshape(b1 - b0, BLOCK, 1)
                 sg = mx.where(g <= qpos, sg, -mx.inf)
@@ -119,14 +122,13 @@ def longformer_attention(q: mx.array, k: mx.array, v: mx.array, window: int, glo
         if len(glob):
             pg = mx.exp(sg - m)
             num, den = num + pg @ vg, den + pg.sum(axis=-1, keepdims=True)
-        outs.append(num / den)
-        mx.async_eval(outs[-1])
-    out = mx.concatenate(outs, axis=3).reshape(B, Hq, nb * BLOCK, D)[:, :, :Lq]
+        out.put(b0 * BLOCK, (num / den).reshape(B, Hkv, rep, n * BLOCK, D)[:, :, :, :e - b0 * BLOCK])
+    out = out.result().reshape(B, Hq, Lq, D)
     rows = glob[glob >= P0]
     if len(rows):
         gq, gk, gv = (q, k, v) if global_qkv is None else global_qkv
-        out[:, :, mx.array(rows - P0)] = global_rows(gq, gk, gv, rows, causal, scale)
-    return out.astype(q.dtype)
+        out = _put_global_rows(out, gq, gk, gv, rows, causal, scale)
+    return out
     # END SOLUTION
 
 
@@ -153,24 +155,30 @@ def bigbird_random_blocks(num_blocks: int, num_random_blocks: int, seed: int, *,
     # END SOLUTION
 
 
-def _head_blocks(x: mx.array, heads: int, block_size: int) -> mx.array:
-    """Given: ``x (B, Hkv, L, D)`` as the blocks each of ``heads`` query heads reads (GQA: head
-    ``h`` reads kv head ``h // (heads // Hkv)``): ``(B, heads * n, block_size, D)``, head-major."""
+def _gather_blocks(x: mx.array, idx: np.ndarray, block_size: int) -> mx.array:
+    """Given: the key blocks each query head reads, from ``x (B, Hkv, L, D)`` (GQA: head ``h``
+    reads kv head ``h // (heads // Hkv)``): ``idx (heads, m, K)`` block numbers (clipped to
+    ``0 .. n-1``) -> ``(B, heads, m, K b, D)`` float32: row ``i`` of head ``h`` reads blocks
+    ``idx[h, i]`` in order."""
     B, Hkv, L, D = x.shape
-    n = L // block_size
-    return x.reshape(B, Hkv, n, block_size, D)[:, mx.arange(heads) // (heads // Hkv)].reshape(B, heads * n,
-                                                                                              block_size, D)
-
-
-def _gather_blocks(xb: mx.array, idx: np.ndarray) -> mx.array:
-    """Given: from ``xb = _head_blocks(...)`` (``n`` blocks per head), ``idx (heads, m, K)`` block
-    numbers (clipped to ``0 .. n-1``) -> ``(B, heads, m, K b, D)``: row ``i`` of head ``h`` reads
-    blocks ``idx[h, i]`` in order."""
-    B, _, b, D = xb.shape
     heads, m, K = idx.shape
-    n = xb.shape[1] // heads
-    flat = (np.arange(heads)[:, None, None] * n + np.clip(idx, 0, n - 1)).reshape(-1)
-    return mx.take(xb, mx.array(flat), axis=1).reshape(B, heads, m, K * b, D)
+    n = L // block_size
+    kv = np.arange(heads) // (heads // Hkv)
+    flat = (kv[:, None, None] * n + np.clip(idx, 0, n - 1)).reshape(-1)
+    blocks = mx.take(x.reshape(B, Hkv * n, block_size, D), mx.array(flat), axis=1)
+    return blocks.astype(mx.float32).reshape(B, heads, m, K * block_size, D)
+
+
+def _put_global_rows(out: mx.array, q, k, v, rows: np.ndarray, causal: bool, scale: float) -> mx.array:
+    """Given: ``out[:, :, rows - P0] = global_rows(q, k, v, rows, causal, scale)``, a few rows
+    at a time so that their ``rows x Lk`` scores stay about ``TILE`` elements."""
+    B, Hq, Lq, _ = q.shape
+    P0, step = k.shape[2] - Lq, max(1, TILE // (B * Hq * k.shape[2]))
+    for i in range(0, len(rows), step):
+        out[:, :, mx.array(rows[i:i + step] - P0)] = global_rows(q, k, v, rows[i:i + step], causal,
+                                                                 scale).astype(out.dtype)
+        mx.eval(out)  # synchronously: in place
+    return out
 
 
 def bigbird_attention(q: mx.array, k: mx.array, v: mx.array, block_size: int, num_random_blocks: int, seed: int = 0,
@@ -180,12 +188,12 @@ def bigbird_attention(q: mx.array, k: mx.array, v: mx.array, block_size: int, nu
     blocks (``-1``: none; duplicates count as often as they appear, like HF); None: drawn by
     ``bigbird_random_blocks(n, r, seed, heads=Hq, causal=causal)``; ``0``: HF's evaluation mode.
 
-    Given: the checks, ``_head_blocks`` and ``_gather_blocks``. Yours: per query block ``i``
+    Given: the checks, ``_gather_blocks`` and ``_put_global_rows``. Yours: per query block ``i``
     the key blocks ``[0, n-1, i-1, i, i+1, random...]`` (causal: ``[0, i-2, i-1, i,
     random...]``), a window entry kept only when inside ``0 .. n-1`` and not a global block, a
     random one when ``>= 0``;
     gather them, score ``(b, K b)`` tiles (causal: key position ``<=`` query position), one
-    float32 softmax, ``@ v``; then the global query blocks' rows with ``global_rows``.
+    float32 softmax, ``@ v`` (into a ``RowWriter``); then the global query blocks' rows.
     About 25 lines."""
     B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
     n, rand = check_bigbird(block_size, num_random_blocks, Lq, Lk, Hq, random_blocks)
@@ -203,24 +211,21 @@ def bigbird_attention(q: mx.array, k: mx.array, v: mx.array, block_size: int, nu
     idx = np.concatenate([np.broadcast_to(fixed, (Hq, *fixed.shape)), rand], axis=-1)  # (Hq, n, K)
     keep = np.concatenate([np.broadcast_to(keep_fixed, (Hq, *fixed.shape)), rand >= 0], axis=-1)
     K = idx.shape[-1]
-    kh, vh = _head_blocks(k.astype(mx.float32), Hq, b), _head_blocks(v.astype(mx.float32), Hq, b)
-    qb = q.astype(mx.float32).reshape(B, Hq, n, b, D) * scale
-    step, outs = max(1, TILE // (B * Hq * b * K * b)), []
+    step, out = max(1, TILE // (B * Hq * b * K * b)), RowWriter((B, Hq, Lq, D), q.dtype, axis=2)
     for i0 in range(0, n, step):  # a tile of query blocks at a time
         i1 = min(n, i0 + step)
         mask = np.repeat(keep[:, i0:i1], b, axis=-1)[:, :, None, :]  # (Hq, m, 1, K b)
         if causal:
             key_pos = (np.clip(idx[:, i0:i1], 0, None)[..., None] * b + np.arange(b)).reshape(Hq, i1 - i0, 1, K * b)
             mask = mask & (key_pos <= (np.arange(i0, i1)[:, None] * b + np.arange(b))[None, :, :, None])
-        kb = _gather_blocks(kh, idx[:, i0:i1])  # (B, Hq, m, K b, D)
-        vb = _gather_blocks(vh, idx[:, i0:i1])
-        s = mx.where(mx.array(mask), qb[:, :, i0:i1] @ kb.swapaxes(-1, -2), -mx.inf)  # (B, Hq, m, b, K b)
-        outs.append(mx.softmax(s, axis=-1) @ vb)
-        mx.async_eval(outs[-1])
-    out = mx.concatenate(outs, axis=2).reshape(B, Hq, Lq, D)
+        kb = _gather_blocks(k, idx[:, i0:i1], b)  # (B, Hq, m, K b, D)
+        vb = _gather_blocks(v, idx[:, i0:i1], b)
+        qb = q[:, :, i0 * b:i1 * b].astype(mx.float32).reshape(B, Hq, i1 - i0, b, D) * scale
+        s = mx.where(mx.array(mask), qb @ kb.swapaxes(-1, -2), -mx.inf)  # (B, Hq, m, b, K b)
+        out.put(i0 * b, (mx.softmax(s, axis=-1) @ vb).reshape(B, Hq, (i1 - i0) * b, D))
+    out = out.result()
     rows = np.concatenate([np.arange(b), np.arange(Lq - b, Lq)]) if n > 1 else np.arange(b)
-    out[:, :, mx.array(rows)] = global_rows(q, k, v, rows, causal, scale)
-    return out.astype(q.dtype)
+    return _put_global_rows(out, q, k, v, rows, causal, scale)
     # END SOLUTION
 
 

@@ -56,6 +56,63 @@ def run(backend: str, techniques: dict, lengths, *, model=None, progress=None, *
     return rows
 
 
+SCALING_TIME = 4.4  # goal for time(4L) / time(L): linear, with 10% slack
+SCALING_MEMORY = (1.1, 4 * 2**20)  # goal for beyond(4L): at most 1.1 beyond(L) + 4 MiB
+
+
+def scaling_rows(backend: str, techniques: dict, length: int, *, heads: int = 4, head_dim: int = 64,
+                 repeats: int = 1, progress=None, **kw) -> list[dict]:
+    """``longctx bench --scaling``: each technique at ``length`` and ``4 * length``, with the time
+    ratio and the peak memory beyond q, k, v and the output at both lengths, and whether they
+    meet the goals: linear time (``SCALING_TIME``) and memory beyond the output that does not grow
+    (``SCALING_MEMORY``). A compressed cache's output includes the entries it keeps."""
+    lengths = [length, 4 * length]
+    rows = run(backend, techniques, lengths, heads=heads, head_dim=head_dim, repeats=repeats, progress=progress, **kw)
+    out = []
+    for name, options in techniques.items():
+        short, long = (next(r for r in rows if r["technique"] == name and r["length"] == L) for L in lengths)
+        beyond = []
+        for r in (short, long):
+            qkv = heads * r["length"] * head_dim * 4
+            output = qkv
+            if name == "compressed":  # the attended rows and the (K, V) it keeps
+                output = heads * options["observation_window"] * head_dim * 4 + 2 * (1 - options["compression_ratio"]) * qkv
+            beyond.append(None if r["median_ms"] is None else r["peak_memory_bytes"] - 3 * qkv - output)
+        ran = None not in beyond
+        ratio = long["median_ms"] / short["median_ms"] if ran else None
+        out.append({"backend": backend, "technique": name, "length": length, "ms": short["median_ms"],
+                    "ms_4x": long["median_ms"], "time_ratio": ratio, "beyond_bytes": beyond[0],
+                    "beyond_4x_bytes": beyond[1], "skipped": short["skipped"] or long["skipped"],
+                    "linear_time": ran and ratio <= SCALING_TIME,
+                    "flat_memory": ran and beyond[1] <= SCALING_MEMORY[0] * max(beyond[0], 0) + SCALING_MEMORY[1]})
+    return out
+
+
+def report_scaling(rows: list[dict], config: dict, out: Path, console) -> Path:
+    """The ``--scaling`` table and ``scaling.json``."""
+    from rich.table import Table
+    table = Table(title=f"Scaling: {config['title']}; goals: time x{SCALING_TIME} or less for 4x the tokens, "
+                        "memory beyond q, k, v and the output the same at both lengths")
+    for column in ("backend", "technique", "L", "ms", "4L ms", "x time", "beyond MiB at L", "at 4L", "verdict"):
+        table.add_column(column, justify="left" if column in ("backend", "technique", "verdict") else "right")
+    for r in rows:
+        if r["skipped"]:
+            table.add_row(r["backend"], r["technique"], str(r["length"]), f"skipped: {r['skipped']}", *[""] * 5)
+            continue
+        verdict = ", ".join(["linear time" if r["linear_time"] else "[red]time grows faster than L[/red]",
+                             "flat memory" if r["flat_memory"] else "[red]memory grows with L[/red]"])
+        table.add_row(r["backend"], r["technique"], f"{r['length']:,}", f"{r['ms']:.0f}", f"{r['ms_4x']:.0f}",
+                      f"{r['time_ratio']:.2f}", f"{r['beyond_bytes'] / 2**20:.1f}",
+                      f"{r['beyond_4x_bytes'] / 2**20:.1f}", verdict)
+    console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "scaling.json"
+    path.write_text(json.dumps({"machine": {"platform": platform.platform(), "processor": platform.processor()},
+                                "config": config, "rows": rows}, indent=2))
+    console.print(f"wrote {path}")
+    return path
+
+
 def report(rows: list[dict], config: dict, out: Path, console, ring: list[dict] = (),
            caches: list[dict] = ()) -> Path:
     """The table (ratios against ``full`` at the same backend and length), ``bench.json`` and ``bench.png``."""

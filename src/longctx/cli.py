@@ -60,6 +60,9 @@ def cmd_bench(args) -> int:
         print(f"longctx bench: {', '.join(sorted(set(names) - set(STRATEGIES)))} has no model strategy; "
               "drop it from --techniques with --model", file=sys.stderr)
         return 2
+    if args.scaling:
+        return _scaling(args, console, backends)
+    args.lengths = args.lengths or [1024, 2048, 4096]
     techniques = bench.techniques_for(names, args.window)
     shape = {} if args.model else {"heads": args.heads, "head_dim": args.dim}
     title = (f"passkey prompts through LongContextQwen3 in {args.model}" if args.model else
@@ -90,6 +93,32 @@ def cmd_bench(args) -> int:
     if args.log:
         bench.log_results(path, rows, args.log)
     return 0
+
+
+def _scaling(args, console, backends) -> int:
+    """``longctx bench --scaling``: every sub-quadratic technique at L and 4L; exit 1 if one misses a goal."""
+    from rich.progress import Progress
+
+    from longctx import bench
+    from longctx.techniques import SUBQUADRATIC
+    if args.model:
+        print("longctx bench: --scaling times attention on random inputs; drop --model", file=sys.stderr)
+        return 2
+    length = (args.lengths or [50_000])[0]
+    techniques = bench.techniques_for(args.techniques or SUBQUADRATIC, args.window)
+    rows = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("scaling", total=len(backends) * len(techniques) * 2)
+        for backend in backends:
+            kw = {"device": args.device} if backend == "torch" else {}
+            rows += bench.scaling_rows(backend, techniques, length, heads=args.heads, head_dim=args.dim,
+                                       repeats=args.repeats, **kw,
+                                       progress=lambda r: progress.update(task, advance=1, description=(
+                                           f"{r.technique} L={r.length}")))
+    config = {"title": f"random attention inputs, H={args.heads}, D={args.dim}, float32, window {args.window}",
+              "length": length, "techniques": techniques, "repeats": args.repeats}
+    bench.report_scaling(rows, config, Path(args.out), console)
+    return 0 if all(r["linear_time"] and r["flat_memory"] for r in rows if not r["skipped"]) else 1
 
 
 def cmd_eval(args) -> int:
@@ -203,7 +232,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="longctx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("bench", help="Task 7: every technique against full attention, as a table, PNG and JSON")
-    p.add_argument("--lengths", type=_positive_ints, default=[1024, 2048, 4096], help="e.g. 50000,100000,200000")
+    p.add_argument("--lengths", type=_positive_ints, default=None,
+                   help="e.g. 50000,100000,200000 (default 1024,2048,4096; with --scaling, L for L and 4L: 50000)")
     p.add_argument("--techniques", type=_names, default=None,
                    help="comma-separated names from longctx.techniques: full,sliding,hierarchical,ring,streaming,compressed "
                         "(default: all)")
@@ -220,6 +250,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
     p.add_argument("--log", choices=["mlflow", "tensorboard"], default=None,
                    help="also log the rows there (optional extras longctx[mlflow] / longctx[tensorboard])")
+    p.add_argument("--scaling", action="store_true",
+                   help="every sub-quadratic technique at L and 4L: time ratio (goal <= 4.4) and memory beyond "
+                        "q, k, v and the output (goal: flat); exit 1 if one misses")
     p.add_argument("--ring", action="store_true",
                    help="also run Task 3 across real processes (mlx.launch / torchrun on this host)")
     p.add_argument("--ring-length", type=int, default=65536)

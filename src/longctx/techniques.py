@@ -21,6 +21,7 @@ chapter and one ``Technique`` here (book: "Adding a technique").
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from longctx.checks import check_choice, check_levels, check_memory_options, che
 
 BYTES = 4  # float32
 TILE = 1 << 21  # scores per tile in Task 1's blocked MLX path
+HIERARCHICAL_TILE = 1 << 24  # scores per level and span in Task 2's MLX path
 
 
 @dataclass(frozen=True)
@@ -96,13 +98,20 @@ def _sliding_memory(L, H, D, o, backend):
     w = min(o["window_size"], L)
     if backend == "torch":  # banded scores, weights and gathered keys of the torch blocks
         return 4 * H * L * (w + 64) * BYTES
-    tile = min(TILE, H * L * (w + 128))  # two tiles in flight
-    return (L * (w + 128) + 12 * H * L * D + 6 * tile) * BYTES  # band bias, copies of (H, L, D), tiles
+    tile = min(TILE, H * L * (w + 128))
+    return 6 * tile * BYTES  # two tiles in flight (scores, weights, their keys); the output is written in place
 
 
 def _hierarchical_memory(L, H, D, o, backend):
     w0 = min(o["levels"][0], L)
-    return len(o["levels"]) * 2 * H * L * (w0 + D) * BYTES  # per level: scores, weights, output, lse
+    if backend == "torch":
+        return len(o["levels"]) * 2 * H * L * (w0 + D) * BYTES  # per level: scores, weights, output, lse
+    levels, dilations = check_levels(o["levels"], o.get("dilations"))
+    m = max(-(-w // r) for w, r in zip(levels, dilations))  # keys per kept row
+    lcm = math.lcm(*levels)
+    span = lcm * max(1, HIERARCHICAL_TILE // (H * lcm * m))  # HierarchicalAttention.span
+    # per level, one span at a time: scores, weights, output, lse; the output written in place
+    return len(levels) * 2 * H * min(span, L) * (m + D) * BYTES
 
 
 def _ring_memory(L, H, D, o, backend):
@@ -113,7 +122,8 @@ def _ring_memory(L, H, D, o, backend):
 def _streaming_memory(L, H, D, o, backend):
     c = min(o["chunk_size"], L)
     held = o["sink_tokens"] + o["window"] + c
-    return (3 * H * c * held + 4 * H * held * D + H * L * D) * BYTES  # a chunk's scores, the cache, concat
+    concat = H * L * D if backend == "torch" else 0  # MLX writes each chunk's rows in place
+    return (3 * H * c * held + 4 * H * held * D + concat) * BYTES  # a chunk's scores, the cache
 
 
 def _compressed_memory(L, H, D, o, backend):
@@ -148,7 +158,9 @@ def _linear_flops(L, H, D, o):
 
 def _longformer_memory(L, H, D, o, backend):
     ncol = 64 + o["window"]  # a query block's band keys
-    return (2 * H * L * D + 6 * min(1 << 22, H * L * ncol) + 2 * L * ncol) * BYTES
+    if backend == "torch":
+        return (2 * H * L * D + 6 * min(1 << 22, H * L * ncol) + 2 * L * ncol) * BYTES
+    return 8 * min(1 << 22, H * L * ncol) * BYTES  # tiles of scores, weights, band keys; the output in place
 
 
 def _longformer_pairs(L: int, o: dict) -> float:
@@ -166,7 +178,9 @@ def _longformer_pairs(L: int, o: dict) -> float:
 def _bigbird_memory(L, H, D, o, backend):
     b, k = o["block_size"], 5 + o["num_random_blocks"]
     tile = min(1 << 22, H * L * k * b)
-    return (2 * H * L * D + 8 * H * b * L + 6 * tile + 2 * tile * D // b + H * L * k) * BYTES
+    if backend == "torch":
+        return (2 * H * L * D + 8 * H * b * L + 6 * tile + 2 * tile * D // b + H * L * k) * BYTES
+    return (8 * tile + 2 * tile * D // b) * BYTES  # tiles of scores, weights, gathered blocks; output in place
 
 
 def _bigbird_pairs(L: int, o: dict) -> float:

@@ -1,0 +1,100 @@
+"""Issue 18: the sub-quadratic references hold O(tile) memory beyond q, k, v and the output.
+
+The tiles are made small here (the module constants, patched) so that a few
+thousand tokens already span many tiles: the tiled paths are checked against
+the float64 oracles on awkward sizes, and ``longctx bench --scaling``'s own
+function must find the memory beyond the output flat from L to 4L. Times are
+never asserted (that is the command's job, on a quiet machine).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import longctx  # noqa: F401  (fast BLAS before mlx.core)
+import mlx.core as mx  # noqa: E402
+
+from longctx import bench  # noqa: E402
+from longctx.mlx import benchmark, hierarchical, linear, sliding, sparse  # noqa: E402
+from longctx.techniques import SUBQUADRATIC  # noqa: E402
+from longctx.testing import oracles  # noqa: E402
+from longctx.testing.compare import assert_close  # noqa: E402
+from longctx.testing.inputs import make_qkv  # noqa: E402
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(sliding, "TILE_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(hierarchical, "HIERARCHICAL_TILE", 1 << 10)
+    monkeypatch.setattr(sparse, "TILE", 1 << 12)
+    monkeypatch.setattr(linear, "SEGMENT_CHUNKS", 2)
+
+
+def _mx(*arrays, dtype=mx.float32):
+    return [mx.array(a.astype(np.float32)).astype(dtype) for a in arrays]
+
+
+@pytest.mark.parametrize("Hq, Hkv, Lq, Lk, W, glob", [
+    (4, 2, 301, 301, 37, ()), (2, 1, 77, 300, 64, (0, 5)), (3, 3, 250, 250, 1, (7,)), (2, 2, 90, 90, 500, ())])
+def test_sliding_in_many_tiles_equals_the_oracle(small_tiles, Hq, Hkv, Lq, Lk, W, glob):
+    q, k, v = make_qkv(0, 1, Hq, Hkv, Lq, Lk, 16)
+    out = sliding.SlidingWindowAttention(W, global_tokens=glob)(*_mx(q, k, v))
+    assert_close(np.array(out), oracles.sliding_window_attention(q, k, v, W, global_tokens=glob), rtol=2e-5, atol=2e-5)
+
+
+def test_sliding_in_many_tiles_keeps_fp16_with_large_logits(small_tiles):
+    q, k, v = make_qkv(1, 1, 2, 2, 200, 200, 16, std=6.0)
+    out = sliding.SlidingWindowAttention(33)(*_mx(q, k, v, dtype=mx.float16))
+    q16, k16, v16 = (np.array(x.astype(mx.float32), dtype=np.float64) for x in _mx(q, k, v, dtype=mx.float16))
+    assert out.dtype == mx.float16
+    assert_close(np.array(out.astype(mx.float32)), oracles.sliding_window_attention(q16, k16, v16, 33),
+                 rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("Hq, Hkv, Lq, Lk, levels, causal", [
+    (4, 2, 203, 203, [4, 8, 16], True), (2, 1, 50, 203, [4, 12], True), (2, 2, 96, 96, [8, 16], False)])
+def test_hierarchical_in_many_spans_equals_the_oracle(small_tiles, Hq, Hkv, Lq, Lk, levels, causal):
+    attend = hierarchical.HierarchicalAttention(levels, causal=causal)
+    assert attend.span(Hq) < Lk  # the tiled path runs
+    q, k, v = make_qkv(2, 1, Hq, Hkv, Lq, Lk, 16)
+    assert_close(np.array(attend(*_mx(q, k, v))),
+                 oracles.hierarchical_attention(q, k, v, levels, causal=causal), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("Lq, Lk, window, glob, causal", [
+    (250, 250, 20, (0, 3, 249), False), (61, 250, 17, (0, 100, 240), True)])
+def test_longformer_in_many_tiles_equals_the_oracle(small_tiles, Lq, Lk, window, glob, causal):
+    q, k, v = make_qkv(3, 1, 4, 2, Lq, Lk, 16)
+    out = sparse.longformer_attention(*_mx(q, k, v), window, glob, causal)
+    assert_close(np.array(out), oracles.longformer_attention(q, k, v, window, glob, causal), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_in_many_tiles_equals_the_oracle(small_tiles, causal):
+    q, k, v = make_qkv(4, 1, 4, 2, 7 * 12, 7 * 12, 16)
+    rand = sparse.bigbird_random_blocks(12, 2, 5, heads=4, causal=causal)
+    out = sparse.bigbird_attention(*_mx(q, k, v), 7, 2, causal=causal, random_blocks=rand)
+    assert_close(np.array(out), oracles.bigbird_attention(q, k, v, 7, rand, causal), rtol=2e-5, atol=2e-5)
+
+
+def test_streaming_benchmark_run_writes_every_chunk():
+    """The benchmark's streaming run (its output written chunk by chunk in place) against the
+    same chunks concatenated."""
+    q, k, v = _mx(*make_qkv(5, 1, 2, 2, 300, 300, 16))
+    fn, rows = benchmark.attention_run("streaming", q, k, v, sink_tokens=2, window=40, chunk_size=32)
+    cache, outs = benchmark.SinkKVCache(2, 40), []
+    for s in range(0, 300, 32):
+        keys, values = cache.update_and_fetch(k[:, :, s:s + 32], v[:, :, s:s + 32])
+        outs.append(mx.fast.scaled_dot_product_attention(q[:, :, s:s + 32], keys, values, scale=0.25, mask="causal"))
+    assert_close(np.array(fn()), np.array(mx.concatenate(outs, axis=2)), rtol=1e-6, atol=1e-6)
+
+
+def test_memory_beyond_the_output_does_not_grow_with_L(small_tiles):
+    """``longctx bench --scaling``'s function, at a small size where every technique spans many tiles."""
+    names = [n for n in SUBQUADRATIC if n != "compressed"]  # it keeps (1 - ratio) L entries by design
+    # Window 96: BigBird's block is 32, a divisor of L (BigBirdAttention pads other lengths: a copy).
+    rows = bench.scaling_rows("mlx", bench.techniques_for(names, 96), 4096, heads=2, head_dim=32)
+    assert [r["technique"] for r in rows] == names
+    grew = {r["technique"]: (r["beyond_bytes"] / 2**20, r["beyond_4x_bytes"] / 2**20)
+            for r in rows if not r["flat_memory"]}
+    assert not grew, f"MiB beyond q, k, v and the output at L=4096 and 16384: {grew}"
