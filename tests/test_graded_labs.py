@@ -443,8 +443,14 @@ MUTANTS = {
         "        out = _put_global_rows(out, gq, gk, gv, rows, causal, scale)\n", "")]),
     "longformer: global_qkv ignored": ("sparse", [("gq, gk, gv = (q, k, v) if global_qkv is None else global_qkv",
                                                    "gq, gk, gv = (q, k, v)")]),
-    "global rows exclude themselves": ("sparse", [("mx.arange(L)[None, :] <= mx.array(rows)[:, None]",
-                                                   "mx.arange(L)[None, :] < mx.array(rows)[:, None]")]),
+    "global rows exclude themselves": ("sparse", [("first_key + mx.arange(S)[None, :] <= mx.array(rows)[:, None]",
+                                                   "first_key + mx.arange(S)[None, :] < mx.array(rows)[:, None]")]),
+    "global rows: causal mask ignores where the run starts": ("sparse", [(
+        "first_key + mx.arange(S)[None, :] <= mx.array(rows)", "mx.arange(S)[None, :] <= mx.array(rows)")]),
+    "global rows: lse without the row max": ("sparse", [("lse = (m + mx.log(den))[..., 0]",
+                                                         "lse = mx.log(den)[..., 0]")]),
+    "global rows: a row that sees nothing is NaN": ("sparse", [(
+        "    m = mx.where(m == -mx.inf, 0.0, m)  # a row that sees nothing", "    # a row that sees nothing")]),
     "global rows unscaled": ("sparse", [("s = (qr * scale) @", "s = qr @")]),
     "random blocks overlap the window": ("sparse", [("np.setdiff1d(np.arange(1, n - 1), [i - 1, i, i + 1])",
                                                      "np.setdiff1d(np.arange(1, n - 1), [i])")]),

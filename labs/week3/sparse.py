@@ -40,11 +40,16 @@ BLOCK = 64  # query rows per Longformer band tile
 TILE = 1 << 22  # score elements per step: bounds the peak memory of one call
 
 
-def global_rows(q: mx.array, k: mx.array, v: mx.array, rows: np.ndarray, causal: bool, scale: float) -> mx.array:
-    """Global queries: the queries at absolute positions ``rows`` (sorted int array; ``q (B, Hq,
-    Lq, D)`` holds the last ``Lq`` of the ``Lk`` positions of ``k, v (B, Hkv, Lk, D)``) attend
-    to every key (``causal``: every ``j <= row``) in one float32 softmax, ``scale`` applied.
-    Returns ``(B, Hq, len(rows), D)`` float32. About 8 lines."""
+def global_rows(q: mx.array, k: mx.array, v: mx.array, rows: np.ndarray, first_key: int, causal: bool,
+                scale: float) -> tuple[mx.array, mx.array]:
+    """Global queries against one run of keys: ``q (B, Hq, R, D)`` are the queries at absolute
+    positions ``rows`` (sorted int array), ``k, v (B, Hkv, S, D)`` the keys at positions
+    ``first_key .. first_key + S - 1``. Each row attends to all of them (``causal``: to those
+    ``<= row``) in one float32 softmax, ``scale`` applied. Returns ``(out (B, Hq, R, D), lse (B,
+    Hq, R))``, float32, ``lse`` the natural log of the softmax denominator (the row max
+    included); a row that sees none of these keys has ``out = 0`` and ``lse = -inf``.
+    ``_put_global_rows`` merges runs of keys by ``lse``, as ring attention merges blocks
+    (Task 3). About 12 lines."""
     raise NotImplementedError("Task 12: global_rows -- see the book chapter 'Task 12: Global + local attention'")
 
 
@@ -110,14 +115,25 @@ def _gather_blocks(x: mx.array, idx: np.ndarray, block_size: int) -> mx.array:
 
 
 def _put_global_rows(out: mx.array, q, k, v, rows: np.ndarray, causal: bool, scale: float) -> mx.array:
-    """Given: ``out[:, :, rows - P0] = global_rows(q, k, v, rows, causal, scale)``, a few rows
-    at a time so that their ``rows x Lk`` scores stay about ``TILE`` elements."""
+    """Given: ``out[:, :, rows - P0]`` = the global queries' rows (``P0 = Lk - Lq``), from
+    ``global_rows`` on runs of keys merged by their ``lse`` (an online softmax), so the
+    scores alive are about ``TILE`` elements and K and V are read once, whatever ``Lk``."""
     B, Hq, Lq, _ = q.shape
-    P0, step = k.shape[2] - Lq, max(1, TILE // (B * Hq * k.shape[2]))
-    for i in range(0, len(rows), step):
-        out[:, :, mx.array(rows[i:i + step] - P0)] = global_rows(q, k, v, rows[i:i + step], causal,
-                                                                 scale).astype(out.dtype)
-        mx.eval(out)  # synchronously: in place
+    Lk = k.shape[2]
+    qr = q[:, :, mx.array(rows - (Lk - Lq))]
+    run = max(1, TILE // (B * Hq * len(rows)))
+    acc = lse = None
+    for a in range(0, int(rows.max()) + 1 if causal else Lk, run):  # causal: no row sees past its own
+        o, l = global_rows(qr, k[:, :, a:a + run], v[:, :, a:a + run], rows, a, causal, scale)
+        if acc is None:
+            acc, lse = o, l  # key 0 is in the first run: every row's lse is finite from here on
+        else:
+            new = mx.logaddexp(lse, l)
+            acc = acc * mx.exp(lse - new)[..., None] + o * mx.exp(l - new)[..., None]
+            lse = new
+        mx.eval(acc, lse)
+    out[:, :, mx.array(rows - (Lk - Lq))] = acc.astype(out.dtype)
+    mx.eval(out)  # synchronously: in place
     return out
 
 

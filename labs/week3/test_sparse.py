@@ -66,6 +66,28 @@ def test_longformer_awkward_cases(lab, arrays, L, window, globals_, causal):
                  name=f"longformer L={L} window={window} causal={causal} {LONGFORMER}")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_global_rows_return_the_rows_and_their_log_sum_exp(lab, arrays, causal):
+    """``global_rows`` on a run of keys that starts at ``first_key``: each row's softmax over the
+    keys of the run it may see, and the natural log of its denominator; causal, a row before the
+    run sees none of it (``out = 0``, ``lse = -inf``)."""
+    q, k, v = make_qkv(7, 1, 4, 2, 5, 37, 16, std=3.0)
+    rows, first, scale = np.array([3, 11, 12, 30, 36]), 12, 0.3
+    mask = (first + np.arange(37 - first))[None, :] <= rows[:, None] if causal else np.ones((5, 37 - first), bool)
+    out, lse = lab("sparse").global_rows(*(arrays.asarray(x) for x in (q, k[:, :, first:], v[:, :, first:])), rows,
+                                         first, causal, scale)
+    out, lse = arrays.numpy(out), arrays.numpy(lse)
+    expected = oracles.attention_lse(q, k[:, :, first:], mask, scale=scale)
+    assert lse.shape == expected.shape, f"lse has shape {lse.shape}, expected {expected.shape} (B, Hq, R)"
+    assert (np.isneginf(lse) == np.isneginf(expected)).all(), \
+        f"lse must be -inf exactly where a row sees no key of the run (rows {rows}, first key {first}) {LONGFORMER}"
+    finite = np.isfinite(expected)
+    assert_close(lse[finite], expected[finite], rtol=1e-5, atol=1e-5,
+                 name=f"lse (natural log of the denominator, the row max included) {LONGFORMER}")
+    assert_close(out, oracles.attention(q, k[:, :, first:], v[:, :, first:], mask, scale=scale), rtol=2e-5,
+                 atol=2e-5, name=f"global rows against a run of keys (causal={causal}) {LONGFORMER}")
+
+
 def test_longformer_global_queries_use_their_own_projections(lab, arrays):
     """HF's ``query_global``/``key_global``/``value_global``: a global query's row comes from them
     alone; every other row from ``q, k, v``."""

@@ -17,16 +17,40 @@ BLOCK = 64
 TILE = 1 << 22  # score elements per step
 
 
-def global_rows(q, k, v, rows: np.ndarray, causal: bool, scale: float) -> torch.Tensor:
-    """The queries at absolute positions ``rows`` attend to every key (causal: ``j <= row``)."""
-    B, Hq, Lq, D = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
-    r = torch.as_tensor(rows, device=q.device)
-    qr = q[:, :, r - (L - Lq)].float().view(B, Hkv, Hq // Hkv, len(rows), D)
-    s = (qr * scale) @ k.float()[:, :, None].transpose(-1, -2)  # (B, Hkv, G, R, L)
+def global_rows(q, k, v, rows: np.ndarray, first_key: int, causal: bool,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries ``q (B, Hq, R, D)`` at absolute positions ``rows`` against the keys at
+    ``first_key ..``: ``(out, lse)`` float32; a row that sees none has ``out = 0``, ``lse = -inf``."""
+    B, Hq, R, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    qr = q.float().reshape(B, Hkv, Hq // Hkv, R, D)
+    s = (qr * scale) @ k.float()[:, :, None].transpose(-1, -2)  # (B, Hkv, G, R, S)
     if causal:
-        s = s.masked_fill(torch.arange(L, device=q.device)[None, :] > r[:, None], float("-inf"))
-    return (torch.softmax(s, dim=-1) @ v.float()[:, :, None]).reshape(B, Hq, len(rows), D)
+        r = torch.as_tensor(rows, device=q.device)
+        s = s.masked_fill(first_key + torch.arange(S, device=q.device)[None, :] > r[:, None], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # -inf where a row sees nothing
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return (p @ v.float()[:, :, None]).reshape(B, Hq, R, D), lse.reshape(B, Hq, R)
+
+
+def _put_global_rows(out, q, k, v, rows: np.ndarray, causal: bool, scale: float):
+    """``out[:, :, rows - P0]`` = the global rows, from runs of keys merged by ``lse``."""
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    index = torch.as_tensor(rows - (Lk - Lq), device=q.device)
+    qr = q[:, :, index]
+    run = max(1, TILE // (B * Hq * len(rows)))
+    acc = lse = None
+    for a in range(0, int(rows.max()) + 1 if causal else Lk, run):
+        o, l = global_rows(qr, k[:, :, a:a + run], v[:, :, a:a + run], rows, a, causal, scale)
+        if acc is None:
+            acc, lse = o, l
+        else:
+            new = torch.logaddexp(lse, l)
+            acc = acc * torch.exp(lse - new)[..., None] + o * torch.exp(l - new)[..., None]
+            lse = new
+    out[:, :, index] = acc.to(out.dtype)
+    return out
 
 
 def _band_keys(x, lo: int, nb: int, block: int, ncol: int) -> torch.Tensor:
@@ -72,7 +96,7 @@ def longformer_attention(q, k, v, window: int, global_tokens=(), causal: bool = 
     rows = glob[glob >= P0]
     if len(rows):
         gq, gk, gv = (q, k, v) if global_qkv is None else global_qkv
-        out[:, :, torch.as_tensor(rows - P0, device=dev)] = global_rows(gq, gk, gv, rows, causal, scale)
+        out = _put_global_rows(out, gq, gk, gv, rows, causal, scale)
     return out.to(q.dtype)
 
 
@@ -92,22 +116,15 @@ def bigbird_random_blocks(num_blocks: int, num_random_blocks: int, seed: int, *,
     return out
 
 
-def _head_blocks(x, heads: int, block_size: int) -> torch.Tensor:
-    """``x (B, Hkv, L, D)`` as each query head's blocks: ``(B, heads * n, block_size, D)``."""
+def _gather_blocks(x, idx: np.ndarray, block_size: int) -> torch.Tensor:
+    """Blocks ``idx (heads, m, K)`` each query head reads from ``x (B, Hkv, L, D)`` (GQA: head ``h``
+    reads kv head ``h // (heads // Hkv)``) -> ``(B, heads, m, K b, D)`` float32."""
     B, Hkv, L, D = x.shape
-    n = L // block_size
-    expanded = x.view(B, Hkv, n, block_size, D)[:, torch.arange(heads, device=x.device) // (heads // Hkv)]
-    return expanded.reshape(B, heads * n, block_size, D)
-
-
-def _gather_blocks(xb, idx: np.ndarray) -> torch.Tensor:
-    """Blocks ``idx (heads, m, K)`` of ``xb = _head_blocks(...)`` -> ``(B, heads, m, K b, D)``."""
-    B, _, b, D = xb.shape
     heads, m, K = idx.shape
-    n = xb.shape[1] // heads
-    flat = torch.as_tensor((np.arange(heads)[:, None, None] * n + np.clip(idx, 0, n - 1)).reshape(-1),
-                           device=xb.device)
-    return xb[:, flat].view(B, heads, m, K * b, D)
+    n = L // block_size
+    kv = np.arange(heads) // (heads // Hkv)
+    flat = torch.as_tensor((kv[:, None, None] * n + np.clip(idx, 0, n - 1)).reshape(-1), device=x.device)
+    return x.reshape(B, Hkv * n, block_size, D)[:, flat].float().view(B, heads, m, K * block_size, D)
 
 
 @torch.no_grad()
@@ -129,7 +146,6 @@ def bigbird_attention(q, k, v, block_size: int, num_random_blocks: int, seed: in
     idx = np.concatenate([np.broadcast_to(fixed, (Hq, *fixed.shape)), rand], axis=-1)
     keep = np.concatenate([np.broadcast_to(keep_fixed, (Hq, *fixed.shape)), rand >= 0], axis=-1)
     K = idx.shape[-1]
-    kh, vh = _head_blocks(k.float(), Hq, b), _head_blocks(v.float(), Hq, b)
     qb = q.float().view(B, Hq, n, b, D) * scale
     out = torch.empty(B, Hq, n, b, D, device=q.device)
     step = max(1, TILE // (B * Hq * b * K * b))
@@ -139,13 +155,13 @@ def bigbird_attention(q, k, v, block_size: int, num_random_blocks: int, seed: in
         if causal:
             key_pos = (np.clip(idx[:, i0:i1], 0, None)[..., None] * b + np.arange(b)).reshape(Hq, i1 - i0, 1, K * b)
             mask = mask & (key_pos <= (np.arange(i0, i1)[:, None] * b + np.arange(b))[None, :, :, None])
-        kb, vb = _gather_blocks(kh, idx[:, i0:i1]), _gather_blocks(vh, idx[:, i0:i1])
+        kb, vb = _gather_blocks(k, idx[:, i0:i1], b), _gather_blocks(v, idx[:, i0:i1], b)
         s = (qb[:, :, i0:i1] @ kb.transpose(-1, -2)).masked_fill(~torch.as_tensor(mask, device=q.device),
                                                                 float("-inf"))
         out[:, :, i0:i1] = torch.softmax(s, dim=-1) @ vb
     out = out.view(B, Hq, Lq, D)
     rows = np.concatenate([np.arange(b), np.arange(Lq - b, Lq)]) if n > 1 else np.arange(b)
-    out[:, :, torch.as_tensor(rows, device=q.device)] = global_rows(q, k, v, rows, causal, scale)
+    out = _put_global_rows(out, q, k, v, rows, causal, scale)
     return out.to(q.dtype)
 
 
