@@ -42,6 +42,20 @@ def test_sliding_in_many_tiles_equals_the_oracle(small_tiles, Hq, Hkv, Lq, Lk, W
     assert_close(np.array(out), oracles.sliding_window_attention(q, k, v, W, global_tokens=glob), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("B, Hq, Hkv, Lq, Lk, W, glob", [
+    (2, 4, 2, 301, 301, 37, ()), (2, 2, 1, 77, 300, 64, (0, 5)), (1, 3, 3, 250, 250, 1, (7,))])
+def test_torch_sliding_in_many_sdpa_steps_equals_the_oracle(monkeypatch, B, Hq, Hkv, Lq, Lk, W, glob):
+    """The torch mirror's SDPA band tiles, a few blocks per step, batch > 1 (one mask per block)."""
+    import torch
+
+    import longctx.torch.sliding as torch_sliding
+    monkeypatch.setattr(torch_sliding, "TILE_ELEMENTS", 1 << 12)
+    q, k, v = make_qkv(6, B, Hq, Hkv, Lq, Lk, 16)
+    out = torch_sliding.SlidingWindowAttention(W, global_tokens=glob)(
+        *(torch.tensor(x, dtype=torch.float32) for x in (q, k, v)))
+    assert_close(out.numpy(), oracles.sliding_window_attention(q, k, v, W, global_tokens=glob), rtol=2e-5, atol=2e-5)
+
+
 def test_sliding_in_many_tiles_keeps_fp16_with_large_logits(small_tiles):
     q, k, v = make_qkv(1, 1, 2, 2, 200, 200, 16, std=6.0)
     out = sliding.SlidingWindowAttention(33)(*_mx(q, k, v, dtype=mx.float16))

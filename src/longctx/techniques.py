@@ -30,6 +30,7 @@ from longctx.checks import check_choice, check_levels, check_memory_options, che
 
 BYTES = 4  # float32
 TILE = 1 << 21  # scores per tile in Task 1's blocked MLX path
+TORCH_TILE = 1 << 20  # the same in the torch mirror's SDPA tiles
 HIERARCHICAL_TILE = 1 << 24  # scores per level and span in Task 2's MLX path
 
 
@@ -96,8 +97,8 @@ def _full_memory(L, H, D, o, backend):
 
 def _sliding_memory(L, H, D, o, backend):
     w = min(o["window_size"], L)
-    if backend == "torch":  # banded scores, weights and gathered keys of the torch blocks
-        return 4 * H * L * (w + 64) * BYTES
+    if backend == "torch":  # one step of SDPA tiles (its scores stay inside the fused kernel)
+        return 2 * min(TORCH_TILE, H * L * (w + 128)) * BYTES
     tile = min(TILE, H * L * (w + 128))
     return 6 * tile * BYTES  # two tiles in flight (scores, weights, their keys); the output is written in place
 

@@ -1,18 +1,20 @@
 """Task 1 in PyTorch: sliding-window attention, the mirror of ``longctx.mlx``.
 
 Same names, arguments and semantics as ``solutions/week3/sliding.py`` (read the
-book chapter there); ``torch.Tensor`` in and out, on CPU or CUDA. The band is
-computed in query blocks whose scores are ``(block, block + window - 1)``
-tiles, so time and memory grow as ``Lq * window_size``.
+book chapter there); ``torch.Tensor`` in and out, on CPU or CUDA. The queries
+go in blocks; each block's ``block + window - 1`` keys (and the global keys)
+are one batch entry of torch's fused ``scaled_dot_product_attention`` with the
+band as its mask, a step of blocks at a time, written into the output in
+place: time grows as ``Lq * window_size`` and memory beyond q, k, v and the
+output is one step's.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from longctx.checks import check_attention, check_global_tokens, check_positive_int, check_scale
-
-# Score-tile elements per step: bounds the peak memory of one call.
-TILE_ELEMENTS = 1 << 22
+from longctx.techniques import TORCH_TILE as TILE_ELEMENTS  # score elements per step (the memory formula's too)
 
 
 class SlidingWindowAttention:
@@ -41,46 +43,50 @@ class SlidingWindowAttention:
         if q.device != k.device or q.device != v.device:
             raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
         scale = D ** -0.5 if self.scale is None else self.scale
-        window, rep = self.window_size, Hq // Hkv
+        window, rep, G, dev = self.window_size, Hq // Hkv, len(glob), q.device
         block = max(16, min(128, 1 << (window.bit_length() - 2))) if window > 4 else 16
         nprev = -(-(window - 1) // block)
         nb = -(-Lq // block)
         ncol = (nprev + 1) * block
+        p0 = Lk - Lq  # position of the first query
 
-        qf = torch.nn.functional.pad(q.float() * scale, (0, 0, 0, nb * block - Lq))
-        qf = qf.view(B, Hkv, rep, nb, block, D).transpose(2, 3)  # (B, Hkv, nb, rep, block, D)
-        start = (Lk - Lq) - nprev * block
-        lo, hi = max(0, start), min(Lk, start + (nprev + nb) * block)
-        pad = (0, 0, lo - start, start + (nprev + nb) * block - hi)
-        kp = torch.nn.functional.pad(k[:, :, lo:hi].float(), pad)  # (B, Hkv, (nprev+nb)*block, D)
-        vp = torch.nn.functional.pad(v[:, :, lo:hi].float(), pad)
-        # Overlapping windows of ncol rows every block rows: a view, no copy.
-        kw = kp.unfold(2, ncol, block).transpose(-1, -2)  # (B, Hkv, nb, ncol, D)
-        vw = vp.unfold(2, ncol, block).transpose(-1, -2)
+        r = torch.arange(block, device=dev)[:, None]
+        c = torch.arange(ncol, device=dev)[None, :] - nprev * block
+        band = (c <= r) & (c > r - window)  # (block, ncol), the same in every block
+        if G:  # global keys: beside each tile's keys, seen from their own position on
+            kg, vg = k[:, :, glob].float(), v[:, :, glob].float()  # (B, Hkv, G, D)
 
-        r = torch.arange(block, device=q.device)[:, None]
-        c = torch.arange(ncol, device=q.device)[None, :] - nprev * block
-        band = (c <= r) & (c > r - window)  # (block, ncol)
-        key_pos = start + torch.arange(nb, device=q.device)[:, None, None] * block + c + nprev * block
-        visible = (band & (key_pos >= 0) & ~torch.isin(key_pos, glob))[:, None]  # (nb, 1, block, ncol)
-        if len(glob):  # global keys: scored beside each tile, seen from their own position on
-            qpos = (Lk - Lq) + torch.arange(nb * block, device=q.device).view(nb, 1, block, 1)
-            seen = glob <= qpos  # (nb, 1, block, G)
-            kg, vg = k[:, :, glob].float()[:, :, None], v[:, :, glob].float()[:, :, None]  # (B, Hkv, 1, G, D)
-
-        out = torch.empty(B, Hkv, nb, rep, block, D, device=q.device)
-        per_step = max(1, TILE_ELEMENTS // (B * Hq * block * ncol))
+        out = torch.empty(B, Hkv, rep, Lq, D, dtype=q.dtype, device=dev)
+        per_step = max(1, TILE_ELEMENTS // (B * Hq * block * (ncol + G)))
         for b0 in range(0, nb, per_step):
             b1 = min(nb, b0 + per_step)
-            s = qf[:, :, b0:b1] @ kw[:, :, b0:b1, None].transpose(-1, -2)  # (B, Hkv, n, rep, block, ncol)
-            s = s.masked_fill(~visible[b0:b1], float("-inf"))
-            if not len(glob):
-                out[:, :, b0:b1] = torch.softmax(s, dim=-1) @ vw[:, :, b0:b1, None]
-                continue
-            sg = (qf[:, :, b0:b1] @ kg[:, :, None].transpose(-1, -2)).masked_fill(~seen[b0:b1], float("-inf"))
-            p = torch.softmax(torch.cat([s, sg], dim=-1), dim=-1)
-            out[:, :, b0:b1] = p[..., :ncol] @ vw[:, :, b0:b1, None] + p[..., ncol:] @ vg[:, :, None]
-        out = out.transpose(2, 3).reshape(B, Hq, nb * block, D)
-        return out[:, :, :Lq].to(q.dtype)
+            n, e = b1 - b0, min(Lq, b1 * block)
+            # One SDPA batch entry per (sequence, block); the rep query heads of a kv head are
+            # stacked as rows against that kv head's keys, so GQA copies no keys.
+            qb = F.pad(q[:, :, b0 * block:e].float(), (0, 0, 0, b1 * block - e))
+            qb = qb.view(B, Hkv, rep, n, block, D).permute(0, 3, 1, 2, 4, 5).reshape(B * n, Hkv, rep * block, D)
+            k0 = p0 + (b0 - nprev) * block  # position of this step's first key row
+            kb = _rows(k, k0, (n + nprev) * block).unfold(2, ncol, block)  # (B, Hkv, n, D, ncol)
+            vb = _rows(v, k0, (n + nprev) * block).unfold(2, ncol, block)
+            kb = kb.permute(0, 2, 1, 4, 3).reshape(B * n, Hkv, ncol, D)
+            vb = vb.permute(0, 2, 1, 4, 3).reshape(B * n, Hkv, ncol, D)
+            key_pos = k0 + torch.arange(n, device=dev)[:, None, None] * block + torch.arange(ncol, device=dev)
+            visible = band & (key_pos >= 0) & ~torch.isin(key_pos, glob)  # (n, block, ncol)
+            if G:
+                kb = torch.cat([kb, kg.repeat_interleave(n, dim=0)], dim=2)  # (B n, Hkv, ncol + G, D)
+                vb = torch.cat([vb, vg.repeat_interleave(n, dim=0)], dim=2)
+                qpos = p0 + b0 * block + torch.arange(n * block, device=dev).view(n, block, 1)
+                visible = torch.cat([visible, glob <= qpos], dim=-1)
+            mask = visible[:, None].expand(n, rep, block, ncol + G).reshape(n, 1, rep * block, ncol + G)
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.repeat(B, 1, 1, 1), scale=scale)
+            o = o.view(B, n, Hkv, rep, block, D).permute(0, 2, 3, 1, 4, 5).reshape(B, Hkv, rep, n * block, D)
+            out[:, :, :, b0 * block:e] = o[:, :, :, :e - b0 * block]
+        return out.view(B, Hq, Lq, D)
 
     __call__ = sliding_attention
+
+
+def _rows(x, first: int, count: int) -> torch.Tensor:
+    """Rows ``first .. first + count - 1`` of ``x (B, H, L, D)`` in float32, zeros outside ``0 .. L - 1``."""
+    lo, hi = max(0, first), min(x.shape[2], first + count)
+    return F.pad(x[:, :, lo:hi].float(), (0, 0, lo - first, first + count - hi))
