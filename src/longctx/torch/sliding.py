@@ -10,6 +10,10 @@ output is one step's.
 """
 from __future__ import annotations
 
+import functools
+import os
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +47,10 @@ class SlidingWindowAttention:
         if q.device != k.device or q.device != v.device:
             raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
         scale = D ** -0.5 if self.scale is None else self.scale
+        if q.is_cuda and not len(glob) and "triton" not in _FAILED:
+            out = _triton_checked(q, k, v, self.window_size, scale)
+            if out is not None:
+                return out
         window, rep, G, dev = self.window_size, Hq // Hkv, len(glob), q.device
         block = max(16, min(128, 1 << (window.bit_length() - 2))) if window > 4 else 16
         nprev = -(-(window - 1) // block)
@@ -90,3 +98,102 @@ def _rows(x, first: int, count: int) -> torch.Tensor:
     """Rows ``first .. first + count - 1`` of ``x (B, H, L, D)`` in float32, zeros outside ``0 .. L - 1``."""
     lo, hi = max(0, first), min(x.shape[2], first + count)
     return F.pad(x[:, :, lo:hi].float(), (0, 0, lo - first, first + count - hi))
+
+
+# ---------------------------------------------------------------- the Triton kernel (CUDA)
+# FlashAttention's loop restricted to the band: a program owns BLOCK_M query rows of one
+# head and visits only the key tiles that hold some key of their windows, with an online
+# softmax in float32 (exp2, log2(e) folded into the scale). Inputs in any float dtype
+# (fp16/bf16 use the tensor cores through tl.dot); GQA by the kv head index; the queries
+# are the last Lq of the Lk positions. CI has no GPU: tests/test_triton.py runs it with
+# TRITON_INTERPRET=1 on the CPU against the float64 oracle. The interpreter's tl.dot gives
+# garbage for bfloat16 (Triton 3.9), so there the bf16 tiles are multiplied in float32
+# (DOT_F32); on a GPU they go to the tensor cores as they are.
+
+_FAILED: set[str] = set()  # "triton" once its first compile or launch raised: SDPA tiles from then on
+_CHECKED: set[tuple] = set()  # (dtype, D, window) instantiations that have run once
+
+
+@functools.cache
+def _triton_kernel():
+    """The kernel, defined on first use (Triton reads TRITON_INTERPRET when it decorates)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def sliding_fwd(Q, K, V, O, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l,
+                    Hq, Hkv, Lq, Lk, scale, W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+        pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // Hq, pid_bh % Hq
+        kvh = h // (Hq // Hkv)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this program
+        pos = Lk - Lq + rows  # their positions
+        d = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + d[None, :],
+                    mask=(rows[:, None] < Lq) & (d[None, :] < D), other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a tile a row cannot see adds exp2(-inf) = 0
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        first = Lk - Lq + pid_m * BLOCK_M - W + 1  # the first key any row here sees
+        lo = tl.maximum(first, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(Lk - Lq + (pid_m + 1) * BLOCK_M, Lk)
+        for start in range(lo, hi, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            kv_mask = (j[:, None] < Lk) & (d[None, :] < D)
+            k = tl.load(K + b * sk_b + kvh * sk_h + j[:, None] * sk_l + d[None, :], mask=kv_mask, other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_M, BLOCK_N), log2 units
+            visible = (j[None, :] <= pos[:, None]) & (j[None, :] > pos[:, None] - W) & (j[None, :] < Lk)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            v = tl.load(V + b * sv_b + kvh * sv_h + j[:, None] * sv_l + d[None, :], mask=kv_mask, other=0.0)
+            if DOT_F32:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows past Lq (not stored) may see nothing
+        tl.store(O + b * so_b + h * so_h + rows[:, None] * so_l + d[None, :], out.to(O.dtype.element_ty),
+                 mask=(rows[:, None] < Lq) & (d[None, :] < D))
+
+    return sliding_fwd
+
+
+def _triton(q, k, v, window: int, scale: float, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """Launch the kernel: one program per (BLOCK_M query rows, batch x head)."""
+    import triton
+    B, Hq, Lq, D = q.shape
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = torch.empty_like(q)
+    grid = (triton.cdiv(Lq, block_m), B * Hq)
+    _triton_kernel()[grid](q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                           Hq, k.shape[1], Lq, k.shape[2], scale * 1.4426950408889634, W=window, D=D,
+                           BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n,
+                           DOT_F32=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+    return out
+
+
+def _triton_checked(q, k, v, window: int, scale: float) -> torch.Tensor | None:
+    """``_triton``, synchronised the first time each instantiation runs; if Triton is missing or
+    that first compile or launch raises, warn once and return None: the SDPA tiles answer, for
+    this and every later call."""
+    key = (q.dtype, q.shape[-1], window)
+    if key in _CHECKED:
+        return _triton(q, k, v, window, scale)
+    try:
+        out = _triton(q, k, v, window, scale)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+    except Exception as error:  # noqa: BLE001 -- a missing triton, a compile or launch failure: the SDPA path
+        _FAILED.add("triton")
+        warnings.warn(f"longctx: the Triton sliding-window kernel failed ({type(error).__name__}: {error}); "
+                      "using torch's SDPA on band tiles from now on", RuntimeWarning, stacklevel=3)
+        return None
+    _CHECKED.add(key)
+    return out
