@@ -1,4 +1,4 @@
-"""Issue 18: the sub-quadratic references hold O(tile) memory beyond q, k, v and the output.
+"""Issue 18: the sub-quadratic techniques hold O(tile) memory beyond q, k, v and the output (MLX and torch).
 
 The tiles are made small here (the module constants, patched) so that a few
 thousand tokens already span many tiles: the tiled paths are checked against
@@ -14,7 +14,7 @@ import pytest
 import longctx  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 
-from longctx import bench  # noqa: E402
+from longctx import bench, techniques  # noqa: E402
 from longctx.mlx import benchmark, hierarchical, linear, sliding, sparse  # noqa: E402
 from longctx.techniques import SUBQUADRATIC  # noqa: E402
 from longctx.testing import oracles  # noqa: E402
@@ -24,10 +24,16 @@ from longctx.testing.inputs import make_qkv  # noqa: E402
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(sliding, "TILE_ELEMENTS", 1 << 12)
-    monkeypatch.setattr(hierarchical, "HIERARCHICAL_TILE", 1 << 10)
-    monkeypatch.setattr(sparse, "TILE", 1 << 12)
-    monkeypatch.setattr(linear, "SEGMENT_CHUNKS", 2)
+    import longctx.torch.linear
+    import longctx.torch.sliding
+    import longctx.torch.sparse
+    monkeypatch.setattr(techniques, "HIERARCHICAL_TILE", 1 << 10)
+    for module in (sliding, longctx.torch.sliding):
+        monkeypatch.setattr(module, "TILE_ELEMENTS", 1 << 12)
+    for module in (sparse, longctx.torch.sparse):
+        monkeypatch.setattr(module, "TILE", 1 << 12)
+    for module in (linear, longctx.torch.linear):
+        monkeypatch.setattr(module, "SEGMENT_CHUNKS", 2)
 
 
 def _mx(*arrays, dtype=mx.float32):
@@ -65,14 +71,23 @@ def test_sliding_in_many_tiles_keeps_fp16_with_large_logits(small_tiles):
                  rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
 @pytest.mark.parametrize("Hq, Hkv, Lq, Lk, levels, causal", [
     (4, 2, 203, 203, [4, 8, 16], True), (2, 1, 50, 203, [4, 12], True), (2, 2, 96, 96, [8, 16], False)])
-def test_hierarchical_in_many_spans_equals_the_oracle(small_tiles, Hq, Hkv, Lq, Lk, levels, causal):
-    attend = hierarchical.HierarchicalAttention(levels, causal=causal)
-    assert attend.span(Hq) < Lk  # the tiled path runs
+def test_hierarchical_in_many_spans_equals_the_oracle(small_tiles, backend, Hq, Hkv, Lq, Lk, levels, causal):
+    import torch
+
+    from longctx.torch import HierarchicalAttention
     q, k, v = make_qkv(2, 1, Hq, Hkv, Lq, Lk, 16)
-    assert_close(np.array(attend(*_mx(q, k, v))),
-                 oracles.hierarchical_attention(q, k, v, levels, causal=causal), rtol=2e-5, atol=2e-5)
+    if backend == "mlx":
+        attend, inputs = hierarchical.HierarchicalAttention(levels, causal=causal), _mx(q, k, v)
+    else:
+        attend, inputs = HierarchicalAttention(levels, causal=causal), [torch.tensor(x, dtype=torch.float32)
+                                                                        for x in (q, k, v)]
+    assert attend.span(Hq) < Lk  # the tiled path runs
+    out = attend(*inputs)
+    assert_close(np.array(out) if backend == "mlx" else out.numpy(), oracles.hierarchical_attention(q, k, v, levels, causal=causal),
+                 rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("Lq, Lk, window, glob, causal", [
@@ -103,11 +118,12 @@ def test_streaming_benchmark_run_writes_every_chunk():
     assert_close(np.array(fn()), np.array(mx.concatenate(outs, axis=2)), rtol=1e-6, atol=1e-6)
 
 
-def test_memory_beyond_the_output_does_not_grow_with_L(small_tiles):
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_memory_beyond_the_output_does_not_grow_with_L(small_tiles, backend):
     """``longctx bench --scaling``'s function, at a small size where every technique spans many tiles."""
     names = [n for n in SUBQUADRATIC if n != "compressed"]  # it keeps (1 - ratio) L entries by design
     # Window 96: BigBird's block is 32, a divisor of L (BigBirdAttention pads other lengths: a copy).
-    rows = bench.scaling_rows("mlx", bench.techniques_for(names, 96), 4096, heads=2, head_dim=32)
+    rows = bench.scaling_rows(backend, bench.techniques_for(names, 96), 4096, heads=2, head_dim=32)
     assert [r["technique"] for r in rows] == names
     grew = {r["technique"]: (r["beyond_bytes"] / 2**20, r["beyond_4x_bytes"] / 2**20)
             for r in rows if not r["flat_memory"]}

@@ -23,7 +23,7 @@ import math
 import mlx.core as mx
 
 from longctx.checks import check_attention, check_level, check_levels, check_scale, self_attention_inputs
-from longctx.techniques import HIERARCHICAL_TILE  # scores per level and span (the memory formula's too)
+from longctx.techniques import hierarchical_span
 from longctx.tiles import RowWriter
 
 LOG2E = math.log2(math.e)
@@ -79,11 +79,9 @@ class HierarchicalAttention:
         return out.result()
 
     def span(self, rows: int) -> int:
-        """Positions per tile of ``hierarchical_forward``: a multiple of every segment size, with
-        about ``HIERARCHICAL_TILE`` scores per level for ``rows = B * Hq`` query heads."""
-        lcm = math.lcm(*self.levels)
-        m = max(-(-w // r) for w, r in zip(self.levels, self.dilations))  # keys per kept row
-        return lcm * max(1, HIERARCHICAL_TILE // (rows * lcm * m))
+        """Positions per tile of ``hierarchical_forward`` for ``rows = B * Hq`` query heads: a
+        multiple of every segment size, about ``HIERARCHICAL_TILE`` scores per level."""
+        return hierarchical_span(self.levels, self.dilations, rows)
 
     def mix_levels(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
         """The levels, mixed: shapes as in ``hierarchical_forward``. Run ``dilated_attention`` per

@@ -109,10 +109,18 @@ def _hierarchical_memory(L, H, D, o, backend):
         return len(o["levels"]) * 2 * H * L * (w0 + D) * BYTES  # per level: scores, weights, output, lse
     levels, dilations = check_levels(o["levels"], o.get("dilations"))
     m = max(-(-w // r) for w, r in zip(levels, dilations))  # keys per kept row
-    lcm = math.lcm(*levels)
-    span = lcm * max(1, HIERARCHICAL_TILE // (H * lcm * m))  # HierarchicalAttention.span
+    span = hierarchical_span(levels, dilations, H)
     # per level, one span at a time: scores, weights, output, lse; the output written in place
     return len(levels) * 2 * H * min(span, L) * (m + D) * BYTES
+
+
+def hierarchical_span(levels, dilations, rows: int) -> int:
+    """Positions per tile of ``HierarchicalAttention`` (both backends): a multiple of every
+    segment size, with about ``HIERARCHICAL_TILE`` scores per level for ``rows = B * Hq``
+    query heads. A span's queries see only that span's keys, so spans run one at a time."""
+    lcm = math.lcm(*levels)
+    m = max(-(-w // r) for w, r in zip(levels, dilations))  # keys per kept row
+    return lcm * max(1, HIERARCHICAL_TILE // (rows * lcm * m))
 
 
 def _ring_memory(L, H, D, o, backend):
@@ -123,8 +131,7 @@ def _ring_memory(L, H, D, o, backend):
 def _streaming_memory(L, H, D, o, backend):
     c = min(o["chunk_size"], L)
     held = o["sink_tokens"] + o["window"] + c
-    concat = H * L * D if backend == "torch" else 0  # MLX writes each chunk's rows in place
-    return (3 * H * c * held + 4 * H * held * D + concat) * BYTES  # a chunk's scores, the cache
+    return (3 * H * c * held + 4 * H * held * D) * BYTES  # a chunk's scores, the cache; the output in place
 
 
 def _compressed_memory(L, H, D, o, backend):
@@ -159,8 +166,6 @@ def _linear_flops(L, H, D, o):
 
 def _longformer_memory(L, H, D, o, backend):
     ncol = 64 + o["window"]  # a query block's band keys
-    if backend == "torch":
-        return (2 * H * L * D + 6 * min(1 << 22, H * L * ncol) + 2 * L * ncol) * BYTES
     return 8 * min(1 << 22, H * L * ncol) * BYTES  # tiles of scores, weights, band keys; the output in place
 
 
@@ -179,8 +184,6 @@ def _longformer_pairs(L: int, o: dict) -> float:
 def _bigbird_memory(L, H, D, o, backend):
     b, k = o["block_size"], 5 + o["num_random_blocks"]
     tile = min(1 << 22, H * L * k * b)
-    if backend == "torch":
-        return (2 * H * L * D + 8 * H * b * L + 6 * tile + 2 * tile * D // b + H * L * k) * BYTES
     return (8 * tile + 2 * tile * D // b) * BYTES  # tiles of scores, weights, gathered blocks; output in place
 
 

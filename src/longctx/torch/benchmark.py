@@ -48,14 +48,14 @@ def attention_run(technique: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), np.arange(L)
     if technique == "streaming":
         def streaming():
-            cache, outs = SinkLayer(o["sink_tokens"], o["window"]), []
+            cache, out = SinkLayer(o["sink_tokens"], o["window"]), torch.empty_like(q)  # filled chunk by chunk
             for s in range(0, L, o["chunk_size"]):
                 e = min(L, s + o["chunk_size"])
                 keys, values = cache.update(k[:, :, s:e], v[:, :, s:e])
                 n = keys.shape[2]  # the chunk's queries are the last e - s of the n keys
                 visible = torch.arange(n, device=q.device) <= torch.arange(n - (e - s), n, device=q.device)[:, None]
-                outs.append(F.scaled_dot_product_attention(q[:, :, s:e], keys, values, attn_mask=visible))
-            return torch.cat(outs, dim=2)
+                out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], keys, values, attn_mask=visible)
+            return out
         return streaming, np.arange(L)
     compressor = ContextCompressor(o["compression_ratio"], method=o["method"],
                                    observation_window=o["observation_window"])

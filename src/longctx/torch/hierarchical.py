@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from longctx.checks import check_attention, check_level, check_levels, check_scale, self_attention_inputs
+from longctx.techniques import hierarchical_span
 
 
 def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_size: int, dilation: int, *,
@@ -67,9 +68,26 @@ class HierarchicalAttention:
     def hierarchical_forward(self, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
         """``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` -> ``(B, Hq, Lq, D)``, dtype of ``q``.
 
-        ``hierarchical_forward(x)`` is self-attention of ``x`` with itself (``q = k = v = x``)."""
+        ``hierarchical_forward(x)`` is self-attention of ``x`` with itself (``q = k = v = x``).
+        Span by span (every segment size divides a span), written into the output in place."""
         k, v = self_attention_inputs(q, k, v)
-        check_attention(q, k, v)
+        B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
+        span = self.span(B * Hq)
+        if span >= Lk:
+            return self.mix_levels(q, k, v)
+        p0 = Lk - Lq
+        out = torch.empty_like(q)
+        for a in range(p0 // span * span, Lk, span):
+            b = min(a + span, Lk)
+            out[:, :, max(a, p0) - p0:b - p0] = self.mix_levels(q[:, :, max(a, p0) - p0:b - p0], k[:, :, a:b],
+                                                                 v[:, :, a:b])
+        return out
+
+    def span(self, rows: int) -> int:
+        return hierarchical_span(self.levels, self.dilations, rows)
+
+    def mix_levels(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The levels mixed by their softmax denominators."""
         parts = [dilated_attention(q, k, v, w, r, causal=self.causal, scale=self.scale)
                  for w, r in zip(self.levels, self.dilations)]
         lse = torch.stack([lse for _, lse in parts])  # (levels, B, Hq, Lq)

@@ -73,31 +73,33 @@ def longformer_attention(q, k, v, window: int, global_tokens=(), causal: bool = 
     P0, rep, dev = Lk - Lq, Hq // Hkv, q.device
     nb = -(-Lq // BLOCK)
     ncol = BLOCK + left + right
-    qf = F.pad(q.float() * scale, (0, 0, 0, nb * BLOCK - Lq)).view(B, Hkv, rep, nb, BLOCK, D)
-    kb = _band_keys(k.float(), P0 - left, nb, BLOCK, ncol)[:, :, None]  # (B, Hkv, 1, nb, ncol, D): a view
-    vb = _band_keys(v.float(), P0 - left, nb, BLOCK, ncol)[:, :, None]
-    key_pos = P0 - left + torch.arange(nb, device=dev)[:, None] * BLOCK + torch.arange(ncol, device=dev)[None, :]
     rel = torch.arange(ncol, device=dev)[None, :] - left - torch.arange(BLOCK, device=dev)[:, None]
     g = torch.as_tensor(glob, device=dev)
-    local = (key_pos >= 0) & (key_pos < Lk) & ~torch.isin(key_pos, g)
-    keep = (rel >= -left) & (rel <= right) & local[:, None, :]  # (nb, BLOCK, ncol)
     kg, vg = k[:, :, g].float()[:, :, None, None], v[:, :, g].float()[:, :, None, None]  # (B, Hkv, 1, 1, G, D)
-    qpos = P0 + torch.arange(nb * BLOCK, device=dev).view(nb, BLOCK, 1)
-    seen = g <= qpos if causal else torch.ones(nb, BLOCK, len(glob), dtype=torch.bool, device=dev)
-    out = torch.empty(B, Hkv, rep, nb, BLOCK, D, device=dev)
+    out = torch.empty(B, Hkv, rep, Lq, D, dtype=q.dtype, device=dev)  # filled tile by tile
     step = max(1, TILE // (B * Hq * BLOCK * ncol))
-    for b0 in range(0, nb, step):  # a tile of query blocks at a time
+    for b0 in range(0, nb, step):  # a tile of query blocks at a time: q, keys and masks of the tile only
         b1 = min(nb, b0 + step)
-        s = (qf[:, :, :, b0:b1] @ kb[:, :, :, b0:b1].transpose(-1, -2)).masked_fill(~keep[b0:b1], float("-inf"))
-        sg = (qf[:, :, :, b0:b1] @ kg.transpose(-1, -2)).masked_fill(~seen[b0:b1], float("-inf"))
+        n, e, lo = b1 - b0, min(Lq, b1 * BLOCK), P0 - left + b0 * BLOCK
+        qf = F.pad(q[:, :, b0 * BLOCK:e].float() * scale, (0, 0, 0, b1 * BLOCK - e)).view(B, Hkv, rep, n, BLOCK, D)
+        kb = _band_keys(k.float(), lo, n, BLOCK, ncol)[:, :, None]  # (B, Hkv, 1, n, ncol, D)
+        vb = _band_keys(v.float(), lo, n, BLOCK, ncol)[:, :, None]
+        key_pos = lo + torch.arange(n, device=dev)[:, None] * BLOCK + torch.arange(ncol, device=dev)[None, :]
+        local = (key_pos >= 0) & (key_pos < Lk) & ~torch.isin(key_pos, g)
+        keep = (rel >= -left) & (rel <= right) & local[:, None, :]  # (n, BLOCK, ncol)
+        qpos = P0 + torch.arange(b0 * BLOCK, b1 * BLOCK, device=dev).view(n, BLOCK, 1)
+        seen = g <= qpos if causal else torch.ones(n, BLOCK, len(glob), dtype=torch.bool, device=dev)
+        s = (qf @ kb.transpose(-1, -2)).masked_fill(~keep, float("-inf"))
+        sg = (qf @ kg.transpose(-1, -2)).masked_fill(~seen, float("-inf"))
         p = torch.softmax(torch.cat([s, sg], dim=-1), dim=-1)
-        out[:, :, :, b0:b1] = p[..., :ncol] @ vb[:, :, :, b0:b1] + p[..., ncol:] @ vg
-    out = out.reshape(B, Hq, nb * BLOCK, D)[:, :, :Lq]
+        o = (p[..., :ncol] @ vb + p[..., ncol:] @ vg).reshape(B, Hkv, rep, n * BLOCK, D)
+        out[:, :, :, b0 * BLOCK:e] = o[:, :, :, :e - b0 * BLOCK]
+    out = out.view(B, Hq, Lq, D)
     rows = glob[glob >= P0]
     if len(rows):
         gq, gk, gv = (q, k, v) if global_qkv is None else global_qkv
         out = _put_global_rows(out, gq, gk, gv, rows, causal, scale)
-    return out.to(q.dtype)
+    return out
 
 
 def bigbird_random_blocks(num_blocks: int, num_random_blocks: int, seed: int, *, heads: int = 1,
@@ -146,8 +148,7 @@ def bigbird_attention(q, k, v, block_size: int, num_random_blocks: int, seed: in
     idx = np.concatenate([np.broadcast_to(fixed, (Hq, *fixed.shape)), rand], axis=-1)
     keep = np.concatenate([np.broadcast_to(keep_fixed, (Hq, *fixed.shape)), rand >= 0], axis=-1)
     K = idx.shape[-1]
-    qb = q.float().view(B, Hq, n, b, D) * scale
-    out = torch.empty(B, Hq, n, b, D, device=q.device)
+    out = torch.empty(B, Hq, n, b, D, dtype=q.dtype, device=q.device)
     step = max(1, TILE // (B * Hq * b * K * b))
     for i0 in range(0, n, step):
         i1 = min(n, i0 + step)
@@ -156,13 +157,13 @@ def bigbird_attention(q, k, v, block_size: int, num_random_blocks: int, seed: in
             key_pos = (np.clip(idx[:, i0:i1], 0, None)[..., None] * b + np.arange(b)).reshape(Hq, i1 - i0, 1, K * b)
             mask = mask & (key_pos <= (np.arange(i0, i1)[:, None] * b + np.arange(b))[None, :, :, None])
         kb, vb = _gather_blocks(k, idx[:, i0:i1], b), _gather_blocks(v, idx[:, i0:i1], b)
-        s = (qb[:, :, i0:i1] @ kb.transpose(-1, -2)).masked_fill(~torch.as_tensor(mask, device=q.device),
+        qb = q[:, :, i0 * b:i1 * b].float().view(B, Hq, i1 - i0, b, D) * scale
+        s = (qb @ kb.transpose(-1, -2)).masked_fill(~torch.as_tensor(mask, device=q.device),
                                                                 float("-inf"))
         out[:, :, i0:i1] = torch.softmax(s, dim=-1) @ vb
     out = out.view(B, Hq, Lq, D)
     rows = np.concatenate([np.arange(b), np.arange(Lq - b, Lq)]) if n > 1 else np.arange(b)
-    out = _put_global_rows(out, q, k, v, rows, causal, scale)
-    return out.to(q.dtype)
+    return _put_global_rows(out, q, k, v, rows, causal, scale)
 
 
 class LongformerAttention:
