@@ -91,13 +91,12 @@ def _blocked(q, k, v, window: int, scale: float, global_tokens=np.zeros(0, np.in
     raise NotImplementedError("Task 1: _blocked -- see the book chapter 'Sliding-window attention'")
 
 
-def _windows(x, b0: int, b1: int, block: int, nprev: int) -> mx.array:
-    """Given helper: rows ``[b * block, b * block + (nprev + 1) * block)`` of ``x (B, H, rows, D)``
-    for blocks ``b0 <= b < b1``, as ``(B, H, b1 - b0, 1, (nprev + 1) * block, D)``."""
+def _windows(x, n: int, block: int, nprev: int) -> mx.array:
+    """Given helper: the keys of ``n`` query blocks from the slab ``x (B, H, (n + nprev) * block,
+    D)``: block ``b`` reads rows ``[b * block, (b + nprev + 1) * block)``; returns
+    ``(B, H, 1, n, (nprev + 1) * block, D)`` (the 1 broadcasts over the query heads of a kv head)."""
     B, H, _, D = x.shape
-    n = b1 - b0
-    parts = [x[:, :, (b0 + t) * block:(b1 + t) * block].reshape(B, H, n, 1, block, D)
-             for t in range(nprev + 1)]
+    parts = [x[:, :, t * block:(n + t) * block].reshape(B, H, 1, n, block, D) for t in range(nprev + 1)]
     return mx.concatenate(parts, axis=-2)
 
 

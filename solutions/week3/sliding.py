@@ -123,8 +123,8 @@ def _blocked(q, k, v, window: int, scale: float, global_tokens=np.zeros(0, np.in
             qb = q[:, :, b0 * block:e].astype(mx.float32) * (scale * LOG2E)
             qb = mx.pad(qb, [(0, 0), (0, 0), (0, b1 * block - e), (0, 0)]).reshape(B, Hkv, rep, n, block, D)
             k0 = p0 + (b0 - nprev) * block  # position of this step's first key row
-            kb = _windows(_rows(k, k0, (n + nprev) * block), 0, n, block, nprev).reshape(B, Hkv, 1, n, ncol, D)
-            vb = _windows(_rows(v, k0, (n + nprev) * block), 0, n, block, nprev).reshape(B, Hkv, 1, n, ncol, D)
+            kb = _windows(_rows(k, k0, (n + nprev) * block), n, block, nprev)  # (B, Hkv, 1, n, ncol, D)
+            vb = _windows(_rows(v, k0, (n + nprev) * block), n, block, nprev)  # (B, Hkv, 1, n, ncol, D)
             key_pos = k0 + mx.arange(n)[:, None, None] * block + mx.arange(ncol)  # (n, 1, ncol)
             visible = band & (key_pos >= 0)
             for g in global_tokens.tolist():  # a global key is not also counted in the band
@@ -146,13 +146,12 @@ def _blocked(q, k, v, window: int, scale: float, global_tokens=np.zeros(0, np.in
     # END SOLUTION
 
 
-def _windows(x, b0: int, b1: int, block: int, nprev: int) -> mx.array:
-    """Given helper: rows ``[b * block, b * block + (nprev + 1) * block)`` of ``x (B, H, rows, D)``
-    for blocks ``b0 <= b < b1``, as ``(B, H, b1 - b0, 1, (nprev + 1) * block, D)``."""
+def _windows(x, n: int, block: int, nprev: int) -> mx.array:
+    """Given helper: the keys of ``n`` query blocks from the slab ``x (B, H, (n + nprev) * block,
+    D)``: block ``b`` reads rows ``[b * block, (b + nprev + 1) * block)``; returns
+    ``(B, H, 1, n, (nprev + 1) * block, D)`` (the 1 broadcasts over the query heads of a kv head)."""
     B, H, _, D = x.shape
-    n = b1 - b0
-    parts = [x[:, :, (b0 + t) * block:(b1 + t) * block].reshape(B, H, n, 1, block, D)
-             for t in range(nprev + 1)]
+    parts = [x[:, :, t * block:(n + t) * block].reshape(B, H, 1, n, block, D) for t in range(nprev + 1)]
     return mx.concatenate(parts, axis=-2)
 
 
