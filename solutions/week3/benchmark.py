@@ -46,7 +46,13 @@ from .streaming import SinkKVCache
 def estimate_memory(technique: str, length: int, *, heads: int = 8, head_dim: int = 64, **options) -> int:
     """Peak bytes the attention ``technique`` needs at ``length`` (B = 1, float32), inputs included:
     the registry's written arithmetic for MLX (``longctx.techniques.estimate_memory``)."""
-    return registry.estimate_memory(technique, length, heads=heads, head_dim=head_dim, backend="mlx", **options)
+    backend = "mlx"
+    # BEGIN REFERENCE
+    from longctx import native
+    if technique == "sliding" and native.available():  # the installed reference runs the compiled kernel
+        backend = "native"
+    # END REFERENCE
+    return registry.estimate_memory(technique, length, heads=heads, head_dim=head_dim, backend=backend, **options)
 
 
 def exact_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -15,6 +15,11 @@ Two implementations, one contract:
 * ``_fused`` (Apple GPU through ``mx.fast.metal_kernel``, NVIDIA GPU through its
   ``mx.fast.cuda_kernel`` twin): one thread per query row walks its window
   with an online softmax, never writing a score to memory.
+
+The installed reference (``longctx.mlx``) also has a third: on the CPU, the
+band loop compiled in C++ as an MLX primitive (``longctx.native``, built on first
+use; ``_blocked`` answers where it cannot be built). Learners' stubs do not
+dispatch to it: the graded tests judge their ``_blocked``.
 """
 from __future__ import annotations
 
@@ -72,6 +77,13 @@ class SlidingWindowAttention:
             out = _fused_checked(q, k, v, self.window_size, scale)
             if out is not None:
                 return out
+        # BEGIN REFERENCE
+        if len(glob) == 0:  # the installed reference: the same loop compiled for the CPU
+            from longctx import native
+            out = native.sliding_window(q, k, v, self.window_size, scale)
+            if out is not None:
+                return out
+        # END REFERENCE
         return _blocked(q, k, v, self.window_size, scale, glob)
 
     __call__ = sliding_attention

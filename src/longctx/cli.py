@@ -210,6 +210,8 @@ def cmd_doctor(args) -> int:
     console.print(f"BLAS for MLX: {blas.describe()}")
     console.print(f"BLAS mapped: {', '.join(blas.loaded_blas()) or 'none found'}")
     console.print(f"MLX float32 2048^3 matmul on the CPU: {gflops:.0f} GFLOP/s")
+    from longctx import native
+    console.print(f"compiled CPU kernels (longctx.native): {native.status()}")
     if blas.has_fast_blas() and gflops >= SLOW_GFLOPS:
         console.print("[green]ok: an optimised BLAS is in use")
         return 0

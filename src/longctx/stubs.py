@@ -10,6 +10,9 @@ docstrings, shape comments, given helpers) and puts in their place::
 GPU kernels): the stub raises ``NotImplementedError("Stretch, Task 1: ...")``
 there, the code around it falls back to the ops path, and its graded tests
 run only where the kernel can (they are reported on their own row).
+``# BEGIN REFERENCE`` / ``# END REFERENCE`` mark what only the installed
+reference does (the dispatch to ``longctx.native``'s compiled kernels): the
+stub drops those lines, so the graded tests judge the learner's own code.
 
 The task number and chapter come from the module docstring's first line
 (``Task 1: ... (book chapter "Sliding-window attention")``). ``--check``
@@ -22,7 +25,8 @@ import re
 from pathlib import Path
 
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
-MARKERS = {BEGIN: (END, "Task {task}"), "# BEGIN STRETCH": ("# END STRETCH", "Stretch, Task {task}")}
+MARKERS = {BEGIN: (END, "Task {task}"), "# BEGIN STRETCH": ("# END STRETCH", "Stretch, Task {task}"),
+           "# BEGIN REFERENCE": ("# END REFERENCE", None)}  # None: the lines are dropped, nothing raises
 HEADER = ('# Learner stub for Task {task}, generated from solutions/{folder}/{name} by `longctx stubs`.\n'
           '# Replace each `raise NotImplementedError(...)` with your code; grade it with\n'
           '#     pytest labs/{folder} --task {task}\n')
@@ -60,16 +64,17 @@ def make_stub(source: str, name: str, folder: str = "week3") -> str:
             inner = [q for first, last, q in spans if first <= number <= last]
             where = inner[-1] if inner else name
             indent = line[: len(line) - len(line.lstrip())]
-            out.append(f'{indent}raise NotImplementedError("{label.format(task=task.group(1))}: {where} -- see the '
-                       f'book chapter \'{chapter.group(1)}\'")\n')
-        elif stripped in (END, "# END STRETCH"):
+            if label is not None:
+                out.append(f'{indent}raise NotImplementedError("{label.format(task=task.group(1))}: {where} -- '
+                           f'see the book chapter \'{chapter.group(1)}\'")\n')
+        elif stripped in (end for end, _ in MARKERS.values()):
             if stripped != closing:
                 raise ValueError(f"{name}:{number}: {stripped} without its BEGIN")
             closing = None
         elif not closing:
             out.append(line)
     if closing:
-        raise ValueError(f"{name}: {BEGIN if closing == END else '# BEGIN STRETCH'} is never closed")
+        raise ValueError(f"{name}: {next(b for b, (e, _) in MARKERS.items() if e == closing)} is never closed")
     return HEADER.format(task=task.group(1), folder=folder, name=name) + "".join(out)
 
 
