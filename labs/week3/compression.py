@@ -213,9 +213,10 @@ class CompressedKVCache:
     kept entry's.
 
     Storage is a buffer grown in steps, like mlx-lm's ``KVCache``: a decode
-    step writes its entry in place, and its eviction moves the last entry into
-    the evicted slot at the next step, so entries are not in position order
-    (attention does not care; ``positions`` says where each came from).
+    step writes its entry in place, into the slot the previous step's eviction
+    freed (or at the end while the budget grows), so entries are not in
+    position order (attention does not care; ``positions`` says where each came
+    from).
     """
 
     step = 256
@@ -226,7 +227,7 @@ class CompressedKVCache:
         self.compressor = compressor
         self._buffers = None  # keys, values, positions, scores: (B, H, capacity[, D])
         self._n = 0  # entries held (plus one, while an eviction is pending)
-        self._victim = None  # (B, H) slot the last entry moves into at the next update
+        self._victim = None  # (B, H) slot evicted at the last update: the next entry's (or the last one's)
         self.offset = 0
         self.compressed = False
 
@@ -238,7 +239,6 @@ class CompressedKVCache:
         if prefill_done and self.compressor.method in NEEDS_ATTENTION:
             raise ValueError(f"method {self.compressor.method!r} needs queries: call cache.compress(queries) "
                              "after prefill (the cache protocol never passes queries)")
-        self._settle()
         positions = mx.broadcast_to(self.offset + mx.arange(S, dtype=mx.int32), keys.shape[:3])
         self._append(keys, values, positions, self._decode_scores(keys, positions))
         self.offset += S
@@ -288,6 +288,14 @@ class CompressedKVCache:
 
     def _append(self, *new) -> None:
         S = new[0].shape[2]
+        if self._victim is not None and S == 1:  # a decode step: the new entry takes the evicted one's slot
+            slot = self._victim[:, :, None]
+            # One scatter per buffer, into a buffer nothing else reads, so MLX writes it in place.
+            self._buffers = [mx.put_along_axis(b, slot.reshape(*slot.shape, *([1] * (b.ndim - 3))), x, axis=2)
+                             for b, x in zip(self._buffers, new)]
+            self._victim = None
+            return
+        self._settle()
         if self._buffers is None:
             self._buffers, self._n = [x[:, :, :0] for x in new], 0
         if self._n + S > self._buffers[0].shape[2]:  # grow in steps, as mlx-lm's KVCache does

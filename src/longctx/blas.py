@@ -75,6 +75,27 @@ def preload_fast_blas() -> str | None:
     return None
 
 
+def share_with_torch() -> None:
+    """Make a preloaded OpenBLAS safe for torch in the same process: one thread.
+
+    The preload puts OpenBLAS's Fortran symbols (``sgemm_``...) first in the
+    global scope, so torch binds its own BLAS calls to them too (``LD_DEBUG=bindings``
+    shows it). torch calls them from inside its OpenMP parallel regions, and a
+    multi-threaded OpenBLAS there fights torch's threads for the cores: measured
+    on 2 cores, the torch sliding mirror at 1k tokens took 527 ms instead of 19
+    and causal SDPA 40 ms instead of 16. With one OpenBLAS thread both are back
+    (20 and 17 ms); a float32 2048^3 matmul then runs at 78-85 GFLOP/s in MLX and
+    torch instead of 128-144 (MKL, which torch's own builds use, cooperates with
+    OpenMP; ``LONGCTX_BLAS=mkl`` chooses it). ``longctx.torch`` calls this on import.
+    """
+    if LOADED is None or "mkl" in LOADED.lower():
+        return
+    try:
+        ctypes.CDLL(LOADED).openblas_set_num_threads(1)
+    except (OSError, AttributeError):  # not an OpenBLAS after all: nothing to share
+        pass
+
+
 def loaded_blas() -> list[str]:
     """Shared libraries named like a BLAS mapped into this process (Linux only)."""
     try:

@@ -1,4 +1,8 @@
 """longctx.torch: the PyTorch mirror of longctx.mlx (same names, torch.Tensor in and out)."""
+from longctx.blas import share_with_torch
+
+share_with_torch()  # a preloaded multi-threaded OpenBLAS would slow torch down 3-30x: see longctx/blas.py
+
 from .adaptive import AdaptiveContextManager, ContextOverflowError
 from .benchmark import BenchmarkResult, benchmark_long_context
 from .compression import CompressedContext, CompressedKVCache, ContextCompressor

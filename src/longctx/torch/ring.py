@@ -131,27 +131,33 @@ def ring_attention_distributed(q, k, v, group=None, *, causal: bool = True, layo
     prv, nxt = (rank - 1) % size, (rank + 1) % size
     suspect = f"rank {prv} (recv) or rank {nxt} (send)"
 
-    def post(x):  # send x on to rank + 1, receive the predecessor's: returns (requests, buffer)
+    def failed(error, what):  # the error, naming the two ranks this one talks to
+        if "timed out" in str(error).lower():
+            return TimeoutError(f"rank {rank}, {what}: nothing from {suspect} within {timeout} s "
+                                f"(did it die, or stop calling ring_attention_distributed?)")
+        return RuntimeError(f"rank {rank}, {what}: failed talking to {suspect}: {error}")
+
+    def post(x, what):  # send x on to rank + 1, receive the predecessor's: returns (requests, buffer, what)
         buffer = torch.empty_like(x)
         peer = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
         ops = [dist.P2POp(dist.isend, x, peer(nxt), group), dist.P2POp(dist.irecv, buffer, peer(prv), group)]
-        return dist.batch_isend_irecv(ops), buffer
+        try:  # a peer that already closed its connection fails the posting itself
+            return dist.batch_isend_irecv(ops), buffer, what
+        except RuntimeError as error:
+            raise failed(error, what) from error
 
-    def wait(pending, what):
-        requests, buffer = pending
+    def wait(pending):
+        requests, buffer, what = pending
         try:
             for request in requests:
                 request.wait(timeout=timedelta(seconds=timeout))
         except RuntimeError as error:
-            if "timed out" in str(error).lower():
-                raise TimeoutError(f"rank {rank}, {what}: nothing from {suspect} within {timeout} s "
-                                   f"(did it die, or stop calling ring_attention_distributed?)") from error
-            raise RuntimeError(f"rank {rank}, {what}: failed talking to {suspect}: {error}") from error
+            raise failed(error, what) from error
         return buffer
 
     mine = torch.tensor([B, Hq, Hkv, n, D], device=q.device)
     if size > 1:
-        theirs = wait(post(mine), "handshake").tolist()
+        theirs = wait(post(mine, "handshake")).tolist()
         if theirs != mine.tolist():
             raise ValueError(f"every rank must hold a shard of one shape (B, Hq, Hkv, n, D): rank {rank} has "
                              f"{mine.tolist()} but rank {prv} has {theirs}")
@@ -167,11 +173,11 @@ def ring_attention_distributed(q, k, v, group=None, *, causal: bool = True, layo
     kv = torch.stack([k, v]).contiguous()
     for step in range(size):
         owner = (rank - step) % size
-        pending = post(kv) if step < size - 1 else None  # the transfer overlaps this step's compute
+        pending = post(kv, f"ring step {step + 1} of {size - 1}") if step < size - 1 else None  # overlaps compute
         for i, (qpos, q_chunk) in enumerate(queries):
             for (kpos, k_chunk), (_, v_chunk) in zip(chunks(kv[0], owner), chunks(kv[1], owner)):
                 states[i] = ring.ring_attention_step(q_chunk, k_chunk, v_chunk, kpos, states[i],
                                                      query_position=qpos)
         if pending is not None:
-            kv = wait(pending, f"ring step {step + 1} of {size - 1}")
+            kv = wait(pending)
     return torch.cat([ring.finalize(s, q.dtype) for s in states], dim=2)
