@@ -130,3 +130,19 @@ def test_memory_beyond_the_output_does_not_grow_with_L(small_tiles, backend):
     grew = {r["technique"]: (r["beyond_bytes"] / 2**20, r["beyond_4x_bytes"] / 2**20)
             for r in rows if not r["flat_memory"]}
     assert not grew, f"MiB beyond q, k, v and the output at L=4096 and 16384: {grew}"
+
+
+def test_torch_hierarchical_fused_blocks_equal_the_explicit_scores():
+    """The torch mirror's causal levels on the CPU run torch's flash kernel (output and lse);
+    elsewhere (CUDA, non-causal) the explicit scores. Both must give the same rows and lse."""
+    import torch
+
+    from longctx.torch import hierarchical as th
+    rng = np.random.default_rng(4)
+    B, Hq, nseg, m, D = 2, 3, 5, 7, 16
+    qg, kg, vg = (torch.tensor(rng.standard_normal((B, Hq, nseg, m, D)), dtype=torch.float32) for _ in range(3))
+    key_ok = torch.ones(Hq, nseg, m, dtype=torch.bool)
+    fused = th._block_attention(qg, kg, vg, key_ok, True, 0.3, fused=True)
+    explicit = th._block_attention(qg, kg, vg, key_ok, True, 0.3, fused=False)
+    for a, b in zip(fused, explicit):
+        assert_close(a.numpy(), b.numpy(), rtol=2e-5, atol=2e-5)

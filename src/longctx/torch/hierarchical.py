@@ -36,14 +36,8 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     q_row = (h[:, None, None] * Lq + (pos - (Lk - Lq)).clamp(0, Lq - 1)).flatten()
     qg = q.reshape(B, Hq * Lq, D)[:, q_row].reshape(B, Hq, nseg, m, D).float()
 
-    s = (qg * scale) @ kg.transpose(-1, -2)  # (B, Hq, nseg, m, m)
-    visible = key_ok[:, :, None, :]
-    if causal:
-        visible = visible & torch.ones(m, m, dtype=torch.bool, device=dev).tril()
-    s = s.masked_fill(~visible, float("-inf"))
-    lse_g = torch.logsumexp(s, dim=-1)  # (B, Hq, nseg, m); -inf on padding rows
-    p = torch.exp(s - torch.where(lse_g.isinf(), 0.0, lse_g)[..., None])
-    og = p @ vg  # rows already normalised: p = exp(s - lse)
+    og, lse_g = _block_attention(qg, kg, vg, key_ok, causal, scale,  # (B, Hq, nseg, m, D), (B, Hq, nseg, m)
+                                 fused=causal and dev.type == "cpu")
 
     qpos = torch.arange(Lk - Lq, Lk, device=dev) - first
     within = qpos % w - offset[:, None]  # (Hq, Lq)
@@ -54,6 +48,28 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     out = out.masked_fill(~kept[..., None], 0.0)
     lse = lse.masked_fill(~kept, float("-inf"))
     return out.to(q.dtype), lse
+
+
+def _block_attention(qg, kg, vg, key_ok, causal: bool, scale: float, fused: bool):
+    """Attention inside each gathered block, ``(B, Hq, nseg, m, D)`` float32, keys masked by
+    ``key_ok (Hq, nseg, m)`` (and causally): ``(out, lse)``, lse ``-inf`` on rows that see nothing.
+
+    ``fused`` (causal, on the CPU): torch's own flash kernel, which returns the lse beside the
+    output and never writes the ``m x m`` scores; the causal mask implies ``key_ok`` on every row
+    that is kept (its earlier keys are all valid). Otherwise the scores are explicit."""
+    B, Hq, nseg, m, D = qg.shape
+    if fused:
+        flat = [x.reshape(B, Hq * nseg, m, D) for x in (qg, kg, vg)]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*flat, 0.0, True, scale=scale)
+        return out.reshape(B, Hq, nseg, m, D), lse.reshape(B, Hq, nseg, m)
+    s = (qg * scale) @ kg.transpose(-1, -2)  # (B, Hq, nseg, m, m)
+    visible = key_ok[:, :, None, :]
+    if causal:
+        visible = visible & torch.ones(m, m, dtype=torch.bool, device=qg.device).tril()
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (B, Hq, nseg, m); -inf on padding rows
+    p = torch.exp(s - torch.where(lse.isinf(), 0.0, lse)[..., None])
+    return p @ vg, lse  # rows already normalised: p = exp(s - lse)
 
 
 class HierarchicalAttention:
