@@ -77,6 +77,19 @@ def test_kernel_reads_strided_and_lazy_inputs():
     assert_close(np.array(out), want, rtol=2e-5, atol=2e-5)
 
 
+def test_other_dtypes_take_the_ops_path_and_the_op_refuses_them():
+    """float64 is not a kernel dtype: the reference answers with the ops path (never a silently
+    unwritten output), and the compiled op itself raises when the graph is built."""
+    q, k, v = make_qkv(9, 1, 2, 1, 30, 30, 8)
+    inputs = [mx.array(a).astype(mx.float64) for a in (q, k, v)]
+    assert native.sliding_window(*inputs, 5, 0.5) is None
+    out = sliding.SlidingWindowAttention(5)(*inputs)
+    assert out.dtype == mx.float64
+    assert_close(np.array(out), oracles.sliding_window_attention(q, k, v, 5), rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        native._module().sliding_window(*inputs, 5, 0.5)
+
+
 def test_the_reference_dispatches_to_the_kernel_on_the_cpu_without_global_tokens(monkeypatch):
     calls = []
     real = native.sliding_window

@@ -132,17 +132,21 @@ def test_memory_beyond_the_output_does_not_grow_with_L(small_tiles, backend):
     assert not grew, f"MiB beyond q, k, v and the output at L=4096 and 16384: {grew}"
 
 
-def test_torch_hierarchical_fused_blocks_equal_the_explicit_scores():
-    """The torch mirror's causal levels on the CPU run torch's flash kernel (output and lse);
-    elsewhere (CUDA, non-causal) the explicit scores. Both must give the same rows and lse."""
+@pytest.mark.parametrize("Hq, Hkv, Lq, Lk, w, r", [(4, 2, 50, 50, 16, 4), (6, 3, 7, 93, 12, 3), (3, 1, 61, 61, 64, 8),
+                                               (2, 2, 1, 40, 8, 2)])
+def test_torch_hierarchical_fused_blocks_equal_the_explicit_scores(monkeypatch, Hq, Hkv, Lq, Lk, w, r):
+    """A causal level on the CPU runs torch's flash kernel, which ignores ``key_ok``: that is right
+    only because every kept row's earlier keys are valid. Check it where padding exists (a partial
+    last segment, head offsets, Lq < Lk): out and lse equal the explicit scores'."""
     import torch
 
     from longctx.torch import hierarchical as th
-    rng = np.random.default_rng(4)
-    B, Hq, nseg, m, D = 2, 3, 5, 7, 16
-    qg, kg, vg = (torch.tensor(rng.standard_normal((B, Hq, nseg, m, D)), dtype=torch.float32) for _ in range(3))
-    key_ok = torch.ones(Hq, nseg, m, dtype=torch.bool)
-    fused = th._block_attention(qg, kg, vg, key_ok, True, 0.3, fused=True)
-    explicit = th._block_attention(qg, kg, vg, key_ok, True, 0.3, fused=False)
-    for a, b in zip(fused, explicit):
-        assert_close(a.numpy(), b.numpy(), rtol=2e-5, atol=2e-5)
+    q, k, v = (torch.tensor(x, dtype=torch.float32) for x in make_qkv(Lk + w, 1, Hq, Hkv, Lq, Lk, 16))
+    fused = th.dilated_attention(q, k, v, w, r)
+    explicit_blocks = th._block_attention
+    monkeypatch.setattr(th, "_block_attention", lambda *args, fused: explicit_blocks(*args, fused=False))
+    explicit = th.dilated_attention(q, k, v, w, r)
+    assert_close(fused[0].numpy(), explicit[0].numpy(), rtol=2e-5, atol=2e-5)
+    kept = explicit[1].isfinite()  # -inf: rows this level does not keep
+    assert torch.equal(fused[1].isfinite(), kept)
+    assert_close(fused[1][kept].numpy(), explicit[1][kept].numpy(), rtol=2e-5, atol=2e-5)

@@ -71,8 +71,9 @@ def _pairs_sliding(L: int, o: dict) -> float:
 class Technique:
     """One technique. ``memory(L, H, D, options, backend)`` is the peak bytes beyond ``q, k, v``
     and the output (B = 1, float32) as written arithmetic (``backend``: ``"mlx"``, ``"torch"``, or
-    ``"native"``: MLX with the installed reference's compiled CPU kernels, ``longctx.native``); ``flops(L, H, D, options)`` the
-    useful multiply-adds x 2 of the visible (query, key) pairs, or None where that is not defined."""
+    ``"native"``: MLX with the installed reference's compiled CPU kernels, ``longctx.native``);
+    ``flops(L, H, D, options)`` the useful multiply-adds x 2 of the visible (query, key) pairs, or
+    None where that is not defined."""
     name: str
     task: int | None  # None: the baseline
     summary: str

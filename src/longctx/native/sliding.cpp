@@ -203,7 +203,7 @@ class SlidingWindow : public mx::Primitive {
         case mx::bfloat16:
           return sliding_cpu(q.data<mx::bfloat16_t>(), k.data<mx::bfloat16_t>(), v.data<mx::bfloat16_t>(),
                              out.data<mx::bfloat16_t>(), d);
-        default: throw std::invalid_argument("sliding_window: q must be float32, float16 or bfloat16");
+        default: return;  // unreachable: sliding_window() checked the dtype
       }
     });
   }
@@ -227,6 +227,9 @@ class SlidingWindow : public mx::Primitive {
 
 // q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D), one dtype; checked by the Python caller.
 mx::array sliding_window(const mx::array& q, const mx::array& k, const mx::array& v, int window, float scale) {
+  // Checked here, when the graph is built: an exception inside the dispatched task would be lost.
+  if (q.dtype() != mx::float32 && q.dtype() != mx::float16 && q.dtype() != mx::bfloat16)
+    throw std::invalid_argument("sliding_window: q, k, v must be float32, float16 or bfloat16");
   auto s = mx::default_stream(mx::Device::cpu);
   std::vector<mx::array> inputs{mx::contiguous(q, false, s), mx::contiguous(k, false, s), mx::contiguous(v, false, s)};
   return mx::array(q.shape(), q.dtype(), std::make_shared<SlidingWindow>(s, window, scale * float(M_LOG2E)),
