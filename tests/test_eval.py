@@ -142,8 +142,8 @@ def test_the_shipped_model_retrieves_at_its_training_length_and_a_window_loses_w
 
 
 def test_eval_cli_writes_json_and_plots(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "longctx.cli", "eval", "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "longctx.cli", "eval", "--quick", "--out", str(tmp_path),
+                           "--log", "mlflow"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((tmp_path / "eval.json").read_text())
     assert set(data["passkey"]) == {"full", "sliding", "streaming", "hierarchical", "compressed"}
@@ -162,6 +162,25 @@ def test_eval_cli_writes_json_and_plots(tmp_path):
     assert all(len(r["passkey"]) == len(r["ms_per_token"]) == len(r["peak_mib"]) == 1 for r in mem["rows"].values())
     for name in ("eval-needle.png", "eval-perplexity.png", "eval-recall.png", "eval-extension.png", "eval-memory.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    # --log mlflow: a run with the curves by length and the files, read back through MLflow's client.
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("longctx-eval").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "passkey.sliding")
+    assert {m.step: m.value for m in history} == {int(L): a for L, a in data["passkey"]["sliding"].items()}
+    needle = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "needle.full")}
+    assert needle == pytest.approx({L: sum(r) / len(r) for L, r in zip(data["needle_lengths"], data["needle"]["full"])})
+    assert run.data.params["quick"] == "True" and run.data.params["backend"] == "mlx"
+    assert {"eval.json", "eval-needle.png", "eval-memory.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # And through TensorBoard (the path `--log tensorboard` takes), read back by its event reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from longctx.tracking import eval_metrics, log_run
+    folder = log_run("tensorboard", "eval", {"quick": True}, eval_metrics(data), [tmp_path / "eval.json"], tmp_path)
+    events = EventAccumulator(folder, size_guidance={"scalars": 0})
+    events.Reload()
+    assert {e.step: e.value for e in events.Scalars("passkey/full")} == pytest.approx(
+        {int(L): a for L, a in data["passkey"]["full"].items()})
 
 
 def test_train_memory_resumes_where_it_stopped_and_writes_a_memory_model(tmp_path):

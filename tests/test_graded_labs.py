@@ -290,9 +290,10 @@ MUTANTS = {
         "q = queries if self.queries is None else mx.concatenate([self.queries, queries], axis=2)",
         "q = queries")]),
     "cache not compressed after the prompt": ("qwen3_long", [(
-        "            if isinstance(c, CompressedKVCache):\n                c.compress()", "            pass")]),
-    "prompt's last token fed twice": ("qwen3_long", [("self._prefill(ids[:-1], self.cache)",
-                                                       "self._prefill(ids, self.cache)")]),
+        "            if isinstance(c, CompressedKVCache) and not c.compressed:  # a continued cache already is\n"
+        "                c.compress()", "            pass")]),
+    "prompt's last token fed twice": ("qwen3_long", [("self._prefill(ids[:-1], self.cache, keep_logits=False)",
+                                                       "self._prefill(ids, self.cache, keep_logits=False)")]),
     "prompt not chunked": ("qwen3_long", [(
         "for start, end, to_memory in prefill_plan(len(ids), self.chunk_size, self.options):",
         "for start, end, to_memory in [(0, len(ids), False)]:")]),

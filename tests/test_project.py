@@ -53,7 +53,7 @@ def test_installed_wheel_imports_from_any_directory(tmp_path):
 def test_bench_writes_table_json_and_png(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "longctx.cli", "bench", "--lengths", "256,512", "--window", "32",
                            "--heads", "2", "--dim", "16", "--repeats", "1", "--out", str(tmp_path),
-                           "--stream-tokens", "4096,8192", "--decode-context", "2048"],
+                           "--stream-tokens", "4096,8192", "--decode-context", "2048", "--log", "tensorboard"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     from longctx.techniques import TECHNIQUES
@@ -70,6 +70,27 @@ def test_bench_writes_table_json_and_png(tmp_path):
     assert caches["decode ms/token, full KVCache"]["value"] > 0
     assert "entries held" in proc.stdout, proc.stdout
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --log tensorboard: the rows as scalars by length, read back by TensorBoard's own reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    (run,) = (tmp_path / "tensorboard").iterdir()
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    for r in rows:
+        logged = {e.step: e.value for e in events.Scalars(f"{r['backend']}/{r['technique']}/median_ms")}
+        assert logged[r["length"]] == pytest.approx(r["median_ms"], rel=1e-6)
+    assert "bench" in events.Tags()["images"] and "bench.json/text_summary" in events.Tags()["tensors"]
+    # And the same rows through MLflow (the path `--log mlflow` takes), read back through its client.
+    from mlflow.tracking import MlflowClient
+
+    from longctx.tracking import bench_metrics, log_run
+    run_id = log_run("mlflow", "bench", data["config"], bench_metrics(rows),
+                     [tmp_path / "bench.json", tmp_path / "bench.png"], tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    history = client.get_metric_history(run_id, "mlx.sliding.median_ms")
+    assert {m.step: m.value for m in history} == pytest.approx(
+        {r["length"]: r["median_ms"] for r in rows if r["backend"] == "mlx" and r["technique"] == "sliding"})
+    assert client.get_run(run_id).data.params["repeats"] == "1"
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["bench.json", "bench.png"]
 
 
 def test_bench_skips_what_does_not_fit_and_scores_a_model(tmp_path):

@@ -212,25 +212,30 @@ class LongContextQwen3:
         return self._prefill(ids, self.cache)
         # END SOLUTION
 
-    def generate(self, tokens, max_new_tokens: int, **sampling) -> Iterator[int]:
+    def generate(self, tokens, max_new_tokens: int, *, cache: list | None = None, **sampling) -> Iterator[int]:
         """Token ids after the prompt ``tokens``, one at a time, through mlx-lm's
         ``generate_step`` with this strategy's cache. Greedy unless ``temperature``
-        (and ``top_p``, ``top_k``, ``min_p``) say otherwise.
+        (and ``top_p``, ``top_k``, ``min_p``) say otherwise. ``cache``: continue from
+        it (it holds the tokens before ``tokens``, e.g. a document's; it is advanced
+        in place) instead of a fresh one.
 
         Prefill all but the prompt's last token (``self._prefill``), then let
         ``generate_step`` start from that token with ``prompt_cache=self.cache``,
         advancing it inside ``self._attention_seam()`` only (not while the caller
-        holds a token). About 12 lines."""
+        holds a token). About 11 lines."""
         max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
         ids = self._check_tokens(tokens, max_new_tokens)
         unknown = set(sampling) - set(SAMPLING)
         if unknown:
             raise ValueError(f"unknown sampling option(s) {sorted(unknown)}; use {sorted(SAMPLING)}")
+        if cache is not None and self.rope is not None:
+            raise ValueError("cache: a continued cache cannot be given with rope_scaling (its frequencies are set "
+                             "by the whole call's length)")
         sampler = make_sampler(**{SAMPLING[k]: v for k, v in sampling.items()})
+        self.cache = self.make_cache() if cache is None else cache
         # BEGIN SOLUTION
-        self.cache = self.make_cache()
         if len(ids) > 1:
-            self._prefill(ids[:-1], self.cache)
+            self._prefill(ids[:-1], self.cache, keep_logits=False)
         steps = generate_step(mx.array(ids[-1:]), self.model, max_tokens=max_new_tokens, sampler=sampler,
                               prompt_cache=self.cache)
         while True:
@@ -241,19 +246,34 @@ class LongContextQwen3:
             yield int(token[0])
         # END SOLUTION
 
-    def _prefill(self, ids: list[int], cache: list) -> mx.array:
+    def prefill(self, tokens, cache: list | None = None) -> list:
+        """The cache after ``tokens``: a fresh one, or ``cache`` continued (advanced in place).
+        ``process_long_sequence`` without the logits: a document a server keeps, to be
+        continued by ``generate(question, n, cache=longctx.caches.copy_cache(...))``."""
+        ids = self._check_tokens(tokens)
+        if cache is not None and self.rope is not None:
+            raise ValueError("cache: a continued cache cannot be given with rope_scaling (its frequencies are set "
+                             "by the whole call's length)")
+        cache = self.make_cache() if cache is None else cache
+        self._prefill(ids, cache, keep_logits=False)
+        return cache
+
+    def _prefill(self, ids: list[int], cache: list, keep_logits: bool = True) -> mx.array | None:
         logits = []
         for start, end, to_memory in prefill_plan(len(ids), self.chunk_size, self.options):
             with self._attention_seam():
-                logits.append(self.model(mx.array(ids[start:end])[None], cache=cache))
-                mx.eval(logits[-1], [c.state for c in cache])  # the lazy graph never spans more than a chunk
+                out = self.model(mx.array(ids[start:end])[None], cache=cache)
+                # The lazy graph never spans more than a chunk; without the logits, lm_head never runs.
+                mx.eval(out if keep_logits else [], [c.state for c in cache])
+            if keep_logits:
+                logits.append(out)
             if to_memory:
                 for c in cache:
                     c.flush()
         for c in cache:
-            if isinstance(c, CompressedKVCache):
+            if isinstance(c, CompressedKVCache) and not c.compressed:  # a continued cache already is
                 c.compress()
-        return mx.concatenate(logits, axis=1)
+        return mx.concatenate(logits, axis=1) if keep_logits else None
 
     def _check_tokens(self, tokens, new_tokens: int = 0) -> list[int]:
         """The prompt's ids, checked; the scaled RoPE's length for this call is the prompt's plus ``new_tokens``."""

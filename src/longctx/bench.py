@@ -185,33 +185,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def log_results(path: Path, rows: list[dict], to: str) -> None:
-    """Mirror the JSON rows to MLflow or TensorBoard (optional extras): one metric per column,
-    stepped by length, under ``backend/technique``."""
-    metrics = ("median_ms", "tokens_per_second", "peak_memory_bytes", "quality")
-    if to == "mlflow":
-        try:
-            import mlflow
-        except ImportError:
-            raise SystemExit("--log mlflow needs the extra: pip install 'longctx[mlflow]'") from None
-        with mlflow.start_run(run_name="longctx-bench"):
-            mlflow.log_artifact(str(path))
-            for r in rows:
-                for m in metrics:
-                    if r[m] is not None:
-                        mlflow.log_metric(f"{r['backend']}.{r['technique']}.{m}", r[m], step=r["length"])
-        return
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise SystemExit("--log tensorboard needs the extra: pip install 'longctx[tensorboard]'") from None
-    with SummaryWriter(log_dir=str(path.parent / "tensorboard")) as writer:
-        for r in rows:
-            for m in metrics:
-                if r[m] is not None:
-                    writer.add_scalar(f"{r['backend']}/{r['technique']}/{m}", r[m], global_step=r["length"])
-
-
 def ring_rows(backend: str = "mlx", processes: int = 4, length: int = 65536, check_length: int = 4096,
               heads: int = 4, kv_heads: int = 2, dim: int = 32, block_size: int = 1024) -> list[dict]:
     """Task 3 across real processes (``mlx.launch`` / ``torchrun`` on this host).

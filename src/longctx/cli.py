@@ -1,5 +1,5 @@
 """The ``longctx`` command: ``bench`` (the main job), ``eval``, ``train-tiny``, ``extend``, ``train-memory``,
-``make-model``, ``doctor``, ``stubs``."""
+``serve``, ``serve-key``, ``make-model``, ``doctor``, ``stubs``."""
 from __future__ import annotations
 
 import argparse
@@ -91,7 +91,10 @@ def cmd_bench(args) -> int:
               "model": str(args.model) if args.model else None, "repeats": args.repeats, **shape}
     path = bench.report(rows, config, Path(args.out), console, ring, caches)
     if args.log:
-        bench.log_results(path, rows, args.log)
+        from longctx import tracking
+        run = tracking.log_run(args.log, "bench", config, tracking.bench_metrics(rows),
+                               [path, path.with_suffix(".png")], Path(args.out))
+        console.print(f"logged to {args.log}: {run}")
     return 0
 
 
@@ -126,8 +129,17 @@ def cmd_eval(args) -> int:
 
     from longctx import eval as suite
     console = Console(width=None if sys.stdout.isatty() else 160)
-    suite.run_suite(args.model, Path(args.out), console, backend=args.backend, quick=args.quick,
-                    compare=args.compare, memory_model=args.memory_model)
+    out = Path(args.out)
+    results = suite.run_suite(args.model, out, console, backend=args.backend, quick=args.quick,
+                              compare=args.compare, memory_model=args.memory_model)
+    if args.log:
+        from longctx import tracking
+        params = {"model": str(args.model), "backend": args.backend, "quick": args.quick,
+                  "training_length": results["training_length"], "window": results["window"],
+                  "trials": results["trials"]}
+        run = tracking.log_run(args.log, "eval", params, tracking.eval_metrics(results),
+                               [out / "eval.json", *sorted(out.glob("eval-*.png"))], out)
+        console.print(f"logged to {args.log}: {run}")
     return 0
 
 
@@ -189,6 +201,46 @@ def cmd_make_model(args) -> int:
         return 2
     print(f"wrote a tiny Qwen3 to {path}: load it with mlx_lm.load({str(path)!r}) or "
           f"AutoModelForCausalLM.from_pretrained({str(path)!r})")
+    return 0
+
+
+def _option(text: str) -> tuple[str, object]:
+    name, eq, value = text.partition("=")
+    if not eq or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. window_size=4096), got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value  # a string, e.g. method=snapkv
+
+
+def cmd_serve(args) -> int:
+    try:
+        from longctx.serve import serve
+        from longctx.serve.app import Limits
+    except ImportError as e:
+        print(f"longctx serve needs the serve extra (pip install 'longctx[serve]'): {e}", file=sys.stderr)
+        return 2
+    limits = Limits(args.max_body_mb << 20, args.max_document_tokens, args.max_new_tokens, args.context_budget)
+    if args.api_keys is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"longctx serve: refusing to listen on {args.host} without --api-keys (anyone could use it)",
+              file=sys.stderr)
+        return 2
+    try:
+        serve(args.model, strategy=args.strategy, options=dict(args.option), backend=args.backend, host=args.host,
+              port=args.port, api_keys=args.api_keys, data=args.data, rate=args.rate, burst=args.burst,
+              limits=limits)
+    except ValueError as error:
+        print(f"longctx serve: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_serve_key(args) -> int:
+    from longctx.serve.security import new_key
+    key = new_key(args.file, args.name)
+    print(f"added a key{' for ' + args.name if args.name else ''} to {args.file} (only its hash is stored); "
+          f"send it as Authorization: Bearer KEY:\n{key}")
     return 0
 
 
@@ -274,6 +326,8 @@ def main(argv=None) -> int:
                    help="more `longctx extend` folders for the position-extension table")
     p.add_argument("--memory-model", type=_model_path, default=None,
                    help="a `longctx train-memory` folder: its rows in the memory-layer table (Task 10)")
+    p.add_argument("--log", choices=["mlflow", "tensorboard"], default=None,
+                   help="also log a run there (optional extras longctx[mlflow] / longctx[tensorboard])")
     p.set_defaults(run=cmd_eval)
     p = sub.add_parser("train-tiny", help="train the small Qwen3 that ships with longctx (MLX, CPU)")
     p.add_argument("path")
@@ -316,6 +370,32 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_train_memory)
+    p = sub.add_parser("serve", help="a long-document question-answering server (documents API, OpenAI chat) over "
+                                     "LongContextQwen3: needs longctx[serve]")
+    p.add_argument("model", nargs="?", type=_model_path, default="shipped",
+                   help="a Hugging Face Qwen3 folder (default: 'shipped', the model longctx ships)")
+    p.add_argument("--strategy", default="full", help="a LongContextQwen3 strategy (longctx.techniques)")
+    p.add_argument("-o", "--option", type=_option, action="append", default=[],
+                   help="a strategy option, NAME=VALUE (repeatable), e.g. -o window_size=4096")
+    p.add_argument("--backend", choices=["mlx", "torch"], default="mlx")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-keys", type=Path, default=None,
+                   help="a file of keys, one a line (`longctx serve-key FILE` adds one); without it, no keys")
+    p.add_argument("--data", type=Path, default=None, help="where documents and their caches persist (default: "
+                                                          "memory only)")
+    p.add_argument("--rate", type=float, default=60.0, help="requests a minute per key (token bucket)")
+    p.add_argument("--burst", type=int, default=20, help="requests at once per key")
+    p.add_argument("--max-body-mb", type=int, default=8)
+    p.add_argument("--max-document-tokens", type=int, default=131072)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--context-budget", type=int, default=None,
+                   help="chat: prompt + reply tokens (default: the model's max_position_embeddings)")
+    p.set_defaults(run=cmd_serve)
+    p = sub.add_parser("serve-key", help="add a new API key to a keys file (its hash), and print the key once")
+    p.add_argument("file", type=Path)
+    p.add_argument("--name", default="", help="a label for the key")
+    p.set_defaults(run=cmd_serve_key)
     p = sub.add_parser("make-model", help="write a tiny seeded Qwen3 checkpoint (Hugging Face layout) to PATH")
     p.add_argument("path")
     p.add_argument("--seed", type=int, default=0)
@@ -332,9 +412,11 @@ def main(argv=None) -> int:
     p.set_defaults(run=cmd_stubs)
     args = parser.parse_args(argv)
     for name in ("window", "heads", "dim", "repeats", "ring_length", "ring_processes", "decode_context", "steps",
-                 "short_steps", "batch_size", "seq_len"):
-        if getattr(args, name, 1) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+                 "short_steps", "batch_size", "seq_len", "port", "burst", "max_body_mb", "max_document_tokens",
+                 "max_new_tokens", "context_budget"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     return args.run(args)
 
 

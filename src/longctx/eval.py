@@ -305,6 +305,7 @@ def run_suite(path, out, console, *, backend: str = "mlx", quick: bool = False, 
     grid_lengths = sorted({*lengths, T // 8, 3 * T // 4, 3 * T // 2})
     results["needle"] = {s: needle_grid(long(s), tokenizer, grid_lengths, depths, trials=trials).tolist()
                          for s in ("full", "sliding")}
+    results["needle_lengths"], results["needle_depths"] = grid_lengths, depths  # the grid's rows and columns
     ppl_length = 2 * T if quick else 4 * T
     ppl = {"full": long("full"), "sliding (window, no sinks)": long("sliding"),
            "streaming, 0 sinks": long("streaming", sink_tokens=0), "streaming, 4 sinks": long("streaming")}

@@ -144,15 +144,19 @@ class LongContextQwen3:
         return self._prefill(ids)
 
     @torch.no_grad()
-    def generate(self, tokens, max_new_tokens: int, **sampling) -> Iterator[int]:
+    def generate(self, tokens, max_new_tokens: int, *, cache: Cache | None = None, **sampling) -> Iterator[int]:
         """Token ids after the prompt, one at a time; greedy unless ``temperature`` (and
-        ``top_p``, ``top_k``, ``min_p``) say otherwise, with transformers' logits warpers."""
+        ``top_p``, ``top_k``, ``min_p``) say otherwise, with transformers' logits warpers.
+        ``cache``: continue from it (advanced in place) instead of a fresh one."""
         max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
         ids = self._check_tokens(tokens, max_new_tokens)
         warpers = self._warpers(sampling)
-        self.cache = self.make_cache()
+        if cache is not None and self.rope is not None:
+            raise ValueError("cache: a continued cache cannot be given with rope_scaling (its frequencies are set "
+                             "by the whole call's length)")
+        self.cache = self.make_cache() if cache is None else cache
         if len(ids) > 1:
-            self._prefill(ids[:-1])
+            self._prefill(ids[:-1], keep_logits=False)
         device = self.model.device  # generated tokens stay there: no CPU tensor meets a CUDA one
         seen, last = torch.tensor([ids], device=device), torch.tensor([ids[-1:]], device=device)
         for _ in range(max_new_tokens):
@@ -164,25 +168,39 @@ class LongContextQwen3:
             seen, last = torch.cat([seen, token], 1), token
             yield int(token)
 
-    def _prefill(self, ids: list[int]) -> torch.Tensor:
+    @torch.no_grad()
+    def prefill(self, tokens, cache: Cache | None = None) -> Cache:
+        """The cache after ``tokens``: a fresh one, or ``cache`` continued (in place), without the logits."""
+        ids = self._check_tokens(tokens)
+        if cache is not None and self.rope is not None:
+            raise ValueError("cache: a continued cache cannot be given with rope_scaling (its frequencies are set "
+                             "by the whole call's length)")
+        self.cache = self.make_cache() if cache is None else cache
+        self._prefill(ids, keep_logits=False)
+        return self.cache
+
+    def _prefill(self, ids: list[int], keep_logits: bool = True) -> torch.Tensor | None:
         logits = []
         for start, end, to_memory in prefill_plan(len(ids), self.chunk_size, self.options):
-            logits.append(self._forward(torch.tensor([ids[start:end]])))
+            out = self._forward(torch.tensor([ids[start:end]]), None if keep_logits else 1)
+            if keep_logits:
+                logits.append(out)
             if to_memory:
                 self.cache.flush()
-        if isinstance(self.cache, QueryRecordingCache):
+        if isinstance(self.cache, QueryRecordingCache) and not self.cache.layers[0].compressed:  # once
             self.cache.compress()
-        return torch.cat(logits, 1)
+        return torch.cat(logits, 1) if keep_logits else None
 
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, logits_to_keep: int | None = None) -> torch.Tensor:
         ids = ids.to(self.model.device)
         attend = getattr(self.cache, "attend", None)
+        keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
         with self._rotary():
             if attend is None:  # full, streaming: the model's own attention
-                return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
+                return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, **keep).logits
             with self._implementation("longctx"):
                 return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
-                                  longctx_attend=attend).logits
+                                  longctx_attend=attend, **keep).logits
 
     @contextlib.contextmanager
     def _rotary(self):

@@ -1,0 +1,137 @@
+"""Saving, loading and copying the prompt caches ``LongContextQwen3.make_cache()`` builds.
+
+mlx-lm's ``save_prompt_cache`` writes any cache that has a ``state`` (ours
+included), but its ``load_prompt_cache`` rebuilds only its own classes, and in
+mlx-lm 0.32 it no longer writes ``meta_state`` (a ``SinkKVCache`` would lose
+its ``tokens_seen``, a ``CompressedKVCache`` its offset and compressor). So:
+
+* ``save_cache(path, cache)`` calls mlx-lm's writer, with every cache's
+  ``meta_state`` in the file's metadata: the file is mlx-lm's format.
+* ``load_cache(path, into)`` fills ``into``, fresh caches from the same
+  ``LongContextQwen3`` (``long.make_cache()``): they carry what a file cannot
+  hold (the layer's RoPE module, the memory layers' options), and their classes
+  must be the ones saved, layer by layer, or ``ValueError``.
+* ``copy_cache(cache, into)``: the same without the file. A copy shares no
+  array object with the original: mlx-lm's caches write new entries in place
+  (``keys[..., i:j, :] = k``), so sharing one would let a query write into a
+  document's cache.
+
+The torch mirror's caches (a transformers ``Cache`` of layers) go through the
+same three functions: each layer's tensors (safetensors) and its scalars (the
+file's metadata), restored into the layers of a fresh ``long.make_cache()``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.models.cache import save_prompt_cache
+
+META = "longctx_meta_state"  # no dot: mlx-lm unflattens the metadata's dotted keys
+
+
+def save_cache(path, cache, metadata: dict[str, str] | None = None) -> None:
+    """Write ``cache`` (MLX: one per layer; torch: a ``Cache``) to ``path`` (``.safetensors``), with
+    ``metadata`` (str -> str)."""
+    if not isinstance(cache, list):
+        return _torch_save(path, cache, metadata or {})
+    meta = {**(metadata or {}), META: json.dumps([_meta(c) for c in cache])}
+    save_prompt_cache(str(path), cache, meta)
+
+
+def load_cache(path, into) -> dict[str, str]:
+    """Fill ``into`` (fresh caches of the saved classes) from ``path``; returns the saved metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"path {str(path)!r} is not a saved cache")
+    if not isinstance(into, list):
+        return _torch_load(path, into)
+    arrays, flat = mx.load(str(path), return_metadata=True)
+    metadata, classes, scalars = tree_unflatten(list(flat.items()))
+    for pos, kind in scalars[1:]:  # mlx-lm's encoding of the non-array parts of a state
+        a = arrays[pos]
+        arrays[pos] = {"scalar": lambda: a.item(), "string": lambda: "".join(map(chr, a.tolist())),
+                       "none": lambda: None}[kind]()
+    states = tree_unflatten(list(arrays.items()))
+    metadata = dict(tree_flatten(metadata))  # mlx-lm's reader nests dotted keys
+    metas = json.loads(metadata.pop(META, "null")) or [None] * len(classes)
+    _fill(into, classes, states, metas)
+    return metadata
+
+
+def copy_cache(cache, into):
+    """Fill ``into`` (fresh caches of the same classes) with a copy of ``cache``; returns ``into``."""
+    if not isinstance(cache, list):
+        return _torch_fill(into, _torch_state(cache, clone=True))
+    states = [tree_map(lambda x: mx.array(x) if isinstance(x, mx.array) else x, c.state) for c in cache]
+    return _fill(into, [type(c).__name__ for c in cache], states, [_meta(c) for c in cache])
+
+
+def _meta(c):
+    meta = getattr(c, "meta_state", None)  # mlx-lm 0.32's caches have none
+    return list(meta) if isinstance(meta, (tuple, list)) else meta
+
+
+def _fill(into: list, classes: list[str], states: list, metas: list) -> list:
+    names = [type(c).__name__ for c in into]
+    if names != list(classes):
+        raise ValueError(f"into must be fresh caches of the saved classes {list(classes)}, got {names}: make them "
+                         "with the LongContextQwen3 (strategy and options) that made the saved ones")
+    for c, state, meta in zip(into, states, metas):
+        c.state = tuple(state) if isinstance(state, list) else state
+        if meta:
+            c.meta_state = tuple(meta)
+    return into
+
+
+# The torch mirror: a layer's state is its tensors and scalars (the rest, e.g. its RoPE module,
+# comes with the fresh cache).
+def _torch_state(cache, clone: bool = False) -> dict:
+    import torch
+    tensors, scalars = {}, {"classes": [type(cache).__name__, *(type(layer).__name__ for layer in cache.layers)]}
+    for i, layer in enumerate(cache.layers):
+        for name, value in vars(layer).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{i}.{name}"] = value.detach().clone() if clone else value.detach().contiguous()
+            elif value is None or isinstance(value, (bool, int, float, str, torch.device)):
+                scalars[f"{i}.{name}"] = str(value) if isinstance(value, torch.device) else value
+    return {"tensors": tensors, "scalars": scalars}
+
+
+def _torch_fill(into, state: dict):
+    import torch
+    classes = [type(into).__name__, *(type(layer).__name__ for layer in into.layers)]
+    if classes != state["scalars"]["classes"]:
+        raise ValueError(f"into must be a fresh cache of the saved classes {state['scalars']['classes']}, got "
+                         f"{classes}: make it with the LongContextQwen3 (strategy and options) that made the saved one")
+    for key, value in state["scalars"].items():
+        if key != "classes":
+            i, name = key.split(".", 1)
+            setattr(into.layers[int(i)], name, torch.device(value) if name == "device" else value)
+    for key, value in state["tensors"].items():
+        i, name = key.split(".", 1)
+        layer = into.layers[int(i)]
+        setattr(layer, name, value.to(getattr(layer, "device", None) or value.device))
+    return into
+
+
+def _torch_save(path, cache, metadata: dict) -> None:
+    from safetensors.torch import save_file
+    state = _torch_state(cache)
+    save_file(state["tensors"], str(path), {**metadata, META: json.dumps(state["scalars"])})
+
+
+def _torch_load(path: Path, into) -> dict[str, str]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if META not in metadata:
+        raise ValueError(f"path {str(path)!r} is not a saved torch cache")
+    _torch_fill(into, {"tensors": tensors, "scalars": json.loads(metadata.pop(META))})
+    return metadata
+
+
+__all__ = ["copy_cache", "load_cache", "save_cache"]
