@@ -144,22 +144,37 @@ def cmd_eval(args) -> int:
 
 
 def cmd_train_tiny(args) -> int:
-    from longctx.models.train import finetune, train
-    try:
-        if args.from_model:  # continue training at a new length with a scaled RoPE (Task 9)
-            if not args.rope_scaling:
-                raise ValueError("--from needs --rope-scaling (a JSON rope_scaling dict); `longctx extend "
-                                 "--finetune-steps N` writes the whole model folder")
-            path = finetune(args.from_model, args.path, json.loads(args.rope_scaling), seq_len=args.seq_len,
-                            steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-        else:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from longctx.models.train import copy_verdict, finetune, train
+    console = Console()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.3f}  copy loss {task.fields[copy]:.3f}"), TimeElapsedColumn(),
+               TextColumn("left"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("training", total=None, loss=float("nan"), copy=float("nan"))
+
+        def on_step(step, total, loss, copy):
+            progress.update(task, completed=step, total=total, loss=loss, copy=copy)
+        try:
+            if args.from_model:  # continue training at a new length with a scaled RoPE (Task 9)
+                if not args.rope_scaling:
+                    raise ValueError("--from needs --rope-scaling (a JSON rope_scaling dict); `longctx extend "
+                                     "--finetune-steps N` writes the whole model folder")
+                path = finetune(args.from_model, args.path, json.loads(args.rope_scaling), seq_len=args.seq_len,
+                                steps=args.steps, batch_size=args.batch_size, seed=args.seed, log=progress.console.print)
+                console.print(f"wrote the weights to {path}")
+                return 0
             path = train(args.path, steps=args.steps, short_steps=args.short_steps, batch_size=args.batch_size,
-                         seq_len=args.seq_len, seed=args.seed)
-    except ValueError as error:
-        print(f"longctx train-tiny: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}; score it with `longctx eval --model {path}`")
-    return 0
+                         seq_len=args.seq_len, seed=args.seed, log=progress.console.print, on_step=on_step)
+        except ValueError as error:
+            print(f"longctx train-tiny: {error}", file=sys.stderr)
+            return 2
+    ok, verdict = copy_verdict(json.loads((path / "train.json").read_text())["copy_losses"][-1][1])
+    console.print(("[green]" if ok else "[red]") + verdict)
+    console.print(f"wrote {path}; score it with `longctx eval --model {path}`")
+    return 0 if ok else 1
 
 
 def cmd_extend(args) -> int:

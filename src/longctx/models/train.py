@@ -44,6 +44,19 @@ CURRICULUM = ((16, 3, {"repeat": 1.0}),
               (256, 2, MIX))
 
 
+COPY_FORMED = 0.5  # held-out copy loss below which the model copies (ln(vocab) = 6.2 before the head forms)
+
+
+def copy_verdict(copy_loss: float) -> tuple[bool, str]:
+    """Whether a model whose final held-out copy loss is ``copy_loss`` can copy, said for a person."""
+    if copy_loss < COPY_FORMED:
+        return True, (f"the model copies: held-out copy loss {copy_loss:.2f} < {COPY_FORMED} (an induction head "
+                      "formed), so retrieval can be measured on it")
+    return False, (f"no induction head formed: held-out copy loss {copy_loss:.2f} (>= {COPY_FORMED}; ln(vocab) = 6.2 "
+                   "means none at all). The model will not retrieve. Train again with another --seed, or more "
+                   "--short-steps; the book's chapter \"A trained model to measure on\" says why this happens")
+
+
 def plan(short_steps: int, steps: int, seq_len: int) -> list[tuple[int, int, dict]]:
     """The stages ``(row length, steps, mix)``: ``short_steps`` shared over the ``CURRICULUM`` lengths
     below ``seq_len`` by their weights (the remainder to the first), then ``steps`` at ``seq_len``."""
@@ -55,17 +68,38 @@ def plan(short_steps: int, steps: int, seq_len: int) -> list[tuple[int, int, dic
 
 
 def train(path, *, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, short_steps: int = 1800,
-          lr: float = 3e-3, seed: int = 0, log=print) -> Path:
+          lr: float = 3e-3, seed: int = 0, log=print, on_step=None) -> Path:
     """The ``plan``: ``short_steps`` on the curriculum's shorter rows, then ``steps`` on
     ``batch_size`` x ``seq_len`` rows of ``MIX``; every step ``batch_size * seq_len`` tokens. AdamW at
-    ``lr`` (50 warm-up steps, constant, then cosine to lr/20 over the last stage)."""
+    ``lr`` (50 warm-up steps, constant, then cosine to lr/20 over the last stage). Writes the model
+    folder (weights, config, tokenizer, ``train.json``, the card) to ``path``."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from longctx.models.checkpoint import save_tokenizer
+    model, config, tokenizer, record = train_model(steps=steps, batch_size=batch_size, seq_len=seq_len,
+                                                   short_steps=short_steps, lr=lr, seed=seed, log=log,
+                                                   on_step=on_step)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    save_tokenizer(tokenizer, path)
+    (path / "train.json").write_text(json.dumps(record))
+    model_card(path)
+    return path
+
+
+def train_model(*, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, short_steps: int = 1800,
+                lr: float = 3e-3, seed: int = 0, log=print, on_step=None):
+    """``train``'s model, in memory: ``(model, config, tokenizer, record)`` (the record is ``train.json``)."""
     import mlx.core as mx
     import mlx.optimizers as optim
-    from mlx.utils import tree_flatten
     from mlx_lm.models.qwen3 import Model, ModelArgs
 
     from longctx.checks import check_positive_int
-    from longctx.models.checkpoint import save_tokenizer, tiny_tokenizer
+    from longctx.models.checkpoint import tiny_tokenizer
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
                         ("short_steps", short_steps)):
         check_positive_int(name, value)
@@ -83,27 +117,20 @@ def train(path, *, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, s
     schedule = optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup), lambda _: lr,
                                      optim.cosine_decay(lr, steps, lr / 20)], [warmup, short_steps])
     stages = plan(short_steps, steps, seq_len)
-    losses, copy_losses, seconds = fit(model, tokenizer, stages, batch_size * seq_len, schedule, rng, log)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    save_tokenizer(tokenizer, path)
-    (path / "train.json").write_text(json.dumps({
-        "steps": steps, "short_steps": short_steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
-        "seed": seed, "mix": MIX, "stages": stages,
-        "seconds": round(seconds), "losses": [round(x, 4) for x in losses],
-        "copy_losses": [(i, round(x, 4)) for i, x in copy_losses]}))
-    model_card(path)
-    return path
+    losses, copy_losses, seconds = fit(model, tokenizer, stages, batch_size * seq_len, schedule, rng, log, on_step)
+    record = {"steps": steps, "short_steps": short_steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
+              "seed": seed, "mix": MIX, "stages": stages, "seconds": round(seconds),
+              "losses": [round(x, 4) for x in losses], "copy_losses": [(i, round(x, 4)) for i, x in copy_losses]}
+    return model, config, tokenizer, record
 
 
-def fit(model, tokenizer, stages, tokens_per_step: int, schedule, rng: np.random.Generator, log=print):
+def fit(model, tokenizer, stages, tokens_per_step: int, schedule, rng: np.random.Generator, log=print,
+        on_step=None):
     """Train ``model`` in place on ``stages`` (``(row length, steps, mix)``), every step
     ``tokens_per_step`` tokens, AdamW on ``schedule``, gradients clipped at 1. Every 50 steps (and
     at the end) the loss on the second half of held-out repeats: ~ln(vocab) until an induction head
-    forms. Returns ``(losses, [(step, copy loss)], seconds)``."""
+    forms. ``on_step(step, total, loss, copy loss)`` after every step (a progress bar). Returns
+    ``(losses, [(step, copy loss)], seconds)``."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -142,6 +169,8 @@ def fit(model, tokenizer, stages, tokens_per_step: int, schedule, rng: np.random
                 copy_losses.append((i, copy_loss()))
                 log(f"step {i:5d}  rows of {length:4d}  loss {np.mean(losses[-50:]):.3f}  "
                     f"copy loss {copy_losses[-1][1]:.3f}  {time.perf_counter() - start:6.0f} s")
+            if on_step is not None:
+                on_step(i + 1, total, float(np.mean(losses[-50:])), copy_losses[-1][1])
     return losses, copy_losses, time.perf_counter() - start
 
 

@@ -190,7 +190,8 @@ class Engine:
 
     def texts(self, ids: list[int], max_tokens: int, sampling: dict, stop: list[str], cache=None,
               cached: int = 0) -> Iterator[str | Answer]:
-        """Text deltas, then the ``Answer`` (with the whole text): stop strings cut the text."""
+        """Text deltas, then the ``Answer`` (its ``text`` left empty: the deltas are the text). A stop
+        string ends the text before it; text that may be the start of one is held back until it is not."""
         start, decoder, finish, n, held = time.perf_counter(), StreamingDecoder(self.tokenizer), "length", 0, ""
         for token in self.tokens(ids, max_tokens, sampling, cache):
             n += 1
