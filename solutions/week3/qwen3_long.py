@@ -228,9 +228,7 @@ class LongContextQwen3:
         unknown = set(sampling) - set(SAMPLING)
         if unknown:
             raise ValueError(f"unknown sampling option(s) {sorted(unknown)}; use {sorted(SAMPLING)}")
-        if cache is not None and self.rope is not None:
-            raise ValueError("cache: a continued cache cannot be given with rope_scaling (its frequencies are set "
-                             "by the whole call's length)")
+        self._check_continued(cache)
         sampler = make_sampler(**{SAMPLING[k]: v for k, v in sampling.items()})
         self.cache = self.make_cache() if cache is None else cache
         # BEGIN SOLUTION
@@ -251,9 +249,7 @@ class LongContextQwen3:
         ``process_long_sequence`` without the logits: a document a server keeps, to be
         continued by ``generate(question, n, cache=longctx.caches.copy_cache(...))``."""
         ids = self._check_tokens(tokens)
-        if cache is not None and self.rope is not None:
-            raise ValueError("cache: a continued cache cannot be given with rope_scaling (its frequencies are set "
-                             "by the whole call's length)")
+        self._check_continued(cache)
         cache = self.make_cache() if cache is None else cache
         self._prefill(ids, cache, keep_logits=False)
         return cache
@@ -274,6 +270,11 @@ class LongContextQwen3:
             if isinstance(c, CompressedKVCache) and not c.compressed:  # a continued cache already is
                 c.compress()
         return mx.concatenate(logits, axis=1) if keep_logits else None
+
+    def _check_continued(self, cache) -> None:
+        if cache is not None and self.rope is not None:
+            raise ValueError("cache: a continued cache cannot be given with rope_scaling (its frequencies are set "
+                             "by the whole call's length)")
 
     def _check_tokens(self, tokens, new_tokens: int = 0) -> list[int]:
         """The prompt's ids, checked; the scaled RoPE's length for this call is the prompt's plus ``new_tokens``."""

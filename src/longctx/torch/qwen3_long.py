@@ -151,9 +151,7 @@ class LongContextQwen3:
         max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
         ids = self._check_tokens(tokens, max_new_tokens)
         warpers = self._warpers(sampling)
-        if cache is not None and self.rope is not None:
-            raise ValueError("cache: a continued cache cannot be given with rope_scaling (its frequencies are set "
-                             "by the whole call's length)")
+        self._check_continued(cache)
         self.cache = self.make_cache() if cache is None else cache
         if len(ids) > 1:
             self._prefill(ids[:-1], keep_logits=False)
@@ -172,9 +170,7 @@ class LongContextQwen3:
     def prefill(self, tokens, cache: Cache | None = None) -> Cache:
         """The cache after ``tokens``: a fresh one, or ``cache`` continued (in place), without the logits."""
         ids = self._check_tokens(tokens)
-        if cache is not None and self.rope is not None:
-            raise ValueError("cache: a continued cache cannot be given with rope_scaling (its frequencies are set "
-                             "by the whole call's length)")
+        self._check_continued(cache)
         self.cache = self.make_cache() if cache is None else cache
         self._prefill(ids, keep_logits=False)
         return self.cache
@@ -237,6 +233,11 @@ class LongContextQwen3:
         if sampling.get("min_p"):
             warpers.append(MinPLogitsWarper(sampling["min_p"]))
         return warpers
+
+    def _check_continued(self, cache) -> None:
+        if cache is not None and self.rope is not None:
+            raise ValueError("cache: a continued cache cannot be given with rope_scaling (its frequencies are set "
+                             "by the whole call's length)")
 
     def _check_tokens(self, tokens, new_tokens: int = 0) -> list[int]:
         """The prompt's ids, checked; the scaled RoPE's length for this call is the prompt's plus ``new_tokens``."""
