@@ -44,7 +44,7 @@ def test_a_saved_loaded_or_copied_cache_continues_as_the_original(backend, strat
                                   .generate(DOC + QUESTION, 12))
 
 
-def test_continuing_a_cache_equals_one_prompt_and_prefill_keeps_no_logits(backend):
+def test_prefilling_in_two_calls_then_continuing_equals_one_prompt(backend):
     """``prefill`` then ``generate(cache=...)`` is ``generate`` on the joined prompt (full attention)."""
     name, model, LongContextQwen3 = backend
     long = LongContextQwen3(model, "full")
