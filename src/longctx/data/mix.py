@@ -4,7 +4,9 @@ Every row is examples packed back to back, each starting with ``<|endoftext|>``:
 passkey retrieval (Landmark Attention's format), needle-in-a-haystack in the
 shipped text, key-value recall, copying (``longctx.data.tasks``), repeats
 (random ids, then the same ids again) and the shipped text, at random lengths,
-depths and keys. ``longctx train-tiny`` draws its rows from
+depths and keys. The curriculum's first stages add ``induction`` examples: a
+repeat with random ids between the two copies, whose loss counts only the
+copied tokens (``batch`` returns the loss weights). ``longctx train-tiny`` draws its rows from
 ``numpy.random.default_rng(seed)``; ``heldout_rows`` draws with seeds training
 never uses, for the objectives that must not reward memory (Task 9's search
 and its perplexity columns).
@@ -22,9 +24,17 @@ HELDOUT_SEED = 1_000_000  # training draws from default_rng(seed) with small see
 MIX = {"repeat": 0.25, "passkey": 0.25, "needle": 0.1, "kv_recall": 0.2, "copy": 0.15, "text": 0.05}
 
 
-def example(tokenizer, rng: np.random.Generator, max_len: int, mix: dict = MIX) -> list[int]:
-    """One training example (prompt and answer, or plain text) of at most ``max_len`` tokens."""
+def example(tokenizer, rng: np.random.Generator, max_len: int, mix: dict = MIX) -> tuple[list[int], list[int]]:
+    """One training example (prompt and answer, or plain text) of at most ``max_len`` tokens, and
+    its loss weights (1 on every token, except in ``induction``)."""
     kind = rng.choice(list(mix), p=list(mix.values()))
+    if kind == "induction":
+        return induction(tokenizer, rng, max_len)
+    ids = _example(tokenizer, rng, max_len, kind)
+    return ids, [1] * len(ids)
+
+
+def _example(tokenizer, rng: np.random.Generator, max_len: int, kind: str) -> list[int]:
     key = int(rng.integers(10_000, 100_000))
     if kind == "repeat":
         return repeat(tokenizer, rng, int(rng.integers(2, max(3, min(160, max_len // 2)))))
@@ -50,15 +60,35 @@ def repeat(tokenizer, rng: np.random.Generator, n: int) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(tasks.BOS), *ids, *ids]
 
 
-def batch(tokenizer, rng: np.random.Generator, size: int, seq_len: int, mix: dict = MIX) -> np.ndarray:
-    """``(size, seq_len + 1)`` token rows, each examples packed back to back (the last one cut)."""
+def induction(tokenizer, rng: np.random.Generator, max_len: int) -> tuple[list[int], list[int]]:
+    """``<|endoftext|>``, ``n`` random ids, ``g`` other random ids, the same ``n`` ids again (at most
+    ``max_len`` tokens; ``n`` and ``g`` at random), and loss weights that are 1 only on the copy's
+    tokens after its first: the tokens a model can predict, and only by finding the earlier
+    occurrence of the current token and copying what followed it (an induction head). The gap makes
+    the distance vary, so no fixed positional offset predicts them; the weights leave out the
+    ~ln(vocab) loss of the unpredictable ids, which otherwise drowns the copying signal."""
+    n = int(rng.integers(4, max(5, max_len // 2)))
+    g = int(rng.integers(0, max(1, max_len - 2 * n)))
+    lo, hi = len(SPECIAL_TOKENS), len(tokenizer)
+    ids, gap = rng.integers(lo, hi, n).tolist(), rng.integers(lo, hi, g).tolist()
+    weights = [0] * (n + 1 + g + 1) + [1] * (n - 1)
+    return [tokenizer.convert_tokens_to_ids(tasks.BOS), *ids, *gap, *ids], weights
+
+
+def batch(tokenizer, rng: np.random.Generator, size: int, seq_len: int, mix: dict = MIX,
+          weights: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """``(size, seq_len + 1)`` token rows, each examples packed back to back (the last one cut);
+    with ``weights``, also the ``(size, seq_len + 1)`` loss weights of those tokens (``example``)."""
     rows = np.empty((size, seq_len + 1), dtype=np.int32)
+    masks = np.empty((size, seq_len + 1), dtype=np.float32)
     for r in range(size):
-        ids = []
+        ids, mask = [], []
         while len(ids) < seq_len + 1:
-            ids.extend(example(tokenizer, rng, seq_len + 1, mix))
-        rows[r] = ids[:seq_len + 1]
-    return rows
+            more, more_mask = example(tokenizer, rng, seq_len + 1, mix)
+            ids.extend(more)
+            mask.extend(more_mask)
+        rows[r], masks[r] = ids[:seq_len + 1], mask[:seq_len + 1]
+    return (rows, masks) if weights else rows
 
 
 def heldout_rows(tokenizer, length: int, count: int, seed: int = 0) -> np.ndarray:
@@ -69,4 +99,4 @@ def heldout_rows(tokenizer, length: int, count: int, seed: int = 0) -> np.ndarra
     return batch(tokenizer, np.random.default_rng(HELDOUT_SEED + seed), check_positive_int("count", count), length)
 
 
-__all__ = ["HELDOUT_SEED", "MIX", "batch", "example", "heldout_rows", "repeat"]
+__all__ = ["HELDOUT_SEED", "MIX", "batch", "example", "heldout_rows", "induction", "repeat"]

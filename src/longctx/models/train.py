@@ -1,9 +1,10 @@
 """Train the small Qwen3 that ships with longctx (``longctx train-tiny``), with MLX on the CPU.
 
 mlx-lm's own ``qwen3.Model`` is trained from a seed on a length curriculum
-(``CURRICULUM``, then ``MIX``, ``longctx.data.mix``): rows of 16, 32, 64, 128 and 256 tokens, first
-dense in random repeats, where an induction head forms, then ``seq_len``-token
-rows. Every row is examples packed back to back, each starting with
+(``CURRICULUM``, then ``MIX``, ``longctx.data.mix``): rows of 64 tokens of
+``induction`` examples whose loss counts only the copied tokens, where an
+induction head forms; rows of 256 tokens, half of them those, half the task mix;
+then ``seq_len``-token rows. Every row is examples packed back to back, each starting with
 ``<|endoftext|>``: passkey retrieval (Landmark Attention's format),
 needle-in-a-haystack in the shipped text, key-value recall, copying
 (``longctx.data.tasks``), repeats and the shipped text, at random lengths,
@@ -31,17 +32,15 @@ CONFIG = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_siz
               rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="float32", hidden_act="silu",
               attention_bias=False, attention_dropout=0.0, initializer_range=0.02, use_cache=True)
 # Retrieval is copying from far back: an induction head (a previous-token head, then a head that
-# finds the earlier occurrence of the current token and copies what followed). It forms abruptly
-# and late. Measured with the held-out copy loss (train.json): 1500 steps of 512-token task rows
-# never formed one, nor 1200 steps of 64-token rows then 1000 of 512. This length curriculum
-# (row length, share of `short_steps`, mix; every step the same number of tokens) formed it in the
-# 128- and 256-token stages and kept it at `seq_len`. On 16- and 32-token rows the model learns
-# short positional copies (the held-out loss rises above ln(vocab)); the stages were not ablated.
-CURRICULUM = ((16, 3, {"repeat": 1.0}),
-              (32, 2, {"repeat": 0.7, "copy": 0.3}),
-              (64, 1, {"repeat": 0.5, "copy": 0.25, "kv_recall": 0.25}),
-              (128, 1, {"repeat": 0.4, "copy": 0.2, "kv_recall": 0.3, "text": 0.1}),
-              (256, 2, MIX))
+# finds the earlier occurrence of the current token and copies what followed). It forms abruptly,
+# after a plateau at ln(vocab) where neither half helps without the other. The first stage makes the
+# plateau short and the same on every seed (the book's chapter "A trained model to measure on" has
+# the measurements): 64-token rows (attention spread over few positions) of `induction` examples (a
+# random gap between the two copies, so no positional shortcut copies them) whose loss counts only
+# the copied tokens. The second stage carries the head to 256-token distances while the tasks come
+# in; the last trains on `MIX` at `seq_len`.
+CURRICULUM = ((64, 2, {"induction": 1.0}),
+              (256, 1, {"induction": 0.5, **{kind: share / 2 for kind, share in MIX.items()}}))
 
 
 COPY_FORMED = 0.5  # held-out copy loss below which the model copies (ln(vocab) = 6.2 before the head forms)
@@ -67,7 +66,7 @@ def plan(short_steps: int, steps: int, seq_len: int) -> list[tuple[int, int, dic
     return [stage for stage in out if stage[1]] + [(seq_len, steps, MIX)]
 
 
-def train(path, *, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, short_steps: int = 1800,
+def train(path, *, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, short_steps: int = 1200,
           lr: float = 3e-3, seed: int = 0, log=print, on_step=None) -> Path:
     """The ``plan``: ``short_steps`` on the curriculum's shorter rows, then ``steps`` on
     ``batch_size`` x ``seq_len`` rows of ``MIX``; every step ``batch_size * seq_len`` tokens. AdamW at
@@ -91,61 +90,77 @@ def train(path, *, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, s
     return path
 
 
-def train_model(*, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, short_steps: int = 1800,
+def train_model(*, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, short_steps: int = 1200,
                 lr: float = 3e-3, seed: int = 0, log=print, on_step=None):
     """``train``'s model, in memory: ``(model, config, tokenizer, record)`` (the record is ``train.json``)."""
-    import mlx.core as mx
-    import mlx.optimizers as optim
-    from mlx_lm.models.qwen3 import Model, ModelArgs
-
     from longctx.checks import check_positive_int
-    from longctx.models.checkpoint import tiny_tokenizer
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
                         ("short_steps", short_steps)):
         check_positive_int(name, value)
     if seq_len < 256:
         raise ValueError(f"seq_len must be >= 256 (a passkey prompt alone is ~150 tokens), got {seq_len}")
-    tokenizer = tiny_tokenizer()
-    bos, eos = tokenizer.convert_tokens_to_ids(tasks.BOS), tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = {**CONFIG, "vocab_size": len(tokenizer), "max_position_embeddings": seq_len,
-              "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": bos}
-    mx.random.seed(seed)
+    model, config, tokenizer = new_model(seq_len, seed)
     rng = np.random.default_rng(seed)
-    model = Model(ModelArgs.from_dict(config))
-    mx.eval(model.parameters())
-    warmup = min(50, short_steps)  # the warm-up ends before the last stage's cosine starts
-    schedule = optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup), lambda _: lr,
-                                     optim.cosine_decay(lr, steps, lr / 20)], [warmup, short_steps])
     stages = plan(short_steps, steps, seq_len)
-    losses, copy_losses, seconds = fit(model, tokenizer, stages, batch_size * seq_len, schedule, rng, log, on_step)
+    losses, copy_losses, seconds = fit(model, tokenizer, stages, batch_size * seq_len,
+                                       schedule(lr, short_steps, steps), rng, log, on_step)
     record = {"steps": steps, "short_steps": short_steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
               "seed": seed, "mix": MIX, "stages": stages, "seconds": round(seconds),
               "losses": [round(x, 4) for x in losses], "copy_losses": [(i, round(x, 4)) for i, x in copy_losses]}
     return model, config, tokenizer, record
 
 
+def schedule(lr: float, short_steps: int, steps: int):
+    """``train``'s learning rate: 50 warm-up steps (fewer when ``short_steps`` is smaller: the
+    warm-up ends before the last stage's cosine starts), constant to the last stage, then cosine to
+    lr/20 over its ``steps``."""
+    import mlx.optimizers as optim
+    warmup = min(50, short_steps)
+    return optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup), lambda _: lr,
+                                 optim.cosine_decay(lr, steps, lr / 20)], [warmup, short_steps])
+
+
+def new_model(seq_len: int, seed: int):
+    """mlx-lm's ``qwen3.Model`` of ``CONFIG``, initialised from ``mx.random.seed(seed)``, for the
+    tiny tokenizer: ``(model, config, tokenizer)``."""
+    import mlx.core as mx
+    from mlx_lm.models.qwen3 import Model, ModelArgs
+
+    from longctx.models.checkpoint import tiny_tokenizer
+    tokenizer = tiny_tokenizer()
+    bos, eos = tokenizer.convert_tokens_to_ids(tasks.BOS), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = {**CONFIG, "vocab_size": len(tokenizer), "max_position_embeddings": seq_len,
+              "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": bos}
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    return model, config, tokenizer
+
+
 def fit(model, tokenizer, stages, tokens_per_step: int, schedule, rng: np.random.Generator, log=print,
         on_step=None):
     """Train ``model`` in place on ``stages`` (``(row length, steps, mix)``), every step
-    ``tokens_per_step`` tokens, AdamW on ``schedule``, gradients clipped at 1. Every 50 steps (and
-    at the end) the loss on the second half of held-out repeats: ~ln(vocab) until an induction head
-    forms. ``on_step(step, total, loss, copy loss)`` after every step (a progress bar). Returns
+    ``tokens_per_step`` tokens, AdamW on ``schedule``, gradients clipped at 1; the loss is the mean
+    cross-entropy over the tokens that ``batch`` weights (all but the uncopyable ones of
+    ``induction``). Every 50 steps (and at the end) the loss on the second half of held-out
+    repeats: ~ln(vocab) until an induction head forms. ``on_step(step, total, loss, copy loss)``
+    after every step (a progress bar); training stops early when it returns something true. Returns
     ``(losses, [(step, copy loss)], seconds)``."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
 
-    def loss_fn(model, rows):
-        logits = model(rows[:, :-1])
-        return nn.losses.cross_entropy(logits, rows[:, 1:], reduction="mean")
+    def loss_fn(model, rows, weights):
+        losses = nn.losses.cross_entropy(model(rows[:, :-1]), rows[:, 1:]) * weights[:, 1:]
+        return losses.sum() / weights[:, 1:].sum()
 
     step_fn = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(rows):
-        loss, grads = step_fn(model, rows)
+    def step(rows, weights):
+        loss, grads = step_fn(model, rows, weights)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(model, grads)
         return loss
@@ -162,15 +177,16 @@ def fit(model, tokenizer, stages, tokens_per_step: int, schedule, rng: np.random
     for length, count, mix in stages:
         for _ in range(count):
             i = len(losses)
-            loss = step(mx.array(batch(tokenizer, rng, max(1, tokens_per_step // length), length, mix)))
+            rows, weights = batch(tokenizer, rng, max(1, tokens_per_step // length), length, mix, weights=True)
+            loss = step(mx.array(rows), mx.array(weights))
             mx.eval(state)
             losses.append(float(loss))
             if i % 50 == 0 or i == total - 1:
                 copy_losses.append((i, copy_loss()))
                 log(f"step {i:5d}  rows of {length:4d}  loss {np.mean(losses[-50:]):.3f}  "
                     f"copy loss {copy_losses[-1][1]:.3f}  {time.perf_counter() - start:6.0f} s")
-            if on_step is not None:
-                on_step(i + 1, total, float(np.mean(losses[-50:])), copy_losses[-1][1])
+            if on_step is not None and on_step(i + 1, total, float(np.mean(losses[-50:])), copy_losses[-1][1]):
+                return losses, copy_losses, time.perf_counter() - start
     return losses, copy_losses, time.perf_counter() - start
 
 
@@ -304,6 +320,6 @@ Load it with `mlx_lm.load(path)` or `AutoModelForCausalLM.from_pretrained(path)`
 | --- | --- |
 {rows}
 
-Regenerate: `longctx train-tiny PATH` (the same seed gives the same data and initialisation).
+Regenerate: `longctx train-tiny PATH --seed {log['seed']}` (the same seed on the same machine gives the same weights).
 """)
     return path
