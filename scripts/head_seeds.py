@@ -17,13 +17,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
 from longctx import blas  # noqa: E402
 from longctx.data.mix import HELDOUT_SEED, batch  # noqa: E402
-from longctx.models.train import COPY_FORMED, fit, new_model, plan, schedule  # noqa: E402
+from longctx.models.train import COPY_FORMED, copy_score, fit, new_model, plan, schedule  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "book" / "src" / "figures" / "train"
 
@@ -34,14 +32,11 @@ def first_stage(seed: int, short_steps: int = 1200, steps: int = 1400, seq_len: 
     rng = np.random.default_rng(seed)
     length, count, mix = plan(short_steps, steps, seq_len)[0]
     rows, weights = batch(tok, np.random.default_rng(HELDOUT_SEED), 64, length, mix, weights=True)
-    x, y, w = mx.array(rows[:, :-1]), mx.array(rows[:, 1:]), mx.array(weights[:, 1:])
     curve = []
 
     def score(step, total, loss, copy_loss):
         if step % 25 == 0 or step == count:
-            logits = model(x)
-            held = float((nn.losses.cross_entropy(logits, y) * w).sum() / w.sum())
-            accuracy = float(((mx.argmax(logits, axis=-1) == y) * w).sum() / w.sum())
+            held, accuracy = copy_score(model, rows, weights)
             curve.append((step, round(held, 4), round(accuracy, 4)))
             print(f"seed {seed} step {step:4d}  copy loss {held:.3f}  copy accuracy {accuracy:.0%}", flush=True)
             return held < COPY_FORMED or step >= count
@@ -59,7 +54,7 @@ def main(seeds) -> None:
         curve = first_stage(seed)
         runs[str(seed)] = {"curve": curve, "formed_at": curve[-1][0] if curve[-1][1] < COPY_FORMED else None,
                       "minutes": round((time.perf_counter() - start) / 60, 1)}
-        (OUT / "seeds.json").write_text(json.dumps({"blas": blas.LOADED, "runs": runs}))
+        done.write_text(json.dumps({"blas": blas.LOADED, "runs": runs}))
         figure(runs)
 
 

@@ -120,6 +120,17 @@ def schedule(lr: float, short_steps: int, steps: int):
                                  optim.cosine_decay(lr, steps, lr / 20)], [warmup, short_steps])
 
 
+def copy_score(model, rows: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+    """The loss and the greedy accuracy of ``model`` on the weighted tokens of ``rows`` (``batch``'s
+    rows and weights; on ``induction`` rows: held-out copying)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    logits, targets, w = model(mx.array(rows[:, :-1])), mx.array(rows[:, 1:]), mx.array(weights[:, 1:])
+    loss = (nn.losses.cross_entropy(logits, targets) * w).sum() / w.sum()
+    accuracy = ((mx.argmax(logits, axis=-1) == targets) * w).sum() / w.sum()
+    return float(loss), float(accuracy)
+
+
 def new_model(seq_len: int, seed: int):
     """mlx-lm's ``qwen3.Model`` of ``CONFIG``, initialised from ``mx.random.seed(seed)``, for the
     tiny tokenizer: ``(model, config, tokenizer)``."""
