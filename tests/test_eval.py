@@ -262,11 +262,29 @@ def test_induction_examples_weight_exactly_the_tokens_a_copy_predicts(max_len):
         assert len(distances) > 1 and len(gaps) > 1 and max(gaps) > 0
 
 
-def test_weights_of_the_task_mix_are_all_one_and_leave_its_rows_unchanged():
-    from longctx.data.mix import MIX, batch
-    rows = batch(tiny_tokenizer(), np.random.default_rng(5), 3, 256)
-    again, weights = batch(tiny_tokenizer(), np.random.default_rng(5), 3, 256, MIX, weights=True)
-    assert np.array_equal(rows, again) and weights.shape == rows.shape and (weights == 1).all()
+@pytest.mark.parametrize("kind", ["repeat", "copy", "passkey", "needle", "kv_recall", "text"])
+def test_the_task_mix_weights_out_only_what_no_model_can_predict(kind):
+    """A ``repeat``'s first copy (and the copy's first token) and ``copy``'s prompt, with its random
+    string, get weight 0; what follows them is predictable by copying and gets 1, as does every
+    token of the other kinds. The rows themselves do not depend on the weights."""
+    from longctx.data.mix import MIX, batch, example
+    tok, rng = tiny_tokenizer(), np.random.default_rng(7)
+    for _ in range(6):
+        ids, weights = example(tok, rng, 300, {kind: 1.0})
+        ones = [i for i, w in zip(ids, weights) if w]
+        assert len(ids) == len(weights) and set(weights) <= {0, 1} and weights == sorted(weights)
+        if kind == "repeat":
+            n = (len(ids) - 1) // 2
+            assert ids[1:1 + n] == ids[1 + n:] and len(ones) == n - 1
+        elif kind == "copy":
+            text = tok.decode(ones)
+            assert text.startswith(" ") and text.endswith(".") and len(text) > 5
+            assert tok.decode(ids).endswith(" Again:" + text)
+        else:
+            assert weights == [1] * len(ids)
+    rows = batch(tok, np.random.default_rng(5), 3, 256)
+    again, weights = batch(tok, np.random.default_rng(5), 3, 256, MIX, weights=True)
+    assert np.array_equal(rows, again) and weights.shape == rows.shape and 0.5 < weights.mean() < 1
 
 
 def test_the_curriculums_first_stage_forms_an_induction_head():

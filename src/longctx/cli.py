@@ -347,7 +347,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("train-tiny", help="train the small Qwen3 that ships with longctx (MLX, CPU)")
     p.add_argument("path")
     p.add_argument("--steps", type=int, default=1400, help="steps at --seq-len (the last stage)")
-    p.add_argument("--short-steps", type=int, default=1200,
+    p.add_argument("--short-steps", type=int, default=1800,
                    help="steps on the shorter rows of the curriculum (64 and 256 tokens), where the induction head forms")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)

@@ -5,8 +5,10 @@ passkey retrieval (Landmark Attention's format), needle-in-a-haystack in the
 shipped text, key-value recall, copying (``longctx.data.tasks``), repeats
 (random ids, then the same ids again) and the shipped text, at random lengths,
 depths and keys. The curriculum's first stages add ``induction`` examples: a
-repeat with random ids between the two copies, whose loss counts only the
-copied tokens (``batch`` returns the loss weights). ``longctx train-tiny`` draws its rows from
+repeat with random ids between the two copies. The loss counts every token a
+model could predict: not the random first copy of a repeat or an induction
+example, nor a copy prompt with its random string (``batch`` returns these
+loss weights). ``longctx train-tiny`` draws its rows from
 ``numpy.random.default_rng(seed)``; ``heldout_rows`` draws with seeds training
 never uses, for the objectives that must not reward memory (Task 9's search
 and its perplexity columns).
@@ -26,18 +28,22 @@ MIX = {"repeat": 0.25, "passkey": 0.25, "needle": 0.1, "kv_recall": 0.2, "copy":
 
 def example(tokenizer, rng: np.random.Generator, max_len: int, mix: dict = MIX) -> tuple[list[int], list[int]]:
     """One training example (prompt and answer, or plain text) of at most ``max_len`` tokens, and
-    its loss weights (1 on every token, except in ``induction``)."""
+    its loss weights: 0 on the tokens no model can predict from what came before, where a
+    copying example has them (the first copy of a ``repeat``, and of ``induction``; the prompt of
+    ``copy``, its random string), 1 on every other token."""
     kind = rng.choice(list(mix), p=list(mix.values()))
     if kind == "induction":
         return induction(tokenizer, rng, max_len)
-    ids = _example(tokenizer, rng, max_len, kind)
-    return ids, [1] * len(ids)
+    ids, learnable = _example(tokenizer, rng, max_len, kind)
+    return ids, [0] * (len(ids) - learnable) + [1] * learnable
 
 
-def _example(tokenizer, rng: np.random.Generator, max_len: int, kind: str) -> list[int]:
+def _example(tokenizer, rng: np.random.Generator, max_len: int, kind: str) -> tuple[list[int], int]:
+    """``kind``'s ids, and how many at the end the loss counts (all, except for ``repeat`` and ``copy``)."""
     key = int(rng.integers(10_000, 100_000))
     if kind == "repeat":
-        return repeat(tokenizer, rng, int(rng.integers(2, max(3, min(160, max_len // 2)))))
+        ids = repeat(tokenizer, rng, int(rng.integers(2, max(3, min(160, max_len // 2)))))
+        return ids, len(ids) // 2 - 1  # the copy after its first token
     if kind == "passkey":
         p = tasks.passkey(tokenizer, int(rng.integers(150, max_len - 6)), float(rng.random()), key)
     elif kind == "needle":
@@ -49,9 +55,11 @@ def _example(tokenizer, rng: np.random.Generator, max_len: int, kind: str) -> li
     elif kind == "copy":
         p = tasks.copy(tokenizer, int(rng.integers(4, max(5, min(100, (max_len - 14) // 2)))), rng)
     else:
-        return tasks.text(tokenizer, int(rng.integers(32, max_len)), start=int(rng.integers(1000)))
+        ids = tasks.text(tokenizer, int(rng.integers(32, max_len)), start=int(rng.integers(1000)))
+        return ids, len(ids)
     answer = tasks._encode(tokenizer, " " + p.answer + ".")
-    return (p.ids + list(answer))[:max_len]
+    ids = (p.ids + list(answer))[:max_len]
+    return ids, max(0, len(ids) - len(p.ids)) if kind == "copy" else len(ids)  # copy: only its answer
 
 
 def repeat(tokenizer, rng: np.random.Generator, n: int) -> list[int]:
