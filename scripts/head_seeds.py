@@ -53,9 +53,7 @@ def first_stage(seed: int, batch_size: int = 8, max_steps: int | None = None, sh
 
 def setup_name(batch_size: int) -> str:
     """The BLAS MLX uses here and the tokens a step, e.g. ``OpenBLAS, 4,096 tokens a step``."""
-    path = (blas.LOADED or "").lower()
-    kind = "OpenBLAS" if "openblas" in path else "MKL" if "mkl" in path else "bundled BLAS"
-    return f"{kind}, {batch_size * 512:,} tokens a step"
+    return f"{blas.kind().replace('bundled', 'bundled BLAS')}, {batch_size * 512:,} tokens a step"
 
 
 def main(seeds, batch_size: int, max_steps: int | None) -> None:

@@ -106,14 +106,20 @@ def loaded_blas() -> list[str]:
     return sorted(n for n in names if n.startswith("/"))
 
 
+def kind() -> str:
+    """The BLAS MLX's CPU matmuls resolve to, in a word: Accelerate, OpenBLAS, MKL or bundled."""
+    if sys.platform == "darwin":
+        return "Accelerate"
+    if LOADED is None:
+        return "bundled"
+    return "MKL" if "mkl" in LOADED.lower() else "OpenBLAS"
+
+
 def describe() -> str:
     """One line: which BLAS MLX's CPU matmuls resolve to."""
-    if sys.platform == "darwin":
-        return "Accelerate (macOS)"
-    if LOADED is None:
-        return "MLX's bundled reference BLAS (nothing faster found or LONGCTX_BLAS=bundled)"
-    kind = "MKL (pip wheel `mkl`)" if "mkl" in LOADED.lower() else "OpenBLAS (system)"
-    return f"{kind}: {LOADED}"
+    return {"Accelerate": "Accelerate (macOS)",
+            "bundled": "MLX's bundled reference BLAS (nothing faster found or LONGCTX_BLAS=bundled)",
+            "MKL": f"MKL (pip wheel `mkl`): {LOADED}", "OpenBLAS": f"OpenBLAS (system): {LOADED}"}[kind()]
 
 
 def has_fast_blas() -> bool:
