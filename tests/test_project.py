@@ -124,6 +124,15 @@ def test_cli_rejects_bad_arguments(args, message):
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
+def test_bench_help_names_every_technique_in_the_registry(capsys):
+    from longctx.cli import main
+    from longctx.techniques import TECHNIQUES
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    listed = re.search(r"longctx.techniques: ([\w,\s]+?) \(default", " ".join(capsys.readouterr().out.split()))
+    assert listed and listed.group(1).replace(" ", "").split(",") == list(TECHNIQUES)
+
+
 def test_doctor_reports_blas():
     proc = subprocess.run([sys.executable, "-m", "longctx.cli", "doctor"], capture_output=True, text=True)
     assert proc.returncode == 0 and "GFLOP/s" in proc.stdout and "BLAS for MLX" in proc.stdout, \
@@ -221,6 +230,35 @@ def test_streaming_mlx_lm_and_transformers_agree_beyond_the_cache():
     assert got.shape == want.shape == (90, 256)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
     assert max(c.offset for c in a.caches) == b.caches.get_seq_length() == 23
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_merge_takes_model_outputs_as_they_come(backend):
+    """mlx-lm's and transformers' models return ``(1, n, vocab)`` logits: merging those equals merging
+    the ``(n, vocab)`` rows; a batch of two (two streams) or mixed vocabularies is a ValueError."""
+    import longctx.mlx
+    import longctx.torch
+    from longctx.models import mlx_qwen3, torch_qwen3
+    lib = getattr(longctx, backend)
+    ids = np.random.default_rng(2).integers(0, 256, 11)
+    if backend == "mlx":
+        import mlx.core as mx
+        model, cat = mlx_qwen3(1), mx.concatenate
+        outs = [model(mx.array(ids[a:b])[None]) for a, b in ((0, 4), (4, 11))]
+    else:
+        import torch
+        model, cat = torch_qwen3(1), torch.cat
+        with torch.no_grad():
+            outs = [model(torch.as_tensor(ids[a:b])[None]).logits for a, b in ((0, 4), (4, 11))]
+    assert tuple(outs[0].shape) == (1, 4, 256)
+    processor = lib.StreamingProcessor()
+    merged = np.asarray(processor.merge_chunk_outputs(outs))
+    assert merged.shape == (11, 256)
+    np.testing.assert_array_equal(merged, np.asarray(processor.merge_chunk_outputs([o[0] for o in outs])))
+    np.testing.assert_array_equal(merged[4:], np.asarray(outs[1][0]))
+    for bad in ([], [outs[0][0], outs[1][0][:, :5]], [outs[0][None]], [cat([outs[0], outs[0]])]):
+        with pytest.raises(ValueError, match="chunk_outputs"):
+            processor.merge_chunk_outputs(bad)
 
 
 def test_compressed_caches_agree_in_both_models():

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 import mlx.core as mx
 from mlx_lm.models.cache import create_attention_mask
 
-from longctx.checks import check_nonnegative_int, check_positive_int
+from longctx.checks import check_nonnegative_int, check_positive_int, chunk_rows
 
 
 def unrotate(rope, x: mx.array, offset: int) -> mx.array:
@@ -137,13 +137,11 @@ class StreamingProcessor:
         raise NotImplementedError("Task 5: StreamingProcessor.process_stream -- see the book chapter 'Streaming with attention sinks'")
 
     def merge_chunk_outputs(self, chunk_outputs: list[mx.array]) -> mx.array:
-        """One ``(tokens, vocab)`` array from the chunks' outputs, in order. ``process_stream``
-        yields only the new tokens' rows (the overlap's rows were context), so merging needs
-        nothing from an earlier call."""
-        if not chunk_outputs or any(getattr(out, "ndim", None) != 2 for out in chunk_outputs):
-            raise ValueError(f"chunk_outputs must be a non-empty list of (n, vocab) arrays, got "
-                             f"{[tuple(getattr(o, 'shape', ())) for o in chunk_outputs] or chunk_outputs!r}")
-        return mx.concatenate(list(chunk_outputs), axis=0)
+        """One ``(tokens, vocab)`` array from the chunks' outputs, in order: each ``(n, vocab)``, or
+        ``(1, n, vocab)`` as a model returns it (a batch of one stream). ``process_stream`` yields only
+        the new tokens' rows (the overlap's rows were context), so merging needs nothing from an
+        earlier call."""
+        return mx.concatenate(chunk_rows(chunk_outputs), axis=0)
 
 
 __all__ = ["SinkKVCache", "StreamingProcessor", "unrotate"]

@@ -153,6 +153,20 @@ def check_tokens(tokens, vocab_size: int) -> list[int]:
     return [int(t) for t in ids]
 
 
+def chunk_rows(chunk_outputs) -> list:
+    """``StreamingProcessor.merge_chunk_outputs``'s input as ``(n, vocab)`` arrays: each chunk's
+    output is ``(n, vocab)`` or, as mlx-lm's and transformers' models return it, ``(1, n, vocab)``.
+    A larger batch would be several streams at once, which one processor does not run: merge each
+    stream's outputs on its own (``[o[b] for o in outputs]``)."""
+    shapes = [tuple(getattr(o, "shape", ())) for o in chunk_outputs] if isinstance(chunk_outputs, (list, tuple)) else []
+    if not shapes or any(len(s) not in (2, 3) or (len(s) == 3 and s[0] != 1) for s in shapes) \
+            or len({s[-1] for s in shapes}) != 1:
+        raise ValueError(f"chunk_outputs must be a non-empty list of (n, vocab) or (1, n, vocab) arrays with one "
+                         f"vocab (a batch of B > 1 is B streams: merge each on its own), got "
+                         f"{shapes or chunk_outputs!r}")
+    return [o[0] if o.ndim == 3 else o for o in chunk_outputs]
+
+
 def prefill_chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
     """``(start, end)`` of each prefill chunk; the last is never a lone token
     (Task 4's cache reads a one-token update as the first decode step)."""

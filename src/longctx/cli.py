@@ -298,14 +298,14 @@ def cmd_stubs(args) -> int:
 
 
 def main(argv=None) -> int:
+    from longctx.techniques import TECHNIQUES
     parser = argparse.ArgumentParser(prog="longctx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("bench", help="Task 7: every technique against full attention, as a table, PNG and JSON")
     p.add_argument("--lengths", type=_positive_ints, default=None,
                    help="e.g. 50000,100000,200000 (default 1024,2048,4096; with --scaling, L for L and 4L: 50000)")
     p.add_argument("--techniques", type=_names, default=None,
-                   help="comma-separated names from longctx.techniques: full,sliding,hierarchical,ring,streaming,compressed "
-                        "(default: all)")
+                   help=f"comma-separated names from longctx.techniques: {','.join(TECHNIQUES)} (default: all)")
     p.add_argument("--window", type=int, default=256,
                    help="sliding window, streaming window, first LongNet segment (levels w, 4w, 16w)")
     p.add_argument("--heads", type=int, default=8)

@@ -3,7 +3,7 @@
     mlx.launch --backend ring -n 4 -- python -m longctx.ringrun --length 4096 --out runs/
     torchrun --standalone --nproc-per-node 4 -m longctx.ringrun --backend torch --out runs/
 
-(``longctx ring`` builds these command lines.) Every rank makes the same
+(``launch_command`` builds these command lines; ``longctx bench --ring`` runs them.) Every rank makes the same
 seeded full ``q, k, v``, keeps its shard, calls ``ring_attention_distributed``
 and writes ``rank<r>.json``: its error against the float64 oracle on its own
 positions (``--check``), its peak memory, its time per ring step and its

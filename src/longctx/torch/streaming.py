@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
-from longctx.checks import check_nonnegative_int, check_positive_int
+from longctx.checks import check_nonnegative_int, check_positive_int, chunk_rows
 
 
 def rotate(rotary_emb, x: torch.Tensor, start: int, inverse: bool = False) -> torch.Tensor:
@@ -132,11 +132,11 @@ class StreamingProcessor:
                 yield getattr(out, "logits", out)[0][len(context):]
 
     def merge_chunk_outputs(self, chunk_outputs: list[torch.Tensor]) -> torch.Tensor:
-        """One ``(tokens, vocab)`` tensor from the chunks' outputs, in order (nothing from an earlier call)."""
-        if not chunk_outputs or any(getattr(out, "ndim", None) != 2 for out in chunk_outputs):
-            raise ValueError(f"chunk_outputs must be a non-empty list of (n, vocab) tensors, got "
-                             f"{[tuple(getattr(o, 'shape', ())) for o in chunk_outputs] or chunk_outputs!r}")
-        return torch.cat(list(chunk_outputs), dim=0)
+        """One ``(tokens, vocab)`` tensor from the chunks' outputs, in order: each ``(n, vocab)``, or
+        ``(1, n, vocab)`` as a model returns it (a batch of one stream). ``process_stream`` yields only
+        the new tokens' rows (the overlap's rows were context), so merging needs nothing from an
+        earlier call."""
+        return torch.cat(chunk_rows(chunk_outputs), dim=0)
 
 
 __all__ = ["SinkKVCache", "SinkLayer", "StreamingProcessor"]
