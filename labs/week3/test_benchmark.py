@@ -52,16 +52,18 @@ def test_one_well_formed_result_per_technique_and_length(lab):
 def test_the_timed_region_includes_the_work(lab, arrays):
     """MLX is lazy: a clock stopped before ``mx.eval`` times the graph's construction (microseconds),
     not its work. The reported median must be of the order of what the same attention takes, timed
-    here before and after (the faster of the two: a shared machine's speed varies from second to
-    second, and the mistake gives a ratio near 0, not near 1)."""
+    here in turn with the benchmark (the fastest of each: another program on the machine slows
+    both alike, and the mistake gives a ratio near 0, not near 1)."""
     L, H_, D_ = 1536, 4, 32
     q, k, v = (arrays.asarray(x) for x in np.random.default_rng(1).standard_normal((3, 1, H_, L, D_)))
     fn, _ = lab("benchmark").attention_run("full", q, k, v)  # given: what the benchmark runs for "full"
-    before = 1e3 * arrays.seconds(fn, repeats=3)  # evaluated inside the clock
-    (r,) = run(lab, {"full": {}}, [L], repeats=3, heads=H_, head_dim=D_)
-    alone = min(before, 1e3 * arrays.seconds(fn, repeats=3))
-    assert r.median_ms >= 0.25 * alone, \
-        f"median {r.median_ms:.2f} ms for attention that takes {alone:.2f} ms here: evaluate inside the clock"
+    reported, alone = float("inf"), float("inf")
+    for _ in range(3):
+        (r,) = run(lab, {"full": {}}, [L], repeats=3, heads=H_, head_dim=D_)
+        reported = min(reported, r.median_ms)
+        alone = min(alone, 1e3 * arrays.race(fn, rounds=2)[0])  # evaluated inside the clock
+    assert reported >= 0.1 * alone, \
+        f"median {reported:.2f} ms for attention that takes {alone:.2f} ms here: evaluate inside the clock"
 
 
 @pytest.mark.parametrize("technique,options", [

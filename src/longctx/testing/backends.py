@@ -38,6 +38,10 @@ class MLXBackend:
     def seconds(self, fn, repeats: int = 5) -> float:
         return measure.mlx_seconds(fn, repeats=repeats)
 
+    def race(self, *fns, rounds: int = 5) -> list[float]:
+        """Each ``fn``'s fastest time, timed in turn (``measure.interleaved_seconds``)."""
+        return measure.interleaved_seconds(*map(measure.mlx_blocking, fns), rounds=rounds)
+
     def peak_bytes(self, fn) -> int:
         return measure.mlx_peak_bytes(fn)
 
@@ -87,6 +91,9 @@ class TorchBackend:
 
     def seconds(self, fn, repeats: int = 5) -> float:
         return measure.torch_seconds(fn, repeats=repeats)
+
+    def race(self, *fns, rounds: int = 5) -> list[float]:
+        return measure.interleaved_seconds(*map(measure.torch_blocking, fns), rounds=rounds)
 
     def peak_bytes(self, fn) -> int:
         return measure.torch_peak_bytes(fn, self.device)

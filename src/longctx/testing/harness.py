@@ -54,6 +54,14 @@ def pytest_addoption(parser):
                     help="where to write the graded results (default: results.json)")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """A graded run is one process: its table and ``results.json`` add up every test it ran. The
+    project's ``-n`` (pytest-xdist, in ``pyproject.toml``'s addopts) is for ``tests/``."""
+    if getattr(config.option, "numprocesses", None):
+        config.option.numprocesses = 0
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "task(n): the lab task a graded test belongs to")
     config.stash[_STATE] = {"verdicts": {}, "figures": defaultdict(dict), "cases": {}}

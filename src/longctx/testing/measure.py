@@ -24,9 +24,24 @@ def median_seconds(run: Callable[[], None], *, repeats: int = 5, warmup: int = 1
     return statistics.median(times)
 
 
+def interleaved_seconds(*runs: Callable[[], None], rounds: int = 5, warmup: int = 1) -> list[float]:
+    """The fastest wall time of each ``run()`` (each must block until its work is done), timed in
+    turn ``a, b, a, b, ...``: for comparing speeds on a machine that is never idle. Another
+    process slows whichever run it overlaps; taken in turns, each run meets the same load, and
+    the minimum is the time the work needs when the machine lets it (a median keeps the load)."""
+    for run in runs * warmup:
+        run()
+    best = [float("inf")] * len(runs)
+    for _ in range(rounds):
+        for i, run in enumerate(runs):
+            start = time.perf_counter()
+            run()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
 def mlx_seconds(fn: Callable, *, repeats: int = 5, warmup: int = 1) -> float:
-    import mlx.core as mx
-    return median_seconds(lambda: mx.eval(fn()), repeats=repeats, warmup=warmup)
+    return median_seconds(mlx_blocking(fn), repeats=repeats, warmup=warmup)
 
 
 def mlx_peak_bytes(fn: Callable) -> int:
@@ -40,14 +55,25 @@ def mlx_peak_bytes(fn: Callable) -> int:
     return max(0, mx.get_peak_memory() - before)
 
 
-def torch_seconds(fn: Callable, *, repeats: int = 5, warmup: int = 1) -> float:
+def mlx_blocking(fn: Callable) -> Callable[[], None]:
+    """``fn`` evaluated: MLX is lazy, so the work happens inside the call."""
+    import mlx.core as mx
+    return lambda: mx.eval(fn())
+
+
+def torch_blocking(fn: Callable) -> Callable[[], None]:
+    """``fn`` synchronised: CUDA is asynchronous, so the work is done when the call returns."""
     import torch
 
     def run():
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    return median_seconds(run, repeats=repeats, warmup=warmup)
+    return run
+
+
+def torch_seconds(fn: Callable, *, repeats: int = 5, warmup: int = 1) -> float:
+    return median_seconds(torch_blocking(fn), repeats=repeats, warmup=warmup)
 
 
 def torch_peak_bytes(fn: Callable, device="cpu") -> int:
