@@ -6,11 +6,13 @@ is graded by labs/week3, and the dispatch is checked here.
 """
 import shutil
 import subprocess
+import warnings
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from longctx import kernels
 from longctx.testing import assert_close
 from longctx.testing.oracles import sliding_window_attention
 
@@ -31,7 +33,20 @@ def test_dispatch_takes_the_ops_path_on_cpu_and_unsupported_head_dims():
         mx.set_default_device(previous)
 
 
-def test_a_kernel_that_fails_to_compile_falls_back_to_the_ops_path_with_one_warning(monkeypatch):
+@pytest.fixture
+def as_on_a_gpu(monkeypatch, tmp_path):
+    """The dispatch as on an Apple GPU, with a fresh process's kernel states and machine record."""
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_failed", {})
+    monkeypatch.setattr(kernels, "_verified", {})
+    monkeypatch.setattr(sliding, "_CHECKED", set())
+    monkeypatch.setattr(sliding, "_backend", lambda: "metal")
+    monkeypatch.setattr(sliding, "_fused_kernel_for", lambda q: "metal" if kernels.usable("metal") else None)
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((1, 2, 40, 64)).astype(np.float32) for _ in range(3)]
+
+
+def test_a_kernel_that_fails_to_compile_falls_back_to_the_ops_path_with_one_warning(monkeypatch, as_on_a_gpu):
     """The Metal kernel has not run on a Mac yet: if its first compile or launch raises, the call
     still returns the right values (the ops path), with one warning, and later calls skip the kernel."""
     launched = []
@@ -39,23 +54,63 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_the_ops_path_with_one_warn
     def broken(**kwargs):
         launched.append(kwargs)
         raise RuntimeError("Unable to build metal library from source")
-    monkeypatch.setattr(sliding, "_FAILED", set())
-    monkeypatch.setattr(sliding, "_CHECKED", set())
-    monkeypatch.setattr(sliding, "_backend", lambda: "metal")  # as on an Apple GPU
-    monkeypatch.setattr(sliding, "_fused_kernel_for", lambda q: None if "metal" in sliding._FAILED else "metal")
     monkeypatch.setattr(sliding, "_kernel", lambda backend: broken)
-    rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((1, 2, 40, 64)).astype(np.float32) for _ in range(3))
+    q, k, v = as_on_a_gpu
     attn = sliding.SlidingWindowAttention(9)
-    with pytest.warns(RuntimeWarning, match="metal sliding-window kernel failed") as caught:
+    with pytest.warns(RuntimeWarning, match="metal kernel .* failed .*Unable to build metal library") as caught:
         out = attn(*map(mx.array, (q, k, v)))
     assert_close(np.array(out), sliding_window_attention(q, k, v, 9), rtol=1e-4, atol=1e-4)
     assert len(caught) == 1 and len(launched) == 1
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attn(*map(mx.array, (q, k, v)))  # no second warning, no second launch
     assert len(launched) == 1
+    assert kernels.status("metal", None).startswith("fell back to the ops path: RuntimeError: Unable to build")
+
+
+def test_a_wrong_kernel_is_caught_by_its_check_and_the_ops_path_serves(monkeypatch, as_on_a_gpu):
+    """A kernel that compiles and runs but is wrong (here: its window one too wide) never answers:
+    its first use compares it with the ops path, warns once with the error, and the ops path
+    serves the rest of the process."""
+    calls = []
+
+    def wrong(q, k, v, window, scale):
+        calls.append(q.shape)
+        return sliding._blocked(q, k, v, window + 1, scale)
+    monkeypatch.setattr(sliding, "_fused", wrong)
+    q, k, v = as_on_a_gpu
+    attn = sliding.SlidingWindowAttention(9)
+    with pytest.warns(RuntimeWarning, match=r"metal kernel .*float32, D=64, window <=64.* disagrees with the "
+                                            r"ops path on a check input: max abs error"):
+        out = attn(*map(mx.array, (q, k, v)))
+    assert_close(np.array(out), sliding_window_attention(q, k, v, 9), rtol=1e-4, atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = sliding.SlidingWindowAttention(200)(*map(mx.array, (q, k, v)))  # another window class: still ops
+    assert_close(np.array(out), sliding_window_attention(q, k, v, 200), rtol=1e-4, atol=1e-4)
+    assert len(calls) == 1, "only the check input ever met the wrong kernel"
+    assert "disagrees" in kernels.status("metal", None) and not kernels._recorded()
+
+
+def test_a_right_kernel_is_verified_once_per_configuration_and_machine(monkeypatch, as_on_a_gpu):
+    calls = []
+
+    def right(q, k, v, window, scale):
+        calls.append(q.shape)
+        return sliding._blocked(q, k, v, window, scale)
+    monkeypatch.setattr(sliding, "_fused", right)
+    q, k, v = as_on_a_gpu
+    for window in (9, 12, 300, 1):  # classes <=64, <=64 again, >64, 1: three checks, four real calls
+        out = sliding.SlidingWindowAttention(window)(*map(mx.array, (q, k, v)))
+        assert_close(np.array(out), sliding_window_attention(q, k, v, window), rtol=1e-4, atol=1e-4)
+    assert [s[2] for s in calls] == [41, 40, 40, 232, 40, 33, 40]  # check input (Lk - 5 rows), then the call
+    assert kernels.status("metal", None) == ("verified here: float32, D=64, window 1; float32, D=64, window <=64; "
+                                             "float32, D=64, window >64")
+    assert len(kernels._recorded()) == 3
+    monkeypatch.setattr(kernels, "_verified", {})  # a new process on the same machine: no check runs again
+    calls.clear()
+    sliding.SlidingWindowAttention(9)(*map(mx.array, (q, k, v)))
+    assert [s[2] for s in calls] == [40]
 
 
 @pytest.mark.skipif(not on_gpu, reason="needs an Apple GPU (Metal) or MLX's CUDA backend")

@@ -16,6 +16,8 @@ import warnings
 import pytest
 import torch
 
+from longctx import kernels
+from longctx.testing import oracles
 from longctx.torch import sliding
 
 CHECK = textwrap.dedent("""
@@ -58,17 +60,66 @@ def test_triton_kernel_equals_the_oracle_in_the_interpreter():
     assert done.returncode == 0 and "ok 8" in done.stdout, done.stdout + done.stderr[-3000:]
 
 
-def test_a_kernel_that_fails_falls_back_to_sdpa_with_one_warning(monkeypatch):
-    monkeypatch.setattr(sliding, "_FAILED", set())
+@pytest.fixture
+def as_on_cuda(monkeypatch, tmp_path):
+    """The dispatch as on a CUDA device (CPU tensors take the kernel), with a fresh process's
+    kernel states and machine record."""
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_failed", {})
+    monkeypatch.setattr(kernels, "_verified", {})
     monkeypatch.setattr(sliding, "_CHECKED", set())
+    monkeypatch.setattr(sliding, "_triton_wanted", lambda q: kernels.usable("triton"))
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, 2, 30, 16, generator=g) for _ in range(3)]
 
+
+def exact(q, k, v, window):
+    return torch.from_numpy(oracles.sliding_window_attention(*(x.double().numpy() for x in (q, k, v)), window))
+
+
+def test_a_kernel_that_fails_falls_back_to_sdpa_with_one_warning(monkeypatch, as_on_cuda):
     def broken(*args, **kwargs):
         raise RuntimeError("PTX: no kernel image is available")
     monkeypatch.setattr(sliding, "_triton", broken)
-    q = torch.randn(1, 2, 8, 16)
-    with pytest.warns(RuntimeWarning, match="Triton sliding-window kernel failed"):
-        assert sliding._triton_checked(q, q, q, 4, 0.25) is None
-    assert sliding._FAILED == {"triton"}
+    q, k, v = as_on_cuda
+    with pytest.warns(RuntimeWarning, match="triton kernel .* failed .*PTX: no kernel image"):
+        out = sliding.SlidingWindowAttention(4)(q, k, v)
+    torch.testing.assert_close(out.double(), exact(q, k, v, 4), rtol=1e-5, atol=1e-5)
+    assert not kernels.usable("triton")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the CPU path never tries the kernel, and never warns again
-        sliding.SlidingWindowAttention(4)(q, q, q)
+        warnings.simplefilter("error")  # the SDPA tiles from now on, with no second warning
+        sliding.SlidingWindowAttention(4)(q, k, v)
+
+
+def test_a_wrong_kernel_is_caught_by_its_check_and_sdpa_serves(monkeypatch, as_on_cuda):
+    """A Triton kernel that runs but is wrong (here: the decode offset ignored) never answers."""
+    calls = []
+
+    def wrong(q, k, v, window, scale):
+        calls.append(q.shape)
+        return sliding._tiles(q, k[:, :, :q.shape[2]], v[:, :, :q.shape[2]], window, scale, torch.zeros(0, dtype=int))
+    monkeypatch.setattr(sliding, "_triton", wrong)
+    q, k, v = as_on_cuda
+    with pytest.warns(RuntimeWarning, match=r"triton kernel .*float32, D=16, window <=64.* disagrees with the ops "
+                                            r"path on a check input"):
+        out = sliding.SlidingWindowAttention(7)(q, k, v)
+    torch.testing.assert_close(out.double(), exact(q, k, v, 7), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1 and "disagrees" in kernels.status("triton", None)
+
+
+def test_the_real_kernel_verifies_itself_in_the_interpreter(tmp_path):
+    """The Triton kernel itself, under TRITON_INTERPRET=1, passes its own check and is recorded."""
+    pytest.importorskip("triton", reason="Triton has no macOS wheels; the dev extra installs it on Linux (CI)")
+    code = textwrap.dedent("""
+        import torch
+        from longctx import kernels
+        from longctx.torch import sliding
+        sliding._triton_wanted = lambda q: kernels.usable("triton")  # CPU tensors, as if on CUDA
+        x = torch.randn(1, 2, 50, 16)
+        sliding.SlidingWindowAttention(5)(x, x, x)
+        print(kernels.status("triton", None), len(kernels._recorded()))
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LONGCTX_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.stdout.strip() == "verified here: float32, D=16, window <=64 1", done.stdout + done.stderr[-3000:]

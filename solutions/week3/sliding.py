@@ -24,12 +24,13 @@ dispatch to it: the graded tests judge their ``_blocked``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
-import warnings
 
 import mlx.core as mx
 import numpy as np
 
+from longctx import kernels
 from longctx.checks import (check_attention, check_global_tokens, check_nonnegative_int, check_positive_int,
                             check_scale)
 from longctx.tiles import RowWriter
@@ -246,7 +247,6 @@ def _kernel_source(backend: str) -> str:
 FUSED_HEAD_DIMS = (32, 64, 80, 96, 128)
 
 
-_FAILED: set[str] = set()  # kernel backends whose first compile or launch raised: the ops path from then on
 _CHECKED: set[tuple] = set()  # (backend, dtype, D, window) instantiations that have run once
 
 
@@ -269,32 +269,52 @@ def _fused_kernel_for(q) -> str | None:
     if mx.default_device() != mx.gpu or q.shape[-1] not in FUSED_HEAD_DIMS:
         return None
     backend = _backend()
-    return None if backend is None or backend in _FAILED else backend
+    return None if backend is None or not kernels.usable(backend) else backend
 
 
 def _fused_checked(q, k, v, window: int, scale: float) -> mx.array | None:
-    """``_fused``, evaluated eagerly the first time each instantiation runs (MLX compiles
-    lazily, so a compile error would otherwise surface later, inside the caller's
-    ``mx.eval``). If that first compile or launch raises, warn once and return None:
-    the caller falls back to the ops path, for this and every later call."""
-    key = (_fused_kernel_for(q), q.dtype, q.shape[-1], window)
-    if key[0] in _FAILED:
-        return None
-    if key in _CHECKED:
-        return _fused(q, k, v, window, scale)
+    """``_fused`` where it has been checked on this machine (``longctx.kernels``): the first use
+    of a dtype, head dim and window class compares it with ``_blocked`` on a small input; a
+    mismatch warns once and returns None (the caller's ops path answers from then on). Each
+    instantiation is also evaluated eagerly the first time it runs (MLX compiles lazily, so a
+    compile error would otherwise surface later, inside the caller's ``mx.eval``)."""
+    backend, dtype, D = _fused_kernel_for(q), str(q.dtype).removeprefix("mlx.core."), q.shape[-1]
+    config = (dtype, f"D={D}", f"window {kernels.window_class(window)}")
     try:
+        fingerprint = hashlib.sha256(f"{_kernel_source(backend)} {mx.__version__} {_device_name()}".encode())
+        small = _check_input(q.dtype, D, window)
+        if not kernels.check(backend, config, fingerprint.hexdigest(),
+                             lambda: np.array(_fused(*small, window, D ** -0.5).astype(mx.float32)),
+                             lambda: np.array(_blocked(*small, window, D ** -0.5).astype(mx.float32)), dtype):
+            return None
+        key = (backend, q.dtype, D, window)
+        if key in _CHECKED:
+            return _fused(q, k, v, window, scale)
         out = _fused(q, k, v, window, scale)
         mx.eval(out)
     except NotImplementedError:  # the stretch exercise not written (yet): the ops path, quietly
         return None
     except Exception as error:  # noqa: BLE001 -- any compile or launch failure means: use the ops path
-        _FAILED.add(key[0])
-        warnings.warn(f"longctx: the fused {key[0]} sliding-window kernel failed to compile or launch "
-                      f"({type(error).__name__}: {error}); using the ops path from now on", RuntimeWarning,
-                      stacklevel=3)
+        kernels.fail(backend, config, error)
         return None
     _CHECKED.add(key)
     return out
+
+
+def _check_input(dtype, D: int, window: int) -> list[mx.array]:
+    """A small seeded ``q, k, v`` for a kernel's check: GQA, decode offset, a window that slides."""
+    Lk = min(window, 200) + 37
+    rng = np.random.default_rng(window)
+    q = rng.standard_normal((1, 4, Lk - 5, D))
+    k, v = rng.standard_normal((2, 1, 2, Lk, D))
+    return [mx.array(x.astype(np.float32)).astype(dtype) for x in (q, k, v)]
+
+
+def _device_name() -> str:
+    try:
+        return str(mx.device_info())
+    except Exception:  # noqa: BLE001 -- older MLX: the version stands for the machine
+        return ""
 
 
 def _fused(q, k, v, window: int, scale: float) -> mx.array:

@@ -262,6 +262,34 @@ def cmd_serve_key(args) -> int:
 SLOW_GFLOPS = 50  # 2 cores: the bundled reference BLAS gives 3-7, MKL's wheel 80-135, OpenBLAS 200-290
 
 
+def kernel_states() -> list[tuple[str, str]]:
+    """Each fused GPU kernel's state (``longctx.kernels``), after one small call where it can run
+    (a check, unless this machine verified that configuration before)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from longctx import kernels
+    from longctx.mlx import SlidingWindowAttention
+    x = np.random.default_rng(0).standard_normal((1, 2, 100, 64)).astype(np.float32)
+    states = []
+    for backend, here in (("metal", mx.metal.is_available()), ("cuda", mx.cuda.is_available())):
+        why = None if here else f"MLX has no {'Apple GPU (Metal)' if backend == 'metal' else 'CUDA backend'} here"
+        if why is None:  # MLX's default device is then that GPU
+            mx.eval(SlidingWindowAttention(32)(*[mx.array(x)] * 3))
+        states.append((f"fused kernel {backend} ({kernels.KERNELS[backend]})", kernels.status(backend, why)))
+    import torch
+    why = None if torch.cuda.is_available() else "torch sees no CUDA device"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        why = "triton is not installed"
+    if why is None:
+        from longctx.torch import SlidingWindowAttention as TorchSliding
+        TorchSliding(32)(*[torch.from_numpy(x).cuda()] * 3)
+    states.append((f"fused kernel triton ({kernels.KERNELS['triton']})", kernels.status("triton", why)))
+    return states
+
+
 def cmd_doctor(args) -> int:
     import platform
 
@@ -279,6 +307,8 @@ def cmd_doctor(args) -> int:
     console.print(f"MLX float32 2048^3 matmul on the CPU: {gflops:.0f} GFLOP/s")
     from longctx import native
     console.print(f"compiled CPU kernels (longctx.native): {native.status()}")
+    for name, state in kernel_states():
+        console.print(f"{name}: {state}")
     if blas.has_fast_blas() and gflops >= SLOW_GFLOPS:
         console.print("[green]ok: an optimised BLAS is in use")
         return 0

@@ -11,12 +11,14 @@ output is one step's.
 from __future__ import annotations
 
 import functools
+import hashlib
+import inspect
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 
+from longctx import kernels
 from longctx.checks import check_attention, check_global_tokens, check_positive_int, check_scale
 from longctx.techniques import TORCH_TILE as TILE_ELEMENTS  # score elements per step (the memory formula's too)
 
@@ -47,51 +49,58 @@ class SlidingWindowAttention:
         if q.device != k.device or q.device != v.device:
             raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
         scale = D ** -0.5 if self.scale is None else self.scale
-        if q.is_cuda and not len(glob) and "triton" not in _FAILED:
+        if not len(glob) and _triton_wanted(q):
             out = _triton_checked(q, k, v, self.window_size, scale)
             if out is not None:
                 return out
-        window, rep, G, dev = self.window_size, Hq // Hkv, len(glob), q.device
-        block = max(16, min(128, 1 << (window.bit_length() - 2))) if window > 4 else 16
-        nprev = -(-(window - 1) // block)
-        nb = -(-Lq // block)
-        ncol = (nprev + 1) * block
-        p0 = Lk - Lq  # position of the first query
-
-        r = torch.arange(block, device=dev)[:, None]
-        c = torch.arange(ncol, device=dev)[None, :] - nprev * block
-        band = (c <= r) & (c > r - window)  # (block, ncol), the same in every block
-        if G:  # global keys: beside each tile's keys, seen from their own position on
-            kg, vg = k[:, :, glob].float(), v[:, :, glob].float()  # (B, Hkv, G, D)
-
-        out = torch.empty(B, Hkv, rep, Lq, D, dtype=q.dtype, device=dev)
-        per_step = max(1, TILE_ELEMENTS // (B * Hq * block * (ncol + G)))
-        for b0 in range(0, nb, per_step):
-            b1 = min(nb, b0 + per_step)
-            n, e = b1 - b0, min(Lq, b1 * block)
-            # One SDPA batch entry per (sequence, block); the rep query heads of a kv head are
-            # stacked as rows against that kv head's keys, so GQA copies no keys.
-            qb = F.pad(q[:, :, b0 * block:e].float(), (0, 0, 0, b1 * block - e))
-            qb = qb.view(B, Hkv, rep, n, block, D).permute(0, 3, 1, 2, 4, 5).reshape(B * n, Hkv, rep * block, D)
-            k0 = p0 + (b0 - nprev) * block  # position of this step's first key row
-            kb = _rows(k, k0, (n + nprev) * block).unfold(2, ncol, block)  # (B, Hkv, n, D, ncol)
-            vb = _rows(v, k0, (n + nprev) * block).unfold(2, ncol, block)
-            kb = kb.permute(0, 2, 1, 4, 3).reshape(B * n, Hkv, ncol, D)
-            vb = vb.permute(0, 2, 1, 4, 3).reshape(B * n, Hkv, ncol, D)
-            key_pos = k0 + torch.arange(n, device=dev)[:, None, None] * block + torch.arange(ncol, device=dev)
-            visible = band & (key_pos >= 0) & ~torch.isin(key_pos, glob)  # (n, block, ncol)
-            if G:
-                kb = torch.cat([kb, kg.repeat_interleave(n, dim=0)], dim=2)  # (B n, Hkv, ncol + G, D)
-                vb = torch.cat([vb, vg.repeat_interleave(n, dim=0)], dim=2)
-                qpos = p0 + b0 * block + torch.arange(n * block, device=dev).view(n, block, 1)
-                visible = torch.cat([visible, glob <= qpos], dim=-1)
-            mask = visible[:, None].expand(n, rep, block, ncol + G).reshape(n, 1, rep * block, ncol + G)
-            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.repeat(B, 1, 1, 1), scale=scale)
-            o = o.view(B, n, Hkv, rep, block, D).permute(0, 2, 3, 1, 4, 5).reshape(B, Hkv, rep, n * block, D)
-            out[:, :, :, b0 * block:e] = o[:, :, :, :e - b0 * block]
-        return out.view(B, Hq, Lq, D)
+        return _tiles(q, k, v, self.window_size, scale, glob)
 
     __call__ = sliding_attention
+
+
+def _tiles(q, k, v, window: int, scale: float, glob: torch.Tensor) -> torch.Tensor:
+    """The ops path (checked arguments): band tiles through torch's SDPA, a step of blocks at a time."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    rep, G, dev = Hq // Hkv, len(glob), q.device
+    block = max(16, min(128, 1 << (window.bit_length() - 2))) if window > 4 else 16
+    nprev = -(-(window - 1) // block)
+    nb = -(-Lq // block)
+    ncol = (nprev + 1) * block
+    p0 = Lk - Lq  # position of the first query
+
+    r = torch.arange(block, device=dev)[:, None]
+    c = torch.arange(ncol, device=dev)[None, :] - nprev * block
+    band = (c <= r) & (c > r - window)  # (block, ncol), the same in every block
+    if G:  # global keys: beside each tile's keys, seen from their own position on
+        kg, vg = k[:, :, glob].float(), v[:, :, glob].float()  # (B, Hkv, G, D)
+
+    out = torch.empty(B, Hkv, rep, Lq, D, dtype=q.dtype, device=dev)
+    per_step = max(1, TILE_ELEMENTS // (B * Hq * block * (ncol + G)))
+    for b0 in range(0, nb, per_step):
+        b1 = min(nb, b0 + per_step)
+        n, e = b1 - b0, min(Lq, b1 * block)
+        # One SDPA batch entry per (sequence, block); the rep query heads of a kv head are
+        # stacked as rows against that kv head's keys, so GQA copies no keys.
+        qb = F.pad(q[:, :, b0 * block:e].float(), (0, 0, 0, b1 * block - e))
+        qb = qb.view(B, Hkv, rep, n, block, D).permute(0, 3, 1, 2, 4, 5).reshape(B * n, Hkv, rep * block, D)
+        k0 = p0 + (b0 - nprev) * block  # position of this step's first key row
+        kb = _rows(k, k0, (n + nprev) * block).unfold(2, ncol, block)  # (B, Hkv, n, D, ncol)
+        vb = _rows(v, k0, (n + nprev) * block).unfold(2, ncol, block)
+        kb = kb.permute(0, 2, 1, 4, 3).reshape(B * n, Hkv, ncol, D)
+        vb = vb.permute(0, 2, 1, 4, 3).reshape(B * n, Hkv, ncol, D)
+        key_pos = k0 + torch.arange(n, device=dev)[:, None, None] * block + torch.arange(ncol, device=dev)
+        visible = band & (key_pos >= 0) & ~torch.isin(key_pos, glob)  # (n, block, ncol)
+        if G:
+            kb = torch.cat([kb, kg.repeat_interleave(n, dim=0)], dim=2)  # (B n, Hkv, ncol + G, D)
+            vb = torch.cat([vb, vg.repeat_interleave(n, dim=0)], dim=2)
+            qpos = p0 + b0 * block + torch.arange(n * block, device=dev).view(n, block, 1)
+            visible = torch.cat([visible, glob <= qpos], dim=-1)
+        mask = visible[:, None].expand(n, rep, block, ncol + G).reshape(n, 1, rep * block, ncol + G)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.repeat(B, 1, 1, 1), scale=scale)
+        o = o.view(B, n, Hkv, rep, block, D).permute(0, 2, 3, 1, 4, 5).reshape(B, Hkv, rep, n * block, D)
+        out[:, :, :, b0 * block:e] = o[:, :, :, :e - b0 * block]
+    return out.view(B, Hq, Lq, D)
 
 
 def _rows(x, first: int, count: int) -> torch.Tensor:
@@ -110,8 +119,12 @@ def _rows(x, first: int, count: int) -> torch.Tensor:
 # garbage for bfloat16 (Triton 3.9), so there the bf16 tiles are multiplied in float32
 # (DOT_F32); on a GPU they go to the tensor cores as they are.
 
-_FAILED: set[str] = set()  # "triton" once its first compile or launch raised: SDPA tiles from then on
 _CHECKED: set[tuple] = set()  # (dtype, D, window) instantiations that have run once
+
+
+def _triton_wanted(q) -> bool:
+    """CUDA tensors take the Triton kernel unless it has failed in this process."""
+    return q.is_cuda and kernels.usable("triton")
 
 
 @functools.cache
@@ -180,20 +193,39 @@ def _triton(q, k, v, window: int, scale: float, block_m: int = 64, block_n: int 
 
 
 def _triton_checked(q, k, v, window: int, scale: float) -> torch.Tensor | None:
-    """``_triton``, synchronised the first time each instantiation runs; if Triton is missing or
-    that first compile or launch raises, warn once and return None: the SDPA tiles answer, for
-    this and every later call."""
-    key = (q.dtype, q.shape[-1], window)
-    if key in _CHECKED:
-        return _triton(q, k, v, window, scale)
+    """``_triton`` where it has been checked on this machine (``longctx.kernels``): the first use
+    of a dtype, head dim and window class compares it with ``_tiles`` on a small input; a missing
+    Triton, a compile or launch error or a mismatch warns once and returns None (the SDPA tiles
+    answer from then on). Each instantiation is synchronised the first time it runs, so a launch
+    error surfaces here."""
+    dtype, D = str(q.dtype).removeprefix("torch."), q.shape[-1]
+    config = (dtype, f"D={D}", f"window {kernels.window_class(window)}")
     try:
+        import triton
+        device = torch.cuda.get_device_name(q.device) if q.is_cuda else str(q.device)
+        fingerprint = hashlib.sha256(f"{inspect.getsource(_triton_kernel)} {triton.__version__} {device}".encode())
+        small = _check_input(q, D, window)
+        if not kernels.check("triton", config, fingerprint.hexdigest(),
+                             lambda: _triton(*small, window, D ** -0.5).float().cpu().numpy(),
+                             lambda: _tiles(*small, window, D ** -0.5, small[0].new_zeros(0, dtype=torch.long))
+                             .float().cpu().numpy(), dtype):
+            return None
+        key = (q.dtype, D, window)
+        if key in _CHECKED:
+            return _triton(q, k, v, window, scale)
         out = _triton(q, k, v, window, scale)
         if out.is_cuda:
             torch.cuda.synchronize(out.device)
     except Exception as error:  # noqa: BLE001 -- a missing triton, a compile or launch failure: the SDPA path
-        _FAILED.add("triton")
-        warnings.warn(f"longctx: the Triton sliding-window kernel failed ({type(error).__name__}: {error}); "
-                      "using torch's SDPA on band tiles from now on", RuntimeWarning, stacklevel=3)
+        kernels.fail("triton", config, error)
         return None
     _CHECKED.add(key)
     return out
+
+
+def _check_input(q, D: int, window: int) -> list[torch.Tensor]:
+    """A small seeded ``q, k, v`` like ``q`` for a kernel's check: GQA, decode offset, a sliding window."""
+    Lk = min(window, 200) + 37
+    g = torch.Generator().manual_seed(window)
+    shapes = ((1, 4, Lk - 5, D), (1, 2, Lk, D), (1, 2, Lk, D))
+    return [torch.randn(s, generator=g).to(device=q.device, dtype=q.dtype) for s in shapes]
