@@ -335,3 +335,18 @@ def test_reading_a_compressed_cache_leaves_its_buffers_alone():
     assert cache._victim is not None and cache._n == n
     assert all((np.array(b) == a).all() for b, a in zip(cache._buffers, buffers)), "reading changed the buffers"
     assert (first == second).all() and first.shape[2] == cache.size() == state[0].shape[2]
+
+
+def test_a_test_over_the_time_limit_fails_the_run_unless_named_with_its_reason(tmp_path):
+    """tests/conftest.py's budget, on a copy with a 0.2 s limit: the named slow test passes, the other fails the run."""
+    conftest = (ROOT / "tests" / "conftest.py").read_text()
+    assert "LIMIT_SECONDS = 60\n" in conftest
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "conftest.py").write_text(conftest.replace("LIMIT_SECONDS = 60\n", "LIMIT_SECONDS = 0.2\n"))
+    (tmp_path / "pyproject.toml").write_text('[tool.longctx.slow-tests]\n"tests/test_x.py::test_named" = "why"\n')
+    (tmp_path / "tests" / "test_x.py").write_text("import time\n\ndef test_named():\n    time.sleep(0.3)\n\n"
+                                                  "def test_other():\n    time.sleep(0.3)\n\ndef test_quick():\n    pass\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "tests"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "3 passed" in proc.stdout, proc.stdout
+    assert "tests/test_x.py::test_other (call)" in proc.stdout and "test_named (call)" not in proc.stdout, proc.stdout
