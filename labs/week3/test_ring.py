@@ -5,7 +5,6 @@ Run: ``pytest labs/week3 --task 3`` (your stubs), ``--impl solutions`` or
 ``mlx.launch --backend ring`` (MLX) or ``torchrun`` (torch) running
 ``python -m longctx.ringrun --module <your ring.py>``.
 """
-import itertools
 
 import numpy as np
 import pytest
@@ -230,8 +229,9 @@ def launch(lab, arrays, processes, *args):
     return reports, log
 
 
-@pytest.mark.parametrize("processes, layout, causal", list(itertools.product((2, 4), ("contiguous", "zigzag"),
-                                                                             (True, False))))
+# Every pair of (processes, layout, causal) values once: four launches instead of eight.
+@pytest.mark.parametrize("processes, layout, causal", [(2, "contiguous", True), (2, "zigzag", False),
+                                                       (4, "contiguous", False), (4, "zigzag", True)])
 def test_distributed_ranks_equal_the_oracle(lab, arrays, processes, layout, causal):
     args = ["--length", "192", "--heads", "4", "--kv-heads", "2", "--dim", "16", "--block-size", "20",
             "--layout", layout, "--check", "--timeout", "60"] + ([] if causal else ["--no-causal"])

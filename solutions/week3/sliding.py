@@ -281,11 +281,8 @@ def _fused_checked(q, k, v, window: int, scale: float) -> mx.array | None:
     backend, dtype, D = _fused_kernel_for(q), str(q.dtype).removeprefix("mlx.core."), q.shape[-1]
     config = (dtype, f"D={D}", f"window {kernels.window_class(window)}")
     try:
-        fingerprint = hashlib.sha256(f"{_kernel_source(backend)} {mx.__version__} {_device_name()}".encode())
-        small = _check_input(q.dtype, D, window)
-        if not kernels.check(backend, config, fingerprint.hexdigest(),
-                             lambda: np.array(_fused(*small, window, D ** -0.5).astype(mx.float32)),
-                             lambda: np.array(_blocked(*small, window, D ** -0.5).astype(mx.float32)), dtype):
+        if not kernels.check(backend, config, lambda: _fingerprint(backend),
+                             lambda: _check_run(q.dtype, D, window), dtype):
             return None
         key = (backend, q.dtype, D, window)
         if key in _CHECKED:
@@ -301,20 +298,21 @@ def _fused_checked(q, k, v, window: int, scale: float) -> mx.array | None:
     return out
 
 
-def _check_input(dtype, D: int, window: int) -> list[mx.array]:
-    """A small seeded ``q, k, v`` for a kernel's check: GQA, decode offset, a window that slides."""
+def _check_run(dtype, D: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fused kernel and ``_blocked`` on one small seeded input: GQA, a decode offset, a window
+    that slides."""
     Lk = min(window, 200) + 37
     rng = np.random.default_rng(window)
     q = rng.standard_normal((1, 4, Lk - 5, D))
     k, v = rng.standard_normal((2, 1, 2, Lk, D))
-    return [mx.array(x.astype(np.float32)).astype(dtype) for x in (q, k, v)]
+    small = [mx.array(x.astype(np.float32)).astype(dtype) for x in (q, k, v)]
+    return tuple(np.array(f(*small, window, D ** -0.5).astype(mx.float32)) for f in (_fused, _blocked))
 
 
-def _device_name() -> str:
-    try:
-        return str(mx.device_info())
-    except Exception:  # noqa: BLE001 -- older MLX: the version stands for the machine
-        return ""
+def _fingerprint(backend: str) -> str:
+    """What a verification holds for: the kernel's source, MLX's version, the device."""
+    device = str(mx.device_info()) if hasattr(mx, "device_info") else ""
+    return hashlib.sha256(f"{_kernel_source(backend)} {mx.__version__} {device}".encode()).hexdigest()
 
 
 def _fused(q, k, v, window: int, scale: float) -> mx.array:

@@ -78,24 +78,24 @@ def usable(kernel: str) -> bool:
     return kernel not in _failed
 
 
-def check(kernel: str, config: tuple, fingerprint: str, run_kernel: Callable[[], np.ndarray],
-          run_ops: Callable[[], np.ndarray], dtype: str) -> bool:
-    """Whether ``kernel`` may serve ``config``: verified here before (this process, or recorded on
-    this machine for this ``fingerprint``), or now, by comparing ``run_kernel()`` with
-    ``run_ops()`` (numpy arrays of one small input). On a mismatch or an exception: one warning,
-    and False for this and every later configuration of this kernel in the process."""
+def check(kernel: str, config: tuple, fingerprint: Callable[[], str],
+          run: Callable[[], tuple[np.ndarray, np.ndarray]], dtype: str) -> bool:
+    """Whether ``kernel`` may serve ``config``: verified before (in this process, or on this
+    machine for this ``fingerprint()``: the kernel's source, library version, device), or now,
+    by ``run()``: the kernel's and the ops path's outputs on one small input, as numpy arrays.
+    On a mismatch or an exception: one warning, and False for this and every later
+    configuration of this kernel in the process. Cheap once verified: nothing is called."""
     if kernel in _failed:
         return False
     done = _verified.setdefault(kernel, set())
     if config in done:
         return True
-    key = _key(kernel, config, fingerprint)
+    key = _key(kernel, config, fingerprint())
     if key in _recorded():
         done.add(config)
         return True
     try:
-        got = np.asarray(run_kernel(), dtype=np.float64)
-        want = np.asarray(run_ops(), dtype=np.float64)
+        got, want = (np.asarray(x, dtype=np.float64) for x in run())
         tol = TOLERANCE.get(dtype, 1e-4)
         if got.shape != want.shape or not np.allclose(got, want, rtol=tol, atol=tol):
             error = (f"shape {got.shape} vs {want.shape}" if got.shape != want.shape else

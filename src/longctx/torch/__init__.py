@@ -1,26 +1,27 @@
-"""longctx.torch: the PyTorch mirror of longctx.mlx (same names, torch.Tensor in and out)."""
+"""longctx.torch: the PyTorch mirror of longctx.mlx (same names, torch.Tensor in and out).
+
+Names load on first use (PEP 562), from the module of the same name as in
+``longctx.mlx`` (one table, ``longctx.mlx._WHERE``, for both): a ring rank that
+needs ``longctx.torch.ring`` does not import transformers for Task 8 (4 s a
+process, 4 processes a launch).
+"""
+import importlib
+
 from longctx.blas import share_with_torch
+from longctx.mlx import _WHERE  # backend-free: longctx.mlx's names load lazily too
 
 share_with_torch()  # a preloaded multi-threaded OpenBLAS would slow torch down 3-30x: see longctx/blas.py
 
-from .adaptive import AdaptiveContextManager, ContextOverflowError
-from .benchmark import BenchmarkResult, benchmark_long_context
-from .compression import CompressedContext, CompressedKVCache, ContextCompressor
-from .hierarchical import HierarchicalAttention, dilated_attention
-from .memory import (MemoryAttention, MemoryKVCache, crossbatch_attention, crossbatch_selector, gated_memory_attention,
-                     memory_attention, retrieve)
-from .linear import LinearAttention, linear_attention
-from .qwen3_long import LongContextQwen3
-from .rope_scaling import ScaledRoPE, rope_frequencies, search_longrope
-from .ring import RingAttention, RingState, merge_states, ring_attention_distributed, ring_shard
-from .sliding import SlidingWindowAttention
-from .sparse import BigBirdAttention, LongformerAttention, bigbird_attention, longformer_attention
-from .streaming import SinkKVCache, StreamingProcessor
+__all__ = sorted(_WHERE)
 
-__all__ = ["AdaptiveContextManager", "BenchmarkResult", "BigBirdAttention", "LinearAttention", "LongformerAttention",
-           "bigbird_attention", "linear_attention", "longformer_attention", "CompressedContext", "CompressedKVCache",
-           "ContextCompressor", "ContextOverflowError", "HierarchicalAttention", "LongContextQwen3", "MemoryAttention",
-           "MemoryKVCache", "RingAttention", "RingState", "ScaledRoPE", "SinkKVCache", "SlidingWindowAttention",
-           "StreamingProcessor", "benchmark_long_context", "crossbatch_attention", "crossbatch_selector",
-           "dilated_attention", "gated_memory_attention", "memory_attention", "merge_states",
-           "ring_attention_distributed", "ring_shard", "retrieve", "rope_frequencies", "search_longrope"]
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'longctx.torch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

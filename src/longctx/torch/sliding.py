@@ -201,14 +201,7 @@ def _triton_checked(q, k, v, window: int, scale: float) -> torch.Tensor | None:
     dtype, D = str(q.dtype).removeprefix("torch."), q.shape[-1]
     config = (dtype, f"D={D}", f"window {kernels.window_class(window)}")
     try:
-        import triton
-        device = torch.cuda.get_device_name(q.device) if q.is_cuda else str(q.device)
-        fingerprint = hashlib.sha256(f"{inspect.getsource(_triton_kernel)} {triton.__version__} {device}".encode())
-        small = _check_input(q, D, window)
-        if not kernels.check("triton", config, fingerprint.hexdigest(),
-                             lambda: _triton(*small, window, D ** -0.5).float().cpu().numpy(),
-                             lambda: _tiles(*small, window, D ** -0.5, small[0].new_zeros(0, dtype=torch.long))
-                             .float().cpu().numpy(), dtype):
+        if not kernels.check("triton", config, lambda: _fingerprint(q.device), lambda: _check_run(q, D, window), dtype):
             return None
         key = (q.dtype, D, window)
         if key in _CHECKED:
@@ -223,9 +216,20 @@ def _triton_checked(q, k, v, window: int, scale: float) -> torch.Tensor | None:
     return out
 
 
-def _check_input(q, D: int, window: int) -> list[torch.Tensor]:
-    """A small seeded ``q, k, v`` like ``q`` for a kernel's check: GQA, decode offset, a sliding window."""
+def _check_run(q, D: int, window: int):
+    """The Triton kernel and the SDPA tiles on one small seeded input like ``q``: GQA, a decode
+    offset, a window that slides."""
     Lk = min(window, 200) + 37
     g = torch.Generator().manual_seed(window)
-    shapes = ((1, 4, Lk - 5, D), (1, 2, Lk, D), (1, 2, Lk, D))
-    return [torch.randn(s, generator=g).to(device=q.device, dtype=q.dtype) for s in shapes]
+    small = [torch.randn(s, generator=g).to(device=q.device, dtype=q.dtype)
+             for s in ((1, 4, Lk - 5, D), (1, 2, Lk, D), (1, 2, Lk, D))]
+    no_globals = torch.zeros(0, dtype=torch.long, device=q.device)
+    return (_triton(*small, window, D ** -0.5).float().cpu().numpy(),
+            _tiles(*small, window, D ** -0.5, no_globals).float().cpu().numpy())
+
+
+def _fingerprint(device) -> str:
+    """What a verification holds for: the kernel's source, Triton's version, the device."""
+    import triton
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    return hashlib.sha256(f"{inspect.getsource(_triton_kernel)} {triton.__version__} {name}".encode()).hexdigest()
