@@ -143,13 +143,14 @@ def test_doctor_reports_blas():
                     reason="the mkl wheel is longctx's BLAS on Linux x86-64")
 def test_pip_alone_makes_mlx_fast_on_linux():
     """With MKL from the pip wheel (forced: a system OpenBLAS would be preferred), MLX's matmuls
-    leave the bundled reference BLAS far behind: ``doctor --strict`` passes (over 50 GFLOP/s)."""
+    leave the bundled reference BLAS far behind. On an idle 2-core machine ``doctor --strict``
+    passes (80-135 GFLOP/s, over its 50); beside the other test workers it measured 26, so the
+    test asks for 15: the bundled BLAS gives 3-7 idle, and less under load."""
     env = {**os.environ, "LONGCTX_BLAS": "mkl"}
-    proc = subprocess.run([sys.executable, "-m", "longctx.cli", "doctor", "--strict"], capture_output=True,
-                          text=True, env=env)
-    assert proc.returncode == 0 and "MKL" in proc.stdout, proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "longctx.cli", "doctor"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "BLAS for MLX: MKL" in proc.stdout, proc.stdout + proc.stderr
     gflops = float(re.search(r"matmul on the CPU: (\d+) GFLOP/s", proc.stdout).group(1))
-    assert gflops > 50, proc.stdout
+    assert gflops > 15, proc.stdout
     bad = subprocess.run([sys.executable, "-c", "import longctx"], capture_output=True, text=True,
                          env={**os.environ, "LONGCTX_BLAS": "fast"})
     assert bad.returncode != 0 and "LONGCTX_BLAS" in bad.stderr, bad.stderr

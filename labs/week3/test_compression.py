@@ -188,19 +188,6 @@ def test_compression_keeps_most_of_the_attention(lab, arrays):
     assert errors["h2o"] < errors["streaming"] and errors["snapkv"] < errors["streaming"], errors
 
 
-def test_compress_kv_memory_is_blockwise(lab, arrays, record):
-    """Scores for h2o come from all queries, but never as an L x L matrix."""
-    L, H = 8192, 2
-    q, k, v = make_qkv(0, 1, H, H, L, L, 16)
-    c = compressor(lab, 0.9, method="h2o")
-    qa, ka, va = arrays.asarray(q), arrays.asarray(k), arrays.asarray(v)
-    peak = arrays.peak_bytes(lambda: c.compress_kv(ka, va, qa)[0])
-    dense = H * L * L * 4
-    record("h2o compress_kv peak (L=8192)", f"{peak / 2**20:.0f} MiB ({dense / max(peak, 1):.0f}x under one "
-                                             f"L x L float32 score matrix per head)")
-    assert peak < dense / 8, f"peak {peak / 2**20:.0f} MiB: an L x L score matrix is {dense / 2**20:.0f} MiB"
-
-
 def test_bad_input_raises_naming_the_argument(lab, arrays):
     """The given checks refuse bad options and shapes, naming the argument; good input around
     them still computes."""
@@ -299,3 +286,16 @@ def test_cache_in_the_model_ratio_zero_equals_full_cache(lab, arrays, tiny_model
     for chunk in (ids[:20], ids[20:21], ids[21:22], ids[22:]):
         assert_close(arrays.numpy(forward(chunk, comp)), arrays.numpy(forward(chunk, plain)), rtol=1e-4, atol=1e-4,
                      name="logits with the ratio-0 compressed cache")
+
+
+def test_compress_kv_memory_is_blockwise(lab, arrays, record):
+    """Scores for h2o come from all queries, but never as an L x L matrix."""
+    L, H = 8192, 2
+    q, k, v = make_qkv(0, 1, H, H, L, L, 16)
+    c = compressor(lab, 0.9, method="h2o")
+    qa, ka, va = arrays.asarray(q), arrays.asarray(k), arrays.asarray(v)
+    peak = arrays.peak_bytes(lambda: c.compress_kv(ka, va, qa)[0])
+    dense = H * L * L * 4
+    record("h2o compress_kv peak (L=8192)", f"{peak / 2**20:.0f} MiB ({dense / max(peak, 1):.0f}x under one "
+                                             f"L x L float32 score matrix per head)")
+    assert peak < dense / 8, f"peak {peak / 2**20:.0f} MiB: an L x L score matrix is {dense / 2**20:.0f} MiB"

@@ -16,7 +16,6 @@ from longctx.testing.oracles import sliding_mask, sliding_mistakes, sliding_wind
 pytestmark = pytest.mark.task(1)
 
 
-
 def run(lab, arrays, window, q, k, v, *, scale=None, dtype="float32"):
     attn = lab("sliding").SlidingWindowAttention(window_size=window, scale=scale)
     return attn(arrays.asarray(q, dtype), arrays.asarray(k, dtype), arrays.asarray(v, dtype))
@@ -184,21 +183,6 @@ def test_peak_memory_grows_linearly_in_length(lab, arrays, record):
                           f"({ {L: f'{b / 2**20:.1f} MiB' for L, b in peaks.items()} }): something is L x L")
 
 
-def test_faster_than_dense_masked_attention(lab, arrays, record):
-    """Against the naive baseline in the same process: a dense L x L masked softmax.
-    Doing the band's work only must win by far; visiting every key (quadratic time) cannot.
-    The two run in turn and the fastest of each is compared, so another program on the machine
-    slows both alike."""
-    L, W = 4096, 32
-    attn = lab("sliding").SlidingWindowAttention(window_size=W)
-    q, k, v = (arrays.asarray(x) for x in make_qkv(5, 1, 2, 2, L, L, 16))
-    mask = sliding_mask(L, L, W)
-    sliding, dense = arrays.race(lambda: attn(q, k, v), lambda: arrays.masked_attention(q, k, v, mask), rounds=4)
-    record("speed vs dense masked SDPA (L=4096, W=32)", f"{dense / sliding:.1f}x faster")
-    assert sliding < 0.5 * dense, (f"sliding took {sliding * 1e3:.1f} ms, the dense masked baseline "
-                                   f"{dense * 1e3:.1f} ms: the work should grow as L * W, not L * L")
-
-
 # ---------------------------------------------------------------- global tokens (Longformer's, in a causal window)
 
 @given(seq_len=st.integers(1, 60), offset=st.integers(0, 40), window=st.integers(1, 30),
@@ -244,3 +228,20 @@ def test_global_tokens_out_of_range_raise(lab, arrays):
     for bad in ((-1,), (1.5,), "0"):
         with pytest.raises(ValueError, match="global_tokens"):
             sliding.SlidingWindowAttention(window_size=2, global_tokens=bad)
+
+
+# ---------------------------------------------------------------- speed (last: right before fast)
+
+def test_faster_than_dense_masked_attention(lab, arrays, record):
+    """Against the naive baseline in the same process: a dense L x L masked softmax.
+    Doing the band's work only must win by far; visiting every key (quadratic time) cannot.
+    The two run in turn and the fastest of each is compared, so another program on the machine
+    slows both alike."""
+    L, W = 4096, 32
+    attn = lab("sliding").SlidingWindowAttention(window_size=W)
+    q, k, v = (arrays.asarray(x) for x in make_qkv(5, 1, 2, 2, L, L, 16))
+    mask = sliding_mask(L, L, W)
+    sliding, dense = arrays.race(lambda: attn(q, k, v), lambda: arrays.masked_attention(q, k, v, mask), rounds=4)
+    record("speed vs dense masked SDPA (L=4096, W=32)", f"{dense / sliding:.1f}x faster")
+    assert sliding < 0.5 * dense, (f"sliding took {sliding * 1e3:.1f} ms, the dense masked baseline "
+                                   f"{dense * 1e3:.1f} ms: the work should grow as L * W, not L * L")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from longctx.techniques import TASKS
 from longctx.testing.backends import make_backend
@@ -36,6 +36,10 @@ from longctx.testing.backends import make_backend
 
 settings.register_profile("longctx", max_examples=25, deadline=None, derandomize=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
+# The same examples without shrinking a failure to its smallest case: a verdict, not a lesson (the
+# project grades its planted bugs with it: ``--hypothesis-profile longctx-verdict``).
+settings.register_profile("longctx-verdict", settings.get_profile("longctx"),
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile("longctx")
 
 _STATE = pytest.StashKey[dict]()
