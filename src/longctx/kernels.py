@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from longctx.native import cache_dir
+
 # What each kernel is, for messages and `longctx doctor`.
 KERNELS = {
     "metal": "Task 1's fused sliding window on an Apple GPU (mx.fast.metal_kernel)",
@@ -44,9 +46,7 @@ def window_class(window: int) -> str:
 
 
 def _record_path() -> Path:
-    base = os.environ.get("LONGCTX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
-                                                           "longctx")
-    return Path(base) / "kernels.json"
+    return cache_dir().parent / "kernels.json"  # beside the compiled CPU kernels: ~/.cache/longctx or $LONGCTX_CACHE
 
 
 def _key(kernel: str, config: tuple, fingerprint: str) -> str:
