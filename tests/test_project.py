@@ -137,6 +137,8 @@ def test_doctor_reports_blas():
     proc = subprocess.run([sys.executable, "-m", "longctx.cli", "doctor"], capture_output=True, text=True)
     assert proc.returncode == 0 and "GFLOP/s" in proc.stdout and "BLAS for MLX" in proc.stdout, \
         proc.stdout + proc.stderr
+    states = re.findall(r"^fused kernel (\w+) .*?:\s+(not available|verified here|fell back)", proc.stdout, re.M | re.S)
+    assert [k for k, _ in states] == ["metal", "cuda", "triton"], proc.stdout
 
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
