@@ -4,6 +4,7 @@ Names load on first use (PEP 562), so ``longctx.mlx.adaptive``, which is text
 code with no arrays, imports without MLX: the torch mirror reuses it.
 """
 import importlib
+import sys
 
 _WHERE = {
     "AdaptiveContextManager": "adaptive", "ContextOverflowError": "adaptive",
@@ -26,13 +27,16 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'longctx.mlx' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value
-    return value
+def lazy_names(package: str):
+    """``__getattr__`` and ``__dir__`` for a package whose public names are ``_WHERE``'s, each
+    loaded from the package's module of that name on first use (``longctx.torch`` too)."""
+    def __getattr__(name: str):
+        if name not in _WHERE:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", package), name)
+        setattr(sys.modules[package], name, value)
+        return value
+    return __getattr__, lambda: __all__
 
 
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_names(__name__)

@@ -5,23 +5,10 @@ Names load on first use (PEP 562), from the module of the same name as in
 needs ``longctx.torch.ring`` does not import transformers for Task 8 (4 s a
 process, 4 processes a launch).
 """
-import importlib
-
 from longctx.blas import share_with_torch
-from longctx.mlx import _WHERE  # backend-free: longctx.mlx's names load lazily too
+from longctx.mlx import _WHERE, lazy_names  # backend-free: longctx.mlx's names load lazily too
 
 share_with_torch()  # a preloaded multi-threaded OpenBLAS would slow torch down 3-30x: see longctx/blas.py
 
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'longctx.torch' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_names(__name__)
