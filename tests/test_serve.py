@@ -260,6 +260,21 @@ def test_the_torch_backend_answers_as_transformers_would(tmp_path, mlx_model):
         assert r.json()["answer"] == expected
 
 
+def test_close_frees_mlx_streams_on_the_model_thread(monkeypatch):
+    """MLX 0.32 aborts at exit now and then ("terminate called without an active exception")
+    unless the thread that ran it calls ``mx.clear_streams()`` before it ends."""
+    import mlx.core as mx
+
+    from longctx.serve.engine import Engine
+    engine = Engine(TRAINED, "sliding", {"window_size": 64})
+    assert asyncio.run(engine.run(lambda: mx.sum(mx.arange(4)).item())) == 6  # the model thread has run MLX
+    cleared = []
+    monkeypatch.setattr(mx, "clear_streams", lambda: cleared.append(threading.current_thread().name))
+    engine.close()
+    engine.close()  # twice is fine
+    assert len(cleared) == 1 and cleared[0].startswith("longctx-model"), cleared
+
+
 def test_refuses_a_public_address_without_keys():
     r = subprocess.run([sys.executable, "-m", "longctx.cli", "serve", "--host", "0.0.0.0"], capture_output=True,
                        text=True, timeout=120)

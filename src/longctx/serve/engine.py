@@ -118,6 +118,8 @@ class Engine:
         eos = self.tokenizer.eos_token_ids if backend == "mlx" else self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple, set)) else [eos]) - {None}  # what each library stops at
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="longctx-model")
+        self._jobs: set[concurrent.futures.Future] = set()  # submitted, not done (close cancels the queued)
+        self._closed = False
         self.queued = 0
         self.documents: dict[str, Document] = {}
         self._lock = threading.Lock()  # the documents dict (the worker and the web side both read it)
@@ -130,7 +132,7 @@ class Engine:
         """``job(*args)`` on the model's thread, awaited."""
         self._count(1)
         try:
-            return await asyncio.wrap_future(self._worker.submit(job, *args))
+            return await asyncio.wrap_future(self._submit(job, *args))
         finally:
             self._count(-1)
 
@@ -156,11 +158,27 @@ class Engine:
                 loop.call_soon_threadsafe(queue.put_nowait, e)
             finally:
                 self._count(-1)
-        self._worker.submit(work)
+        self._submit(work)
         return queue
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        """Finish the running job, drop the queued ones, and end the model's thread. MLX (0.32+)
+        wants a thread that ran it to free its streams itself before it ends (else the process
+        may abort at exit: ``terminate called without an active exception``), so that is its
+        last job."""
+        for job in list(self._jobs):
+            job.cancel()  # the queued ones (the running one finishes)
+        if self.backend == "mlx" and not self._closed:
+            import mlx.core as mx
+            self._worker.submit(getattr(mx, "clear_streams", lambda: None))
+        self._closed = True
+        self._worker.shutdown(wait=True)
+
+    def _submit(self, job: Callable, *args) -> concurrent.futures.Future:
+        future = self._worker.submit(job, *args)
+        self._jobs.add(future)
+        future.add_done_callback(self._jobs.discard)
+        return future
 
     # ----- tokens ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
