@@ -242,3 +242,20 @@ def test_oracle_is_transformers_on_a_grid():
                 got, factor = oracles.rope_frequencies(check_rope_scaling(ours, 32), 32, base, seq_len)
                 np.testing.assert_allclose(got, want, rtol=2e-6, err_msg=f"{kind} base {base} seq_len {seq_len}")
                 assert factor == pytest.approx(want_factor)
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_scaled_ropes_cache_stays_bounded_while_decoding(backend):
+    """Dynamic NTK's frequencies depend on each call's length: one entry per decoded token would
+    grow without end, so ScaledRoPE keeps the last ``CACHED_LENGTHS`` (and still rotates as fresh)."""
+    import importlib
+    module = importlib.import_module(f"longctx.{backend}.rope_scaling")
+    scaling = {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 8}
+    rope, fresh = module.ScaledRoPE(16, 10000.0, scaling), module.ScaledRoPE(16, 10000.0, scaling)
+    x = np.random.default_rng(0).standard_normal((1, 2, 1, 16)).astype(np.float32)
+    array = mx.array if backend == "mlx" else torch.tensor
+    for offset in range(0, 3 * module.CACHED_LENGTHS + 5):
+        out = rope(array(x), offset)
+        fresh._cache.clear()
+        assert np.allclose(np.array(out), np.array(fresh(array(x), offset)), atol=1e-6)
+    assert len(rope._cache) == module.CACHED_LENGTHS

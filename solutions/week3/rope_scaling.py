@@ -146,6 +146,7 @@ def _longrope(s: dict, head_dim: int, base: float, seq_len) -> tuple[mx.array, f
 
 SCALINGS = {"default": _default, "linear": _linear, "dynamic": _dynamic, "yarn": _yarn, "llama3": _llama3,
             "longrope": _longrope}  # rope_type -> function, as transformers' ROPE_INIT_FUNCTIONS
+CACHED_LENGTHS = 16  # ScaledRoPE keeps the frequencies of this many lengths
 
 
 def _check_base(base) -> float:
@@ -193,6 +194,8 @@ class ScaledRoPE(nn.Module):
         key = seq_len if self.scaling["rope_type"] == "dynamic" else (
             seq_len > self.scaling["original_max_position_embeddings"] if depends else None)
         if key not in self._cache:
+            if len(self._cache) >= CACHED_LENGTHS:  # dynamic's key grows with every decoded token
+                self._cache.pop(next(iter(self._cache)))
             inv_freq, factor = SCALINGS[self.scaling["rope_type"]](self.scaling, self.dims, self.base, seq_len)
             self._cache[key] = (1.0 / inv_freq, factor)
         return self._cache[key]

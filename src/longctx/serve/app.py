@@ -36,7 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from longctx.serve.engine import FORMATS, Answer, DocumentGone, Engine
+from longctx.serve.engine import Answer, DocumentGone, Engine, OverLimit
 from longctx.serve.security import Keys, RateLimiter
 
 log = logging.getLogger("longctx.serve")
@@ -138,7 +138,7 @@ def create_app(engine: Engine, keys: Keys | None = None, limiter: RateLimiter | 
                limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
     budget = limits.context_budget or engine.max_position_embeddings
-    model_name = engine.path.name
+    model_name = engine.name
     app = FastAPI(title="longctx serve", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, keys=keys or Keys(None), limiter=limiter, max_body_bytes=limits.max_body_bytes)
 
@@ -156,6 +156,10 @@ def create_app(engine: Engine, keys: Keys | None = None, limiter: RateLimiter | 
     async def gone(request, e: DocumentGone):
         return error(404, str(e), "not_found_error")
 
+    @app.exception_handler(OverLimit)
+    async def over(request, e: OverLimit):
+        return error(413, str(e), "request_too_large")
+
     @app.exception_handler(ValueError)
     async def bad_value(request, e: ValueError):
         return error(400, str(e), "invalid_request_error")
@@ -164,12 +168,6 @@ def create_app(engine: Engine, keys: Keys | None = None, limiter: RateLimiter | 
     async def crash(request, e: Exception):
         log.exception("request %s %s failed", request.method, request.url.path)
         return error(500, "internal server error (logged on the server)", "server_error")
-
-    def owned(request: Request, doc_id: str):
-        doc = engine.documents.get(doc_id)
-        if doc is None or doc.owner != request.state.key:
-            raise HTTPException(404, f"no document {doc_id!r}")  # another key's document is not there either
-        return doc
 
     def max_tokens(body: Sampling) -> int:
         n = getattr(body, "max_completion_tokens", None) or body.max_tokens or min(256, limits.max_new_tokens)
@@ -183,8 +181,7 @@ def create_app(engine: Engine, keys: Keys | None = None, limiter: RateLimiter | 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "backend": engine.backend, **engine.strategy,
-                "queued": engine.queued, "documents": len(engine.documents)}
+        return {"status": "ok", "model": model_name, **engine.health()}
 
     @app.get("/v1/models")
     async def models():
@@ -214,38 +211,27 @@ def create_app(engine: Engine, keys: Keys | None = None, limiter: RateLimiter | 
             body = DocumentIn.model_validate(fields)
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
-        fmt = body.format or ("chat" if engine.chat_template() else "raw")
-        if fmt not in FORMATS:
-            raise HTTPException(400, f"format must be one of {FORMATS}, got {fmt!r}")
-        ids = engine.document_ids(body.text, fmt)
-        if len(ids) > limits.max_document_tokens:
-            raise HTTPException(413, f"the document is {len(ids)} tokens, over this server's limit of "
-                                     f"{limits.max_document_tokens}")
-        doc = await engine.run(engine.add_document, request.state.key, body.name, ids, fmt)
+        doc = await engine.upload(request.state.key, body.name, body.text, body.format, limits.max_document_tokens)
         return doc.public()
 
     @app.get("/v1/documents")
     async def documents(request: Request):
-        mine = [d.public() for d in list(engine.documents.values()) if d.owner == request.state.key]
-        return {"object": "list", "data": sorted(mine, key=lambda d: d["created"])}
+        return {"object": "list", "data": [d.public() for d in engine.documents_of(request.state.key)]}
 
     @app.get("/v1/documents/{doc_id}")
     async def document(request: Request, doc_id: str):
-        return owned(request, doc_id).public()
+        return engine.document(request.state.key, doc_id).public()
 
     @app.delete("/v1/documents/{doc_id}")
     async def delete(request: Request, doc_id: str):
-        doc = owned(request, doc_id)
-        await engine.run(engine.delete_document, doc)
+        await engine.delete(request.state.key, doc_id)
         return {"id": doc_id, "deleted": True}
 
     @app.post("/v1/documents/{doc_id}/query")
     async def query(request: Request, doc_id: str, body: QueryIn):
-        doc = owned(request, doc_id)
         n = max_tokens(body)
         options, stop = sampling(body)
-        answer = await engine.run(engine.query, doc, engine.question_ids(body.question, doc.format), n, options,
-                                  stop, body.reuse_cache)
+        answer = await engine.ask(request.state.key, doc_id, body.question, n, options, stop, body.reuse_cache)
         return {"document": doc_id, "answer": answer.text, "finish_reason": answer.finish_reason,
                 "seconds": answer.seconds,
                 "usage": {"prompt_tokens": answer.prompt_tokens, "cached_tokens": answer.cached_tokens,
@@ -259,17 +245,12 @@ def create_app(engine: Engine, keys: Keys | None = None, limiter: RateLimiter | 
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         if messages[-1]["role"] != "user":
             raise HTTPException(400, "the last message must be the user's")
-        manager = engine.module.AdaptiveContextManager(budget, tokenizer=engine.tokenizer, reserve_tokens=n)
-        try:
-            prompt = manager.manage_context(messages[:-1], messages[-1]["content"])
-        except ValueError as e:  # ContextOverflowError: the verbatim parts alone are over the budget
-            raise HTTPException(413, str(e)) from None
-        ids = engine.encode(prompt)
+        ids = await engine.chat_ids(messages, budget, n)
         options, stop = sampling(body)
         made, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         base = {"id": cid, "created": made, "model": model_name}
         if not body.stream:
-            answer = await engine.run(engine.answer, ids, n, options, stop)
+            answer = await engine.complete(ids, n, options, stop)
             return {**base, "object": "chat.completion",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                                  "finish_reason": answer.finish_reason}],
@@ -281,7 +262,7 @@ def create_app(engine: Engine, keys: Keys | None = None, limiter: RateLimiter | 
             return f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': choices, **extra})}\n\n"
 
         async def events():
-            queue = engine.stream(engine.texts, ids, n, options, stop)
+            queue = engine.completion_stream(ids, n, options, stop)
             try:
                 yield event({"role": "assistant", "content": ""})
                 while (item := await queue.get()) is not None:

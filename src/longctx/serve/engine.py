@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import importlib
 import json
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -35,7 +37,29 @@ FORMATS = ("raw", "chat")
 
 
 class DocumentGone(LookupError):
-    """The document was deleted while a job for it waited (the API answers 404)."""
+    """No such document for this key, or deleted while a job for it waited (the API answers 404)."""
+
+
+class OverLimit(ValueError):
+    """A document or a conversation over this server's token limit (the API answers 413)."""
+
+
+PIECE, BATCH = 1 << 14, 8  # characters per piece of a long text, pieces per tokenizer call
+_BETWEEN_WORDS = re.compile(r"[A-Za-z] [A-Za-z]")
+
+
+def word_pieces(text: str, size: int) -> list[str]:
+    """``text`` cut into pieces of about ``size`` characters, each cut before a space between two
+    ASCII letters: there a byte-level BPE's pre-tokenizer (GPT-2's, Qwen's) ends one word and
+    starts the next (`` word``), so the pieces' ids, joined, are the text's."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        found = _BETWEEN_WORDS.search(text, start + size)
+        if found is None:
+            break
+        pieces.append(text[start:found.start() + 1])
+        start = found.start() + 1
+    return pieces + [text[start:]]
 
 
 @dataclass
@@ -49,7 +73,7 @@ class Document:
     created: float
     prefill_seconds: float
     cache: object = field(default=None, repr=False)  # in memory once loaded
-    ids: list | None = field(default=None, repr=False)  # the token ids (ids.json on disk)
+    ids: list | None = field(default=None, repr=False)  # the token ids (ids.i32 on disk)
 
     def record(self) -> dict:
         """What ``document.json`` holds."""
@@ -109,6 +133,7 @@ class Engine:
         self.backend = check_choice("backend", backend, ("mlx", "torch"))
         self.module = importlib.import_module(f"longctx.{backend}")  # LongContextQwen3, AdaptiveContextManager
         self.path = Path(path)
+        self.name = self.path.name
         self.model, self.tokenizer = load_trained(backend, self.path)
         self.long = self.module.LongContextQwen3(self.model, strategy, **(options or {}))
         self.strategy = json.loads(json.dumps({"strategy": self.long.strategy, "chunk_size": self.long.chunk_size,
@@ -117,9 +142,11 @@ class Engine:
         self.max_position_embeddings = config.max_position_embeddings
         eos = self.tokenizer.eos_token_ids if backend == "mlx" else self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple, set)) else [eos]) - {None}  # what each library stops at
+        hf = getattr(self.tokenizer, "_tokenizer", self.tokenizer)  # under mlx-lm's TokenizerWrapper
+        self._backend = getattr(hf, "backend_tokenizer", None) or getattr(self.tokenizer, "backend_tokenizer", None)
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="longctx-model")
         self._jobs: set[concurrent.futures.Future] = set()  # submitted, not done (close cancels the queued)
-        self._closed = False
+        self._last = None  # close's job
         self.queued = 0
         self.documents: dict[str, Document] = {}
         self._lock = threading.Lock()  # the documents dict (the worker and the web side both read it)
@@ -161,18 +188,25 @@ class Engine:
         self._submit(work)
         return queue
 
-    def close(self) -> None:
-        """Finish the running job, drop the queued ones, and end the model's thread. MLX (0.32+)
-        wants a thread that ran it to free its streams itself before it ends (else the process
-        may abort at exit: ``terminate called without an active exception``), so that is its
-        last job."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Drop the queued jobs, let the running one finish (up to ``timeout`` seconds), and end
+        the model's thread; False if the job was still running then. MLX (0.32+) wants a thread
+        that ran it to free its streams before it ends (else the process may abort at exit:
+        ``terminate called without an active exception``), so that is the thread's last job."""
         for job in list(self._jobs):
             job.cancel()  # the queued ones (the running one finishes)
-        if self.backend == "mlx" and not self._closed:
-            import mlx.core as mx
-            self._worker.submit(getattr(mx, "clear_streams", lambda: None))
-        self._closed = True
+        if self._last is None:
+            last = lambda: None  # noqa: E731
+            if self.backend == "mlx":
+                import mlx.core as mx
+                last = getattr(mx, "clear_streams", last)
+            self._last = self._worker.submit(last)
+        try:
+            self._last.result(timeout)
+        except concurrent.futures.TimeoutError:
+            return False
         self._worker.shutdown(wait=True)
+        return True
 
     def _submit(self, job: Callable, *args) -> concurrent.futures.Future:
         future = self._worker.submit(job, *args)
@@ -180,18 +214,94 @@ class Engine:
         future.add_done_callback(self._jobs.discard)
         return future
 
+    # ----- what the web side calls (never blocks the event loop) ------------------------------------
+    def health(self) -> dict:
+        with self._lock:
+            return {"backend": self.backend, **self.strategy, "queued": self.queued, "documents": len(self.documents)}
+
+    def document(self, owner: str, doc_id: str) -> Document:
+        """``owner``'s document ``doc_id`` (another key's is not there either: ``DocumentGone``)."""
+        with self._lock:
+            doc = self.documents.get(doc_id)
+        if doc is None or doc.owner != owner:
+            raise DocumentGone(f"no document {doc_id!r}")
+        return doc
+
+    def documents_of(self, owner: str) -> list[Document]:
+        with self._lock:
+            return sorted((d for d in self.documents.values() if d.owner == owner), key=lambda d: d.created)
+
+    async def upload(self, owner: str, name: str, text: str, fmt: str | None, max_tokens: int) -> Document:
+        """Tokenise ``text`` (off the event loop), then prefill it on the model's thread."""
+        fmt = fmt or ("chat" if self.chat_template() else "raw")
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        ids = await asyncio.to_thread(self.document_ids, text, fmt)
+        if len(ids) > max_tokens:
+            raise OverLimit(f"the document is {len(ids)} tokens, over this server's limit of {max_tokens}")
+        return await self.run(self.add_document, owner, name, ids, fmt)
+
+    async def ask(self, owner: str, doc_id: str, question: str, max_tokens: int, sampling: dict, stop=(),
+                  reuse: bool = True) -> Answer:
+        doc = self.document(owner, doc_id)
+        ids = await asyncio.to_thread(self.question_ids, question, doc.format)
+        return await self.run(self.query, doc, ids, max_tokens, sampling, stop, reuse)
+
+    async def delete(self, owner: str, doc_id: str) -> None:
+        await self.run(self.delete_document, self.document(owner, doc_id))
+
+    async def chat_ids(self, messages: list[dict], budget: int, reserve: int) -> list[int]:
+        """The conversation fitted to ``budget`` tokens by Task 6's ``AdaptiveContextManager``
+        (``reserve`` left for the answer), tokenised, off the event loop; ``OverLimit`` when its
+        verbatim parts alone are over."""
+        def fit():
+            manager = self.module.AdaptiveContextManager(budget, tokenizer=self.tokenizer, reserve_tokens=reserve)
+            try:
+                prompt = manager.manage_context(messages[:-1], messages[-1]["content"])
+            except ValueError as e:  # ContextOverflowError
+                raise OverLimit(str(e)) from None
+            return self.encode(prompt)
+        return await asyncio.to_thread(fit)
+
+    async def complete(self, ids: list[int], max_tokens: int, sampling: dict, stop=()) -> Answer:
+        return await self.run(self.answer, ids, max_tokens, sampling, stop)
+
+    def completion_stream(self, ids: list[int], max_tokens: int, sampling: dict, stop=()) -> asyncio.Queue:
+        return self.stream(self.texts, ids, max_tokens, sampling, list(stop))
+
     # ----- tokens ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        """The ids of ``text`` (no special tokens added). A long text is tokenised in pieces cut
+        between two words, each piece's ids converted on its own, so no single call holds the
+        GIL for long (one call on 8 MiB held it for 18 s here; this, 16 ms at most); the ids are those of one call (a
+        byte-level BPE's pre-tokenizer splits there too; tests/test_serve.py checks)."""
+        if self._backend is None:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        pieces, ids = word_pieces(text, PIECE), []
+        for i in range(0, len(pieces), BATCH):  # a few at a time: freeing 128 encodings at once took 0.3 s
+            for encoding in self._backend.encode_batch(pieces[i:i + BATCH], add_special_tokens=False):
+                ids.extend(encoding.ids)
+        return ids
 
     def document_ids(self, text: str, fmt: str) -> list[int]:
-        return self.encode(f"<|im_start|>user\n{text}\n\n" if fmt == "chat" else text)
+        return self.encode(self._turn[0] + text + "\n\n" if fmt == "chat" else text)
 
     def question_ids(self, question: str, fmt: str) -> list[int]:
-        return self.encode(f"{question}<|im_end|>\n<|im_start|>assistant\n" if fmt == "chat" else question)
+        return self.encode(question + self._turn[1] if fmt == "chat" else question)
 
     def chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @functools.cached_property
+    def _turn(self) -> tuple[str, str]:
+        """The model's chat template around one user turn, split where its text goes: a chat-format
+        document is the text before the turn's content, then the document; its question the
+        rest of the content, then what follows (the end of the turn, the assistant's start)."""
+        marker = "\x00longctx-document\x00"
+        prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                                    add_generation_prompt=True)
+        before, _, after = prompt.partition(marker)
+        return before, after
 
     # ----- generation (model thread) --------------------------------------------------------------
     def tokens(self, ids: list[int], max_tokens: int, sampling: dict, cache=None) -> Iterator[int]:
@@ -294,7 +404,7 @@ class Engine:
 
     def _ids(self, doc: Document) -> list[int]:
         if doc.ids is None:  # saved by an earlier run of the server
-            doc.ids = json.loads((self.data / "documents" / doc.id / "ids.json").read_text())
+            doc.ids = _read_ids(self.data / "documents" / doc.id / "ids.i32")
         return doc.ids
 
     # ----- the store ------------------------------------------------------------------------------
@@ -309,13 +419,29 @@ class Engine:
     def _write(self, doc: Document) -> None:
         tmp = self.data / "tmp" / doc.id
         tmp.mkdir()
-        (tmp / "ids.json").write_text(json.dumps(doc.ids))
+        _write_ids(tmp / "ids.i32", doc.ids)
         save_cache(tmp / "cache.safetensors", doc.cache, {"document": doc.id})
         _write_json(tmp / "document.json", doc.record())
         for f in tmp.iterdir():
             _fsync(f)
         os.replace(tmp, self.data / "documents" / doc.id)  # the document appears whole
         _fsync(self.data / "documents")
+
+
+def _write_ids(path: Path, ids: list[int]) -> None:
+    """Little-endian int32, a piece at a time (``json.dumps`` of 5M ids held the GIL for 0.9 s)."""
+    import numpy as np
+    with open(path, "wb") as f:
+        for i in range(0, len(ids), PIECE):
+            f.write(np.asarray(ids[i:i + PIECE], dtype="<i4").tobytes())
+
+
+def _read_ids(path: Path) -> list[int]:
+    import numpy as np
+    data, ids = np.fromfile(path, dtype="<i4"), []
+    for i in range(0, len(data), PIECE):
+        ids.extend(data[i:i + PIECE].tolist())
+    return ids
 
 
 def _write_json(path: Path, value) -> None:

@@ -88,6 +88,7 @@ def _longrope(s, head_dim, base, seq_len):
 
 SCALINGS = {"default": _default, "linear": _linear, "dynamic": _dynamic, "yarn": _yarn, "llama3": _llama3,
             "longrope": _longrope}
+CACHED_LENGTHS = 16  # ScaledRoPE keeps the frequencies of this many lengths
 
 
 def _check_base(base) -> float:
@@ -129,6 +130,8 @@ class ScaledRoPE(torch.nn.Module):
         key = seq_len if kind == "dynamic" else (
             seq_len > self.scaling["original_max_position_embeddings"] if kind == "longrope" else None)
         if key not in self._cache:
+            if len(self._cache) >= CACHED_LENGTHS:  # dynamic's key grows with every decoded token
+                self._cache.pop(next(iter(self._cache)))
             self._cache[key] = SCALINGS[kind](self.scaling, self.dims, self.base, seq_len)
         return self._cache[key]
 
