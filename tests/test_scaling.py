@@ -150,3 +150,27 @@ def test_torch_hierarchical_fused_blocks_equal_the_explicit_scores(monkeypatch, 
     kept = explicit[1].isfinite()  # -inf: rows this level does not keep
     assert torch.equal(fused[1].isfinite(), kept)
     assert_close(fused[1][kept].numpy(), explicit[1][kept].numpy(), rtol=2e-5, atol=2e-5)
+
+
+TILED = [("sliding", "sliding", "TILE_ELEMENTS"), ("linear", "linear", "SEGMENT_CHUNKS"),
+         ("longformer", "sparse", "TILE"), ("bigbird", "sparse", "TILE")]
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_the_memory_estimate_follows_the_tile_the_code_uses(monkeypatch, backend):
+    """The registry's formulas read each module's tiling constant: retune a tile and the estimate
+    (which decides the benchmark rows skipped) moves with it, and still bounds the measured peak."""
+    import importlib
+    package = importlib.import_module(f"longctx.{backend}")
+    L, H, D = 4096, 2, 32
+    before = {name: techniques.estimate_memory(name, L, heads=H, head_dim=D, backend=backend) for name, *_ in TILED}
+    for name, module, const in TILED:
+        module = importlib.import_module(f"{package.__name__}.{module}")
+        monkeypatch.setattr(module, const, max(1, getattr(module, const) // 16))
+    from longctx import native
+    monkeypatch.setattr(native, "sliding_window", lambda *args: None)
+    rows = bench.run(backend, bench.techniques_for([n for n, *_ in TILED], 96), [L], heads=H, head_dim=D, repeats=1)
+    for r in rows:
+        after = techniques.estimate_memory(r["technique"], L, heads=H, head_dim=D, backend=backend)
+        assert after < before[r["technique"]], r["technique"]
+        assert 0 < r["peak_memory_bytes"] <= 1.5 * after, r  # within the estimate's small factor at 1/16 the tile

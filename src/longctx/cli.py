@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import longctx  # noqa: F401  (fast BLAS before mlx.core)
+from longctx.checks import ROPE_METHODS
 
 
 def _positive_ints(text: str) -> list[int]:
@@ -392,7 +393,7 @@ def main(argv=None) -> int:
                                       "optionally searched and fine-tuned")
     p.add_argument("model", type=_model_path, help="a Hugging Face Qwen3 folder or 'shipped'")
     p.add_argument("out")
-    p.add_argument("--method", choices=["linear", "dynamic", "yarn", "llama3", "longrope"], required=True)
+    p.add_argument("--method", choices=ROPE_METHODS, required=True)
     p.add_argument("--factor", type=float, required=True, help="the new length over the training length, e.g. 4")
     p.add_argument("--search", action="store_true", help="LongRoPE's evolutionary search (with --method longrope)")
     p.add_argument("--finetune-steps", type=int, default=0, help="then this many fine-tuning steps at the new length")

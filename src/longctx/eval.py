@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from longctx.checks import check_positive_int
+from longctx.checks import COMPRESSION_METHODS, check_positive_int
 from longctx.data import tasks
 from longctx.data.tasks import greedy_answer
 
@@ -321,7 +321,7 @@ def run_suite(path, out, console, *, backend: str = "mlx", quick: bool = False, 
     ratios = [0.5, 0.75, 0.9]
     results["compression"] = {method: {r: passkey_accuracy(long("compressed", method=method, compression_ratio=r),
                                                            tokenizer, T, trials=trials) for r in ratios}
-                              for method in ("snapkv", "h2o", "knorm", "streaming")}
+                              for method in COMPRESSION_METHODS}
     results["extension"] = extension_table(path, backend, compare=compare, trials=1 if quick else 2,
                                            lengths=[T, 2 * T] if quick else None, depths=3 if quick else 10,
                                            console=console)

@@ -21,6 +21,7 @@ chapter and one ``Technique`` here (book: "Adding a technique").
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections.abc import Callable
@@ -29,9 +30,14 @@ from dataclasses import asdict, dataclass, field
 from longctx.checks import check_choice, check_levels, check_memory_options, check_positive_int
 
 BYTES = 4  # float32
-TILE = 1 << 21  # scores per tile in Task 1's blocked MLX path
-TORCH_TILE = 1 << 20  # the same in the torch mirror's SDPA tiles
-HIERARCHICAL_TILE = 1 << 24  # scores per level and span in Task 2's MLX path
+HIERARCHICAL_TILE = 1 << 24  # scores per level and span in Task 2 (both backends: ``hierarchical_span``)
+
+
+def constant(backend: str, module: str, name: str):
+    """A tiling constant of a technique's array code, read from that code (``longctx.mlx.<module>``
+    or ``longctx.torch.<module>``), so a memory estimate cannot drift from the tile it bounds."""
+    package = "longctx.torch" if backend == "torch" else "longctx.mlx"
+    return getattr(importlib.import_module(f"{package}.{module}"), name)
 
 
 @dataclass(frozen=True)
@@ -99,11 +105,11 @@ def _full_memory(L, H, D, o, backend):
 
 def _sliding_memory(L, H, D, o, backend):
     w = min(o["window_size"], L)
-    if backend == "torch":  # one step of SDPA tiles (its scores stay inside the fused kernel)
-        return 2 * min(TORCH_TILE, H * L * (w + 128)) * BYTES
     if backend == "native":  # the compiled kernel's tiles are a few KiB per thread, outside MLX's allocator
         return 0
-    tile = min(TILE, H * L * (w + 128))
+    tile = min(constant(backend, "sliding", "TILE_ELEMENTS"), H * L * (w + 128))  # 128: the largest query block
+    if backend == "torch":  # one step of SDPA tiles (its scores stay inside the fused kernel)
+        return 2 * tile * BYTES
     return 6 * tile * BYTES  # two tiles in flight (scores, weights, their keys); the output is written in place
 
 
@@ -159,7 +165,7 @@ def _memory_pairs(L: int, o: dict) -> float:
 
 def _linear_memory(L, H, D, o, backend):
     c = min(o["chunk_size"], L)
-    seg = min(L, 64 * c)  # one evaluated segment of 64 chunks
+    seg = min(L, constant(backend, "linear", "SEGMENT_CHUNKS") * c)  # one evaluated segment of chunks
     return (H * seg * (3 * c + 8 * D) + 3 * H * (seg // c + 1) * D * D) * BYTES  # one segment, written in place
 
 
@@ -169,8 +175,8 @@ def _linear_flops(L, H, D, o):
 
 
 def _longformer_memory(L, H, D, o, backend):
-    ncol = 64 + o["window"]  # a query block's band keys
-    return 8 * min(1 << 22, H * L * ncol) * BYTES  # tiles of scores, weights, band keys; the output in place
+    ncol = constant(backend, "sparse", "BLOCK") + o["window"]  # a query block's band keys
+    return 8 * min(constant(backend, "sparse", "TILE"), H * L * ncol) * BYTES  # tiles of scores, weights, band keys; the output in place
 
 
 def _longformer_pairs(L: int, o: dict) -> float:
@@ -187,7 +193,7 @@ def _longformer_pairs(L: int, o: dict) -> float:
 
 def _bigbird_memory(L, H, D, o, backend):
     b, k = o["block_size"], 5 + o["num_random_blocks"]
-    tile = min(1 << 22, H * L * k * b)
+    tile = min(constant(backend, "sparse", "TILE"), H * L * k * b)
     return (8 * tile + 2 * tile * D // b) * BYTES  # tiles of scores, weights, gathered blocks; output in place
 
 

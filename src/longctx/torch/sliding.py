@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from longctx import kernels
 from longctx.checks import check_attention, check_global_tokens, check_positive_int, check_scale
-from longctx.techniques import TORCH_TILE as TILE_ELEMENTS  # score elements per step (the memory formula's too)
+
+TILE_ELEMENTS = 1 << 20  # score elements per step of SDPA tiles (the registry's memory formula reads it)
 
 
 class SlidingWindowAttention:
