@@ -102,9 +102,9 @@ def test_top_k_mask_keeps_the_best(lab, arrays, top_k):
 
 @pytest.mark.parametrize("index", ["exact", "faiss"])
 def test_retrieved_sets_equal_exact_search(lab, arrays, index):
+    """``retrieve`` (given) returns the entries your ``top_k_mask`` keeps, best first."""
     if index == "faiss":
         pytest.importorskip("faiss")
-    """``retrieve`` (given) returns the entries your ``top_k_mask`` keeps, best first."""
     q, _, _, mk, _ = memory_inputs(11, 2, 4, 2, 5, 5, 30, 8)
     m = lab("memory")
     scores = np.einsum("bhid,bhjd->bhij", q, np.repeat(mk, 2, axis=1))
@@ -289,22 +289,3 @@ def test_generation_moves_a_full_context_to_memory(lab, arrays, tiny_model, weig
         windows += [(s, min(s + 8, t)) for s in range(prefix, t, 8)]
         logits = oracles.memory_model_logits(weights, TINY_QWEN3, seq[:t], windows=windows, memory_layers=[1])
         assert int(np.argmax(logits[-1])) == seq[t], f"generated token {t - len(ids)} differs from the oracle"
-
-
-def test_bad_arguments_raise(lab, arrays, tiny_model):
-    model, _, _ = tiny_model
-    q, k, v, mk, mv = memory_inputs(1, 1, 2, 1, 3, 3, 4, 8)
-    xs = [arrays.asarray(x) for x in (q, k, v, mk, mv)]
-    m = lab("memory")
-    m.memory_attention(*xs, top_k=2)  # a good call first
-    LC = lab("qwen3_long").LongContextQwen3
-    for options, name in (({"top_k": 0}, "top_k"), ({"memory_layers": [2]}, "memory_layers"),
-                          ({"memory_layers": [-1]}, "memory_layers"), ({"last_context_length": -1},
-                                                                       "last_context_length"),
-                          ({"last_context_length": 600, "context_length": 512}, "last_context_length")):
-        with pytest.raises(ValueError, match=name):
-            LC(model, "memory", **options)
-    with pytest.raises(ValueError, match="memory_keys"):
-        m.memory_attention(*xs[:3], arrays.asarray(mk[..., :4]), xs[4])
-    with pytest.raises(ValueError, match="top_k"):
-        m.memory_attention(*xs, top_k=0)

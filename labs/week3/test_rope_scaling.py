@@ -170,21 +170,3 @@ def test_half_precision(lab, arrays, dtype):
     want = want_rotation(scaling, arrays.numpy(arrays.asarray(x, dtype)).astype(np.float64), 3000)
     tol = 0.02 if dtype == "bfloat16" else 3e-3
     assert_close(arrays.numpy(out).astype(np.float64), want, rtol=tol, atol=tol * 30, name=f"{dtype} rotation")
-
-
-@pytest.mark.parametrize("bad, key", [
-    ({"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 512, "short_factor": [1.0] * 16,
-      "long_factor": [1.0] * 15}, "long_factor"),
-    ({"rope_type": "linear", "factor": 0.5}, "factor"),
-    ({"rope_type": "yarn", "factor": 4.0}, "original_max_position_embeddings"),
-    ({"rope_type": "ntk-by-parts", "factor": 4.0}, "rope_type"),
-    ({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 512, "low_freq_factor": 4.0,
-      "high_freq_factor": 1.0}, "high_freq_factor"),
-])
-def test_bad_configs_raise(lab, arrays, bad, key):
-    m = lab("rope_scaling")
-    frequencies(lab, arrays, scalings(16, 4.0)["yarn"], 32, 10_000.0, None)  # a good call first
-    with pytest.raises(ValueError, match=key):
-        m.rope_frequencies(bad, 32, 10_000.0)
-    with pytest.raises(ValueError, match=key):
-        m.ScaledRoPE(32, 10_000.0, bad)

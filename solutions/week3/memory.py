@@ -57,11 +57,16 @@ def top_k_mask(scores: mx.array, top_k: int | None) -> mx.array:
 
 
 def _grouped(q, k, v, memory_keys, memory_values, memory_mask, scale):
-    """Float32 scores of the queries grouped by kv head (GQA): ``local (B, Hkv, G*Lq, Lk)`` causal,
-    ``memory (B, Hkv, G*Lq, M)`` with ``memory_mask`` applied (-inf where hidden)."""
+    """Float32 scaled scores of the queries grouped by kv head (GQA; query heads ``kv * G .. kv * G
+    + G - 1`` share kv head ``kv``, so ``q`` reshapes to ``(B, Hkv, G * Lq, D)``): ``local (B, Hkv,
+    G * Lq, Lk)`` against the window's own keys, causal (the queries are the last ``Lq`` of the
+    keys, so a query at row ``i`` sits at key position ``Lk - Lq + i``); ``memory (B, Hkv, G * Lq,
+    M)`` against the memory's keys, with ``memory_mask (B, M)`` applied (False: -inf, another
+    document's entry). ``scale`` defaults to ``D ** -0.5``. Set ``local`` and ``memory``. About 8 lines."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, M = k.shape[1], k.shape[2], memory_keys.shape[2]
     G = Hq // Hkv
+    # BEGIN SOLUTION
     scale = D ** -0.5 if scale is None else scale
     qg = q.astype(mx.float32).reshape(B, Hkv, G * Lq, D) * scale  # query heads kv*G .. kv*G + G-1 share kv head kv
     local = qg @ k.astype(mx.float32).swapaxes(-1, -2)  # (B, Hkv, G*Lq, Lk)
@@ -70,6 +75,7 @@ def _grouped(q, k, v, memory_keys, memory_values, memory_mask, scale):
     memory = qg @ memory_keys.astype(mx.float32).swapaxes(-1, -2)  # (B, Hkv, G*Lq, M)
     if memory_mask is not None:
         memory = mx.where(memory_mask[:, None, None, :], memory, -mx.inf)
+    # END SOLUTION
     return local, memory, (B, Hq, Lq, D, Hkv, G, M)
 
 
@@ -164,13 +170,18 @@ def crossbatch_attention(q, k, v, raw_keys, extra_contexts: int, *, scale: float
     """The memory layer while training with crossbatch: ``q, k, v (B, H, L, D)`` (rotated at local
     positions), ``raw_keys`` the same keys un-rotated. Entry ``i``'s memory is the un-rotated keys
     and the values of entries ``crossbatch_selector(B, extra_contexts)``; one softmax over its own
-    window (causal) and that memory, differentiable end to end."""
+    window (causal) and that memory, differentiable end to end. Gather each entry's memory,
+    ``memory_keys``, ``memory_values (B, Hkv, d * L, D)`` with ``d = extra_contexts`` (the selected
+    entries' windows one after another), and its ``memory_mask (B, d * L)`` (an invalid selector
+    slot hides its whole window). About 6 lines."""
     B, Hkv, L, D = k.shape
+    # BEGIN SOLUTION
     index, valid = crossbatch_selector(B, extra_contexts)
     d = index.shape[1]
     memory_keys = raw_keys[index].transpose(0, 2, 1, 3, 4).reshape(B, Hkv, d * L, D)  # (B, d, Hkv, L, D) ->
     memory_values = v[index].transpose(0, 2, 1, 3, 4).reshape(B, Hkv, d * L, D)
     memory_mask = mx.repeat(valid, L, axis=1)  # (B, d * L)
+    # END SOLUTION
     return memory_attention(q, k, v, memory_keys, memory_values, memory_mask=memory_mask, scale=scale)
 
 
