@@ -330,6 +330,9 @@ MUTANTS = {
     "prompt's last token fed twice": ("qwen3_long", [("self._prefill(ids[:-1], self.cache, keep_logits=False)",
                                                        "self._prefill(ids, self.cache, keep_logits=False)")]),
     # Task 9
+    "YaRN pair index from half turns": ("rope_scaling", [("(rotations * 2 * math.pi)", "(rotations * math.pi)")]),
+    "YaRN pair index with log of the wrong base": ("rope_scaling", [(
+        "/ (2 * math.log(base))\n    # END SOLUTION", "/ (2 * math.log2(base))\n    # END SOLUTION")]),
     "PI multiplies the frequencies": ("rope_scaling", [('/ s["factor"], 1.0', '* s["factor"], 1.0')]),
     "NTK base from the shorter length": ("rope_scaling", [("L = max(seq_len or T0, T0)", "L = min(seq_len or T0, T0)")]),
     "NTK without the shift": ("rope_scaling", [('- (s["factor"] - 1))', '- s["factor"])')]),
@@ -430,6 +433,9 @@ MUTANTS = {
         "return (j <= p) & ((j > p - self.window_size) | is_global)",
         "return ((j <= p) & (j > p - self.window_size)) | is_global")]),
     # Task 11
+    "absorbed keys without the feature map": ("linear", [(
+        "fk, (S, z) = feature_map(k.astype(mx.float32)), state", "fk, (S, z) = k.astype(mx.float32), state")]),
+    "absorbed keys leave z unchanged": ("linear", [("z + fk.sum(axis=-2)\n", "z\n")]),
     "feature map missing": ("linear", [("    return mx.where(x > 0, x + 1, mx.exp(mx.minimum(x, 0)))",
                                         "    return x")]),
     "relu without the + 1": ("linear", [("    return mx.where(x > 0, x + 1, mx.exp(mx.minimum(x, 0)))",
@@ -563,3 +569,37 @@ def test_each_planted_bug_fails_a_graded_test(tmp_path, name, warm):
     assert code != 0, f"planted bug {name!r} passed every graded test"
     failed = [t for t, outcome in data["tests"].items() if outcome != "passed"]
     assert failed, out
+
+
+def line_hints() -> list[tuple[str, int, int]]:
+    """``(function, hinted, measured)`` for every "About N lines" (or "N lines") in a solution's
+    docstrings: the code lines (not blank, not comments) of that function's learner blocks."""
+    import ast
+    found = []
+    for path in sorted(SOLUTIONS.glob("*.py")):
+        source = path.read_text()
+        lines = source.split("\n")
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            hint = re.search(r"\b(\d+) lines?\b", ast.get_docstring(node) or "")
+            if not hint:
+                continue
+            inside, measured = False, 0
+            for line in lines[node.lineno - 1:node.end_lineno]:
+                text = line.strip()
+                if text.startswith(("# BEGIN SOLUTION", "# BEGIN STRETCH")):
+                    inside = True
+                elif text.startswith(("# END SOLUTION", "# END STRETCH")):
+                    inside = False
+                elif inside and text and not text.startswith(("#", "//")):
+                    measured += 1
+            found.append((f"{path.stem}.{node.name}", int(hint.group(1)), measured))
+    return found
+
+
+def test_line_hints_are_measured_from_the_reference():
+    hints = line_hints()
+    assert len(hints) > 40
+    wrong = [h for h in hints if abs(h[1] - h[2]) > max(1, h[2] // 10)]
+    assert not wrong, f"(function, hinted, measured) lines: {wrong}"

@@ -60,20 +60,27 @@ def _default(s: dict, head_dim: int, base: float, seq_len) -> tuple[mx.array, fl
 
 
 def _linear(s: dict, head_dim: int, base: float, seq_len) -> tuple[mx.array, float]:
-    """PI (Chen et al. 2023): every inverse frequency divided by ``factor``. 1 line."""
+    """Position Interpolation (Chen et al. 2023, "Extending context window ... via positional
+    interpolation", §2.2): squeeze ``factor * T0`` positions into the ``[0, T0)`` the model knows,
+    so every pair turns ``factor`` times slower. 1 line."""
     raise NotImplementedError("Task 9: _linear -- see the book chapter 'Task 9: Position extension'")
 
 
 def _dynamic(s: dict, head_dim: int, base: float, seq_len) -> tuple[mx.array, float]:
-    """NTK-aware, dynamic: the base becomes ``base * (factor * L / T0 - (factor - 1)) ** (D / (D - 2))``
-    with ``L = max(seq_len, T0)`` (``seq_len`` None: ``T0``), then the original formula. 3 lines."""
+    """Dynamic NTK-aware scaling (bloc97 2023; YaRN paper §3.1 and §3.3): instead of slowing every
+    pair, raise RoPE's base so the slowest pair stretches over the longer sequence while the fast
+    pairs, which tell neighbours apart, barely change; "dynamic": the stretch follows the length
+    actually seen, ``L = max(seq_len, T0)`` (``seq_len`` None: ``T0``), so a short prompt keeps
+    the original RoPE. The new base is transformers' (the chapter's "The five methods, as one").
+    3 lines."""
     raise NotImplementedError("Task 9: _dynamic -- see the book chapter 'Task 9: Position extension'")
 
 
 def _yarn_pair(rotations: float, head_dim: int, base: float, T0: int) -> float:
-    """The (fractional) pair index whose wavelength fits ``rotations`` times into ``T0`` positions:
-    solves ``T0 * theta_i / (2 pi) = rotations`` for ``i``."""
-    return head_dim * math.log(T0 / (rotations * 2 * math.pi)) / (2 * math.log(base))
+    """The (fractional) pair index ``i`` whose wavelength ``2 pi / theta_i`` fits ``rotations`` times
+    into ``T0`` positions (YaRN paper §3.2: ``r = T0 / lambda``): solve for ``i`` with ``theta_i =
+    base ** (-2i / D)``. 1 line."""
+    raise NotImplementedError("Task 9: _yarn_pair -- see the book chapter 'Task 9: Position extension'")
 
 
 def _mscale(factor: float, mscale: float = 1.0) -> float:
@@ -82,27 +89,31 @@ def _mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def _yarn(s: dict, head_dim: int, base: float, seq_len) -> tuple[mx.array, float]:
-    """YaRN (Peng et al. 2023) as transformers computes it. Pairs ``lo = _yarn_pair(beta_fast)`` and
-    ``hi = _yarn_pair(beta_slow)`` (floor and ceil when ``truncate``; clipped to ``[0, head_dim - 1]``;
-    ``hi += 0.001`` if equal) bound a ramp ``r_i = clip((i - lo) / (hi - lo), 0, 1)``: inverse
-    frequency ``theta_i * (1 - r_i) + theta_i / factor * r_i``. Attention factor:
-    ``attention_factor`` if given, else ``_mscale(factor, mscale) / _mscale(factor, mscale_all_dim)``
-    when both are given and non-zero, else ``_mscale(factor)``. About 12 lines."""
+    """YaRN (Peng et al. 2023), "NTK-by-parts" (§3.2) plus a temperature (§3.4). A pair that turns
+    many times within ``T0`` (more than ``beta_fast``) has seen every angle: keep it. One that turns
+    less than ``beta_slow`` times would see new angles beyond ``T0``: interpolate it as PI does.
+    Between the two pair indices (``_yarn_pair``), blend linearly in the pair index. The softmax
+    gets sharper with ``factor`` to undo the flatter attention of interpolated positions: the
+    attention factor. The bounds' rounding and clipping and the factor's three cases are the
+    chapter's "The exact semantics" (transformers' rules, graded). About 18 lines."""
     raise NotImplementedError("Task 9: _yarn -- see the book chapter 'Task 9: Position extension'")
 
 
 def _llama3(s: dict, head_dim: int, base: float, seq_len) -> tuple[mx.array, float]:
-    """Llama 3.1's scaling, by wavelength ``2 pi / theta_i``: shorter than ``T0 / high_freq_factor``
-    kept, longer than ``T0 / low_freq_factor`` divided by ``factor``, between them ``(1 - m) *
-    theta_i / factor + m * theta_i`` with ``m = (T0 / wavelength - low_freq_factor) /
-    (high_freq_factor - low_freq_factor)``. About 8 lines."""
+    """Llama 3.1's scaling (Meta's release code; no paper): YaRN's idea by wavelength ``2 pi /
+    theta_i`` instead of rotations. Wavelengths shorter than ``T0 / high_freq_factor`` are kept,
+    longer than ``T0 / low_freq_factor`` interpolated by ``factor``; between them the inverse
+    frequency blends the two, its weight on the kept one growing linearly in ``T0 / wavelength``
+    from 0 at ``low_freq_factor`` to 1 at ``high_freq_factor``. About 8 lines."""
     raise NotImplementedError("Task 9: _llama3 -- see the book chapter 'Task 9: Position extension'")
 
 
 def _longrope(s: dict, head_dim: int, base: float, seq_len) -> tuple[mx.array, float]:
-    """LongRoPE: ``theta_i / lambda_i`` with ``lambda`` the ``long_factor`` when ``seq_len > T0``,
-    else (``seq_len`` None included) the ``short_factor``. Attention factor: ``attention_factor``
-    if given, else ``sqrt(1 + ln(factor) / ln(T0))`` (1 for ``factor <= 1``). About 6 lines."""
+    """LongRoPE (Ding et al. 2024, §2-3): one rescale factor per pair, found by search rather than
+    by formula, ``lambda_i`` dividing ``theta_i``; a second set for sequences that still fit in
+    ``T0`` (``short_factor``; ``seq_len`` None included) and one beyond (``long_factor``). Its
+    attention factor is ``attention_factor`` if given, else Phi-3's ``sqrt(1 + ln(factor) /
+    ln(T0))`` (1 for ``factor <= 1``). About 6 lines."""
     raise NotImplementedError("Task 9: _longrope -- see the book chapter 'Task 9: Position extension'")
 
 

@@ -65,7 +65,7 @@ def mutate(parent: Candidate, rng: np.random.Generator, *, low: float, high: flo
     """A mutant of ``parent``: each factor, with ``probability``, redrawn uniformly from the grid
     between its neighbours (``low`` before the first, ``high`` after the last), so the factors stay
     non-decreasing; ``start_tokens``, with ``probability``, redrawn from ``start_tokens``. May equal
-    the parent (``evolve`` draws again). About 8 lines."""
+    the parent (``evolve`` draws again). About 10 lines."""
     raise NotImplementedError("Task 9: mutate -- see the book chapter 'Task 9: Position extension'")
 
 

@@ -79,7 +79,7 @@ def longformer_attention(q: mx.array, k: mx.array, v: mx.array, window: int, glo
     BLOCK - left`` (``P0 = Lk - Lq``); mask the band, positions outside ``0 .. Lk-1`` and the
     global keys; score the global keys separately (causal: ``g <= p``); one softmax over both
     (a shared row max), in float32; then overwrite the global queries' rows
-    (``_put_global_rows``). About 30 lines."""
+    (``_put_global_rows``). About 44 lines."""
     B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
     glob = check_longformer(window, global_tokens, causal, Lq, Lk, global_qkv, (q, k, v))
     scale = q.shape[-1] ** -0.5 if check_scale(scale) is None else scale
@@ -93,7 +93,7 @@ def bigbird_random_blocks(num_blocks: int, num_random_blocks: int, seed: int, *,
     per head and without replacement (``np.random.default_rng(seed)``, heads then blocks in
     order), ``min(r, available)`` blocks among those no other rule already shows it: not a
     global block, not in its window (``i-1 .. i+1``; causal: ``i-2 .. i``, and only earlier
-    blocks). About 10 lines."""
+    blocks). About 8 lines."""
     n = check_positive_int("num_blocks", num_blocks)
     r = check_nonnegative_int("num_random_blocks", num_random_blocks)
     heads = check_positive_int("heads", heads)

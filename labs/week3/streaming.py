@@ -67,7 +67,7 @@ class SinkKVCache:
         ``0 .. n - 1`` on the way out (``self.rope(keys)``), then evict the middle:
         keep the first ``sink_tokens`` and the last ``window``. Set ``self.keys``,
         ``self.values``, ``self.offset`` (entries held) and ``self.tokens_seen``
-        (``state``, ``size`` and the model read them). About 20 lines."""
+        (``state``, ``size`` and the model read them). About 18 lines."""
         raise NotImplementedError("Task 5: SinkKVCache.update_and_fetch -- see the book chapter 'Streaming with attention sinks'")
 
     def size(self) -> int:

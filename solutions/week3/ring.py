@@ -133,7 +133,7 @@ class RingAttention:
 
         Shards of ``ceil(L / ring_size)`` rows (the last ones shorter or empty); rank
         ``r`` at step ``t`` holds the kv shard that started on rank ``r - t``. Returns
-        ``(B, Hq, L, D)`` in the dtype of ``q``. About 15 lines."""
+        ``(B, Hq, L, D)`` in the dtype of ``q``. About 17 lines."""
         B, Hq, Hkv, Lq, Lk, D = check_attention(q, k, v)
         if Lq != Lk:
             raise ValueError(f"ring attention splits one sequence: q length must equal k length, "

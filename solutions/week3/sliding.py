@@ -103,7 +103,7 @@ def _blocked(q, k, v, window: int, scale: float, global_tokens=np.zeros(0, np.in
     ``_rows`` and ``_windows`` below gather such key blocks, and ``RowWriter`` fills the output
     tile by tile in place, so memory beyond the inputs and the output stays one tile's. ``global_tokens`` (sorted int
     array, in range): keys also seen by every query at or after them; take them out of the band
-    tiles and score them beside each tile, in the same softmax. About 40 lines.
+    tiles and score them beside each tile, in the same softmax. About 45 lines.
     """
     # BEGIN SOLUTION
     B, Hq, Lq, D = q.shape
@@ -197,7 +197,7 @@ def _kernel_source(backend: str) -> str:
     ``q``. Walk the window ``max(0, p - W + 1) .. p`` with an online softmax
     (running max, denominator, rescaled accumulator) in float32. Graded only
     where it can run (an Apple GPU, MLX's CUDA backend); elsewhere the ops
-    path answers. About 20 lines of kernel.
+    path answers. About 40 lines of kernel.
     """
     # BEGIN STRETCH
     if backend == "metal":

@@ -64,7 +64,7 @@ class SinkKVCache:
         ``0 .. n - 1`` on the way out (``self.rope(keys)``), then evict the middle:
         keep the first ``sink_tokens`` and the last ``window``. Set ``self.keys``,
         ``self.values``, ``self.offset`` (entries held) and ``self.tokens_seen``
-        (``state``, ``size`` and the model read them). About 20 lines."""
+        (``state``, ``size`` and the model read them). About 18 lines."""
         # BEGIN SOLUTION
         raw = keys if self.rope is None else unrotate(self.rope, keys, self.offset)
         if self.keys is None:
