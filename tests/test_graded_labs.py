@@ -297,6 +297,11 @@ MUTANTS = {
     "overlap rows not dropped": ("streaming", [("logits = model(mx.array(context + chunk)[None])[0][len(context):]",
                                                 "logits = model(mx.array(context + chunk)[None])[0]")]),
     # Task 6
+    "one recent turn fewer than fit": ("adaptive", [(
+        "        folded = turns[:len(turns) - keep]\n",
+        "        keep = max(0, keep - 1)\n        folded = turns[:len(turns) - keep]\n")]),
+    "recent turns counted against keep_recent_turns + 1": ("adaptive", [(
+        "keep = min(self.keep_recent_turns, len(turns) - 1)", "keep = min(self.keep_recent_turns - 1, len(turns) - 1)")]),
     "summary even when everything fits": ("adaptive", [("        if fits(prompt):\n            return prompt\n", "")]),
     "oldest turns kept, recent ones folded": ("adaptive", [
         ("folded = turns[:len(turns) - keep]", "folded = turns[keep:]"),
@@ -330,6 +335,8 @@ MUTANTS = {
     "prompt's last token fed twice": ("qwen3_long", [("self._prefill(ids[:-1], self.cache, keep_logits=False)",
                                                        "self._prefill(ids, self.cache, keep_logits=False)")]),
     # Task 9
+    "crossover needs two parents": ("rope_search", [(
+        "rng.choice(len(elite), 2, replace=False) if len(elite) > 1 else (0, 0)", "rng.choice(len(elite), 2, replace=False)")]),
     "YaRN pair index from half turns": ("rope_scaling", [("(rotations * 2 * math.pi)", "(rotations * math.pi)")]),
     "YaRN pair index with log of the wrong base": ("rope_scaling", [(
         "/ (2 * math.log(base))\n    # END SOLUTION", "/ (2 * math.log2(base))\n    # END SOLUTION")]),

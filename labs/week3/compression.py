@@ -267,10 +267,11 @@ class CompressedKVCache:
 
     def compress(self, queries: mx.array | None = None) -> None:
         """Compress what is cached to ``n_kept(offset)`` and hold the ratio from now on."""
-        if self._buffers is None:
-            raise ValueError("compress: the cache is empty")
         if self.compressed:
             raise ValueError("compress: the cache is already compressed")
+        if self._buffers is None:  # a prompt of one token leaves nothing cached: hold the ratio from now on
+            self.compressed = True
+            return
         self._settle()
         k, v, pos, _ = self.state
         scores = self.compressor.kv_importance(k, v, queries)

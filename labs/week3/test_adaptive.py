@@ -163,6 +163,20 @@ def test_bad_arguments_raise(lab, tok):
             m.manage_context(history, current)
 
 
+@pytest.mark.parametrize("fit", [1, 2, 3, 5])
+def test_keeps_exactly_as_many_recent_turns_as_fit(lab, tok, fit):
+    """A budget that holds the system message, the last ``fit`` turns and the input, and not one turn
+    more: those ``fit`` turns are kept verbatim (``keep_recent_turns=5`` allows up to 5 of the 6)."""
+    history = conversation(6, 7)
+    cur = {"role": "user", "content": "What next?"}
+    budget = count(tok, render(tok, [history[0], *history[-fit:], cur]))
+    assert count(tok, render(tok, [history[0], *history[-fit - 1:], cur])) > budget
+    prompt = manager(lab, budget, tok, keep_recent_turns=5).manage_context(history, cur["content"])
+    kept, _ = match(parse(prompt), [*history, cur])
+    assert [i for i in kept if 0 < i < len(history)] == list(range(len(history) - fit, len(history))), \
+        f"with room for exactly the last {fit} turns, keep those {fit}: not fewer, not others"
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(0, 14), seed=st.integers(0, 50), system_every=st.sampled_from([0, 0, 3, 5]),
        budget=st.integers(20, 500), reserve=st.integers(0, 19), keep=st.integers(0, 5),

@@ -143,6 +143,27 @@ def test_greedy_generate_continues_the_base_model(lab, arrays, tiny_model, weigh
     assert got == seq[len(ids):], f"greedy tokens {got}, the oracle's {seq[len(ids):]}"
 
 
+@pytest.mark.parametrize("strategy, options", [
+    ("full", {}), ("sliding", {"window_size": 16}), ("hierarchical", {"levels": [16, 32], "dilations": [1, 1]}),
+    ("streaming", {"sink_tokens": 4, "window": 12}), ("compressed", {"compression_ratio": 0.5, "method": "snapkv"}),
+    ("memory", {"context_length": 16, "last_context_length": 8}),
+])
+def test_generate_from_a_one_token_prompt(lab, arrays, tiny_model, weights, strategy, options):
+    """A one-token prompt leaves nothing to prefill: ``generate_step`` starts from that token on a fresh
+    cache (a compressed one compressed from the start). While the tokens fit the strategy's window,
+    greedy decoding is the base model's."""
+    model, _, _ = tiny_model
+    ids = tokens(1, seed=9)
+    got = list(wrap(lab, model, strategy, **options).generate(ids, 5))
+    assert len(got) == 5 and all(isinstance(t, int) for t in got), "generate yields max_new_tokens ints"
+    if strategy == "compressed":  # it keeps half of what it holds: not the base model's tokens
+        return
+    seq = list(ids)
+    for _ in range(5):
+        seq.append(int(np.argmax(qwen3_logits(weights, TINY_QWEN3, seq)[-1])))
+    assert got == seq[1:], f"{strategy}: greedy tokens {got} after one prompt token, the oracle's {seq[1:]}"
+
+
 def test_bad_arguments_raise(lab, arrays, tiny_model):
     """The given checks refuse bad strategies, options and tokens, naming them; good input still runs."""
     model, _, _ = tiny_model

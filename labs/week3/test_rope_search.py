@@ -104,6 +104,20 @@ def test_search_properties(lab, seed):
         "the same seed must give the same search"
 
 
+def test_search_with_a_single_parent(lab):
+    """``parents=1``: a crossover can only pair the parent with itself, a child already scored, so
+    each is a new mutant instead. The search still scores population + generations x (mutants +
+    children) candidates, never one twice, and never loses its best."""
+    s = search(lab)
+    objective, seen = distance_to(np.linspace(1.3, 3.7, 8), 0.01)
+    result = s.evolve(objective, [np.full(8, 4.0)], low=1.0, high=4.0, population=5, parents=1, mutations=2,
+                      crossovers=2, generations=6, start_tokens=(0,), seed=1)
+    assert len(seen) == len(set(seen)) == 5 + 6 * (2 + 2), f"{len(seen)} candidates scored ({len(set(seen))} distinct)"
+    bests = [h[0] for h in result.history]
+    assert len(bests) == 6 and all(b2 <= b1 for b1, b2 in zip(bests, bests[1:])), bests
+    assert result.score == min(result.scores.values())
+
+
 def test_search_finds_the_optimum_of_a_separable_objective(lab):
     s = search(lab)
     target = np.round(np.geomspace(1.0, 2.0, 6), 2)

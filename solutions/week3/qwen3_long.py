@@ -231,6 +231,8 @@ class LongContextQwen3:
         self._check_continued(cache)
         sampler = make_sampler(**{SAMPLING[k]: v for k, v in sampling.items()})
         self.cache = self.make_cache() if cache is None else cache
+        if len(ids) == 1:  # nothing to prefill, but the prompt ends here (a compressed cache starts compressed)
+            self._prefill([], self.cache, keep_logits=False)
         # BEGIN SOLUTION
         if len(ids) > 1:
             self._prefill(ids[:-1], self.cache, keep_logits=False)

@@ -210,10 +210,11 @@ class CompressedLayer(DynamicLayer):
         return fetched
 
     def compress(self, queries: torch.Tensor | None = None) -> None:
-        if not self.is_initialized:
-            raise ValueError("compress: the cache is empty")
         if self.compressed:
             raise ValueError("compress: the cache is already compressed")
+        if not self.is_initialized:  # a prompt of one token leaves nothing cached: hold the ratio from now on
+            self.compressed = True
+            return
         self.scores = self.compressor.kv_importance(self.keys, self.values, queries)
         self.compressed = True
         self._take(self.compressor._keep(self.scores, self.offset))

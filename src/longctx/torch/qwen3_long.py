@@ -153,8 +153,7 @@ class LongContextQwen3:
         warpers = self._warpers(sampling)
         self._check_continued(cache)
         self.cache = self.make_cache() if cache is None else cache
-        if len(ids) > 1:
-            self._prefill(ids[:-1], keep_logits=False)
+        self._prefill(ids[:-1], keep_logits=False)  # may be empty: the prompt still ends (a compressed cache compresses)
         device = self.model.device  # generated tokens stay there: no CPU tensor meets a CUDA one
         seen, last = torch.tensor([ids], device=device), torch.tensor([ids[-1:]], device=device)
         for _ in range(max_new_tokens):
