@@ -353,3 +353,40 @@ def test_a_test_over_the_time_limit_fails_the_run_unless_named_with_its_reason(t
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "3 passed" in proc.stdout, proc.stdout
     assert "tests/test_x.py::test_other (call)" in proc.stdout and "test_named (call)" not in proc.stdout, proc.stdout
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every ``longctx`` module a file imports, at any depth (``from longctx import eval`` is
+    ``longctx.eval``; a solution's relative import is ``longctx.mlx.<name>``)."""
+    import ast
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                module = "longctx.mlx" + (f".{module}" if module else "")
+            found |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+    return {m for m in found if m == "longctx" or m.startswith("longctx.")}
+
+
+LAYERS = {  # folder -> what it may not import: each layer reads only those below it
+    "src/longctx/data": ("longctx.models", "longctx.eval", "longctx.bench", "longctx.serve", "longctx.cli"),
+    "src/longctx/models": ("longctx.eval", "longctx.bench", "longctx.serve", "longctx.cli"),
+    "src/longctx/testing": ("longctx.mlx", "longctx.torch", "longctx.bench", "longctx.serve", "longctx.cli"),
+}
+
+
+def test_imports_run_downward():
+    """Runtime code never imports the tests' support (``longctx.testing``); data sits below the models,
+    the models below what evaluates and serves them, the test support below the backends it grades."""
+    root = Path(__file__).resolve().parents[1]
+    wrong = []
+    for path in sorted([*(root / "src" / "longctx").rglob("*.py"), *(root / "solutions" / "week3").glob("*.py")]):
+        where = path.relative_to(root).as_posix()
+        banned = next((b for folder, b in LAYERS.items() if where.startswith(folder + "/")), ())
+        if not where.startswith("src/longctx/testing/"):
+            banned = (*banned, "longctx.testing")
+        wrong += [f"{where} imports {m}" for m in sorted(imported_modules(path)) if m.startswith(banned)]
+    assert not wrong, "\n".join(wrong)

@@ -24,7 +24,7 @@ import numpy as np
 
 import longctx  # noqa: F401  (fast BLAS before mlx.core)
 from longctx import techniques as registry
-from longctx.testing import measure
+from longctx import measure
 
 def techniques_for(names, window: int) -> dict:
     """CLI names -> options: the registry's defaults, with ``--window`` mapped by each technique."""

@@ -172,6 +172,8 @@ def cmd_train_tiny(args) -> int:
         except ValueError as error:
             print(f"longctx train-tiny: {error}", file=sys.stderr)
             return 2
+    from longctx.eval import model_card
+    model_card(path)
     ok, verdict = copy_verdict(json.loads((path / "train.json").read_text())["copy_losses"][-1][1])
     console.print(("[green]" if ok else "[red]") + verdict)
     console.print(f"wrote {path}; score it with `longctx eval --model {path}`")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import longctx  # noqa: F401  (fast BLAS before mlx.core)
-from longctx.testing import oracles
+from longctx import exact
 
 
 def load_ring(backend: str, module: str | None):
@@ -168,8 +168,8 @@ def main(argv=None) -> int:
         record["seconds"] = time.perf_counter() - start
         record["seconds_per_step"] = record["seconds"] / size
         if args.check:
-            mask = oracles.causal_mask(L, L)[pos] if args.causal else None
-            want = oracles.attention(q[:, :, pos], k, v, mask)
+            mask = exact.causal_mask(L, L)[pos] if args.causal else None
+            want = exact.attention(q[:, :, pos], k, v, mask)
             got = to_numpy(out)
             record["shape_ok"] = got.shape == want.shape
             record["max_error"] = float(np.abs(got - want).max()) if got.shape == want.shape else None

@@ -1,6 +1,8 @@
 """Text the project ships (public domain), for training the tiny tokenizer offline."""
 from importlib.resources import files
 
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # the tiny tokenizer's, ids 0, 1, 2
+
 
 def corpus() -> list[str]:
     """The shipped public-domain texts, one string per file, in name order."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from longctx.checks import check_positive_int
 from longctx.data import tasks
-from longctx.models.checkpoint import SPECIAL_TOKENS
+from longctx.data import SPECIAL_TOKENS
 
 HELDOUT_SEED = 1_000_000  # training draws from default_rng(seed) with small seeds
 

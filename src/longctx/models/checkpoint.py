@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from longctx.checks import check_positive_int
+from longctx.data import SPECIAL_TOKENS
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen3's template, without tools and thinking: <|im_start|>role\ncontent<|im_end|>\n per message.
 CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -72,7 +72,8 @@ def train(path, *, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, s
     """The ``plan``: ``short_steps`` on the curriculum's shorter rows, then ``steps`` on
     ``batch_size`` x ``seq_len`` rows of ``MIX``; every step ``batch_size * seq_len`` tokens. AdamW at
     ``lr`` (50 warm-up steps, constant, then cosine to lr/20 over the last stage). Writes the model
-    folder (weights, config, tokenizer, ``train.json``, the card) to ``path``."""
+    folder (weights, config, tokenizer, ``train.json``) to ``path``; ``longctx.eval.model_card``
+    scores it and writes its card."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -87,7 +88,6 @@ def train(path, *, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, s
     (path / "config.json").write_text(json.dumps(config, indent=2))
     save_tokenizer(tokenizer, path)
     (path / "train.json").write_text(json.dumps(record))
-    model_card(path)
     return path
 
 
@@ -239,102 +239,4 @@ def finetune(base, path, rope_scaling: dict, *, seq_len: int, steps: int = 200, 
         "base": str(base), "rope_scaling": rope_scaling, "seq_len": seq_len, "steps": steps,
         "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": round(seconds),
         "losses": [round(x, 4) for x in losses], "copy_losses": [(i, round(x, 4)) for i, x in copy_losses]}))
-    return path
-
-
-def model_card(path) -> Path:
-    """Score the model at ``path`` (through ``mlx_lm.load``) and write ``README.md`` and ``loss.png``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from mlx.utils import tree_flatten
-
-    from longctx import eval as suite
-    from longctx.mlx import LongContextQwen3
-    from longctx.models import load_trained
-    path = Path(path)
-    log = json.loads((path / "train.json").read_text())
-    config = json.loads((path / "config.json").read_text())
-    model, tokenizer = load_trained("mlx", path)
-    full = LongContextQwen3(model, "full")
-    T = log["seq_len"]
-    depths = [d / 9 for d in range(10)]
-    scores = {f"passkey at {L} tokens (50 prompts, 10 depths)": suite.passkey_accuracy(
-        full, tokenizer, L, depths=depths, trials=5, seed=1) for L in sorted({max(256, T // 2), T})}
-    scores[f"needle in the shipped text at {T} tokens (25 prompts)"] = float(
-        suite.needle_grid(full, tokenizer, [T], trials=5, seed=1).mean())
-    scores["key-value recall, 40 pairs (25 prompts)"] = float(
-        suite.lost_in_the_middle(full, tokenizer, 40, trials=5, seed=1)[1].mean())
-    scores["copy 48 characters (20 prompts)"] = suite.copy_accuracy(full, tokenizer, 48, trials=20, seed=1)
-    losses = np.array(log["losses"])
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot(losses, alpha=0.3, label="training loss, per step")
-    k = min(25, len(losses))
-    ax.plot(np.arange(k - 1, len(losses)), np.convolve(losses, np.ones(k) / k, "valid"), label=f"mean of {k}")
-    steps, copy = zip(*log["copy_losses"])
-    ax.plot(steps, copy, marker=".", label="held-out repeats, second half")
-    first = 0
-    for length, count, _ in log["stages"]:
-        ax.axvline(first, color="grey", lw=0.5)
-        ax.text(first, 1.0, f" {length}", transform=ax.get_xaxis_transform(), va="top", fontsize=7)
-        first += count
-    ax.set_xlabel("step (grey lines: the curriculum's row lengths)")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path / "loss.png", dpi=100)
-    plt.close(fig)
-    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    shape = ", ".join(f"{k}={config[k]}" for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                   "num_attention_heads", "num_key_value_heads", "head_dim",
-                                                   "vocab_size", "rope_theta", "tie_word_embeddings"))
-    rows = "\n".join(f"| {name} | {value:.0%} |" for name, value in scores.items())
-    at_t = scores[f"passkey at {T} tokens (50 prompts, 10 depths)"]
-    verdict = (f"it retrieves the passkey in {at_t:.0%} of prompts at its training length." if at_t >= 0.5 else
-               f"**it does not retrieve** ({at_t:.0%} passkey at its training length; no induction head "
-               "formed in this run), so retrieval effects cannot be shown on it.")
-    mix = ", ".join(f"{k} {v:.0%}" for k, v in log["mix"].items())
-    stages = "; ".join(f"{count} steps of {log['batch_size'] * T // length} x {length} tokens ("
-                       + ", ".join(f"{k} {v:.0%}" for k, v in mix_.items()) + ")"
-                       for length, count, mix_ in log["stages"])
-    (path / "README.md").write_text(f"""# qwen3-tiny-longctx
-
-A {n_params / 1e6:.2f}M-parameter Qwen3 (mlx-lm's `qwen3.Model`, Hugging Face layout) trained from
-seed {log['seed']} by `longctx train-tiny` on a 2-core CPU in {log['seconds'] / 60:.0f} minutes, so the
-longctx benchmark and evaluation suite measure a trained model, not random weights. What it can and
-cannot do is in the scores below: {verdict}
-Load it with `mlx_lm.load(path)` or `AutoModelForCausalLM.from_pretrained(path)`.
-
-- **Architecture:** {shape}.
-- **Tokenizer:** byte-level BPE, 512 entries, trained on the shipped public-domain texts
-  (`longctx.models.tiny_tokenizer`), Qwen3's special tokens and ChatML template.
-- **Data:** examples packed into rows of {T} tokens, each starting with `<|endoftext|>`: {mix}
-  (`longctx.data.mix.MIX`; "repeat" is random ids then the same ids again, the rest are prompts from
-  `longctx.data.tasks`: Landmark Attention's passkey format, the magic-number needle in the shipped
-  text, key-value recall with up to 47 pairs, copying up to 99 characters), at random lengths, depths
-  and keys. The loss counts every token except those no model can predict: the first copy of a
-  repeat (and of an "induction" example: a repeat with random ids between the copies), and a copy
-  prompt with its random string. Its predictions on those random ids are therefore untrained: a
-  perplexity over rows that contain them measures its confidence on noise.
-- **Training:** a length curriculum (the reason is in `train.py` and the book's chapter "A trained
-  model to measure on"): {stages}. AdamW (lr {log['lr']}, weight decay 0.01, 50 warm-up steps, constant,
-  then cosine to lr/20 over the last stage), gradient clipping 1.0; final loss {np.mean(losses[-50:]):.3f}
-  (mean of the last 50 steps, over the tokens the loss counts).
-- **The induction head:** the loss on the second half of held-out repeats (random ids seen once
-  before) stays near (or above) ln(vocab) = 6.2 until the model learns to copy from earlier in the context, then
-  falls. At the end: {log["copy_losses"][-1][1]:.2f}.
-- **Training length:** {T} tokens (`max_position_embeddings`). Beyond it, full attention meets RoPE
-  positions it never saw: the point of the book's long-context chapters.
-
-![loss](loss.png)
-
-## Scores (greedy, full attention, held-out seeds)
-
-| task | accuracy |
-| --- | --- |
-{rows}
-
-Regenerate: `longctx train-tiny PATH --seed {log['seed']}` (the same seed on the same machine gives the same weights).
-""")
     return path

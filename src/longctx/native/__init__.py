@@ -129,7 +129,7 @@ def _smoke_test(module) -> None:
     import mlx.core as mx
     import numpy as np
 
-    from longctx.testing.oracles import sliding_window_attention
+    from longctx.exact import sliding_window_attention
     q = np.linspace(-1, 1, 2 * 3 * 5, dtype=np.float32).reshape(1, 2, 3, 5)
     out = np.array(module.sliding_window(*[mx.array(q)] * 3, 2, 1.0))
     if not np.allclose(out, sliding_window_attention(q, q, q, 2, scale=1.0), rtol=1e-5, atol=1e-6):

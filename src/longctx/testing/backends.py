@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from longctx.testing import measure
+from longctx import measure
 
 
 class MLXBackend:

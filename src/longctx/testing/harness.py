@@ -106,10 +106,14 @@ def implementation_dir(config, labs_dir: Path) -> Path:
         repo_copy = labs_dir.parent.parent / "solutions" / labs_dir.name
         if repo_copy.is_dir():
             return repo_copy
-        import longctx.mlx
-        return Path(longctx.mlx.__file__).parent
-    import longctx.torch
-    return Path(longctx.torch.__file__).parent
+        return _package_folder("longctx.mlx")
+    return _package_folder("longctx.torch")
+
+
+def _package_folder(name: str) -> Path:
+    """Where an installed package lives, without importing it (the harness sits below the backends)."""
+    import importlib.util
+    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
 
 
 def backend_of(folder: Path) -> str:

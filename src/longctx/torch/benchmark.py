@@ -4,7 +4,7 @@ Same names, arguments and results as ``solutions/week3/benchmark.py`` (read
 the book chapter there); the techniques are ``longctx.torch``'s, on the CPU
 or, when there is one, the CUDA device (``device=``). Timing synchronises
 CUDA; peak memory is CUDA's allocator counter or, on the CPU, the live
-storage counter of ``longctx.testing.measure``.
+storage counter of ``longctx.measure``.
 
 One estimate differs: PyTorch's CPU and CUDA ``scaled_dot_product_attention``
 with ``is_causal`` runs a fused flash kernel (no ``L x L`` scores), so
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from longctx import techniques as registry
 from longctx.techniques import ERROR, PASSKEY, BenchmarkResult, default_memory_limit
-from longctx.testing import measure
-from longctx.testing.oracles import causal_rows as exact_rows
-from longctx.testing.oracles import relative_error
+from longctx import measure
+from longctx.exact import causal_rows as exact_rows
+from longctx.exact import relative_error
 
 from .compression import ContextCompressor
 from .streaming import SinkLayer
