@@ -28,7 +28,6 @@ and measures them. What you write: the quality figure (``exact_rows``,
 """
 from __future__ import annotations
 
-import importlib
 import statistics
 import time
 
@@ -81,9 +80,8 @@ def attention_run(technique: str, q: mx.array, k: mx.array, v: mx.array, **optio
     ``(1, H, len(rows), D)``); ``rows`` are the query positions those outputs belong to."""
     t, o = registry.technique(technique), registry.bench_options(technique, options)
     L, scale = q.shape[2], q.shape[-1] ** -0.5
-    if t.attention is not None:  # a class of this package: cls(**options)(q, k, v)
-        module = importlib.import_module(f"{__package__}.{registry.TASKS[t.task].module}")
-        attend = getattr(module, t.attention)(**o)
+    if t.attention is not None:  # a class of the technique's module: cls(**options)(q, k, v)
+        attend = t.resolve(__package__, t.attention)(**o)
         return lambda: attend(q, k, v), np.arange(L)
     if technique == "full":
         return lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal"), np.arange(L)

@@ -71,10 +71,8 @@ from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
 
 from .compression import CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
-from .memory import MemoryKVCache
 from .rope_scaling import ScaledRoPE, model_rope
 from .sliding import SlidingWindowAttention
-from .streaming import SinkKVCache
 
 SAMPLING = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p"}
 
@@ -174,8 +172,8 @@ class LongContextQwen3:
 
     def make_cache(self) -> list:
         """A fresh cache per layer for this strategy: the registry's cache class, built from the options."""
-        name = TECHNIQUES[self.strategy].cache
-        cls = globals()[name] if name else KVCache
+        t = TECHNIQUES[self.strategy]
+        cls = t.resolve(__package__, t.cache) if t.cache else KVCache
         takes_rope = "rope" in inspect.signature(cls).parameters
         options = dict(self.options)
         memory_layers = options.pop("memory_layers", None)  # Task 10: the other layers keep no memory

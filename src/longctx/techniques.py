@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from longctx.checks import check_choice, check_levels, check_memory_options, check_positive_int
@@ -86,9 +86,10 @@ class Technique:
     options: dict  # defaults for the attention benchmark
     memory: Callable[[int, int, int, dict, str], int]
     flops: Callable[[int, int, int, dict], float | None] = lambda L, H, D, o: None
-    attention: str | None = None  # a class in the backend package: cls(**options)(q, k, v)
+    attention: str | None = None  # a class of the technique's module: cls(**options)(q, k, v)
     strategy: dict | None = None  # LongContextQwen3 defaults; None: not a strategy
-    cache: str | None = None  # the strategy's cache class, in each backend's qwen3_long module
+    cache: str | None = None  # the strategy's cache class: in each backend's qwen3_long, else the module
+    module: str | None = None  # its array code, longctx.mlx.<module> and longctx.torch.<module> (default: the task's)
     from_window: Callable[[int], dict] = lambda w: {}  # options from `longctx bench --window`
     subquadratic: bool = True  # among the spec's 50k-200k cases
     validate: Callable[[dict], None] = field(default=lambda o: None)
@@ -96,6 +97,20 @@ class Technique:
     @property
     def chapter(self) -> str:
         return TASKS[self.task].chapter if self.task else "task7-benchmark.md"
+
+    @property
+    def code(self) -> str | None:
+        """The module (file) of its array code in each backend package."""
+        return self.module or (TASKS[self.task].module if self.task else None)
+
+    def resolve(self, package: str, name: str):
+        """The class ``name`` of this technique in ``package`` (``longctx.mlx`` or ``longctx.torch``):
+        from the strategies' module (``qwen3_long``, which holds the course's caches), else its own."""
+        for module in ("qwen3_long", self.code):
+            found = getattr(importlib.import_module(f"{package}.{module}"), name, None) if module else None
+            if found is not None:
+                return found
+        raise ValueError(f"technique {self.name!r}: no class {name!r} in {package}.{self.code}")
 
 
 def _full_memory(L, H, D, o, backend):
@@ -273,8 +288,38 @@ TECHNIQUES = {t.name: t for t in (
               lambda L, H, D, o: 4.0 * H * D * _bigbird_pairs(L, o), attention="BigBirdAttention",
               from_window=lambda w: {"block_size": max(1, w // 3)}),
 )}
-STRATEGIES = tuple(name for name, t in TECHNIQUES.items() if t.strategy is not None)
-SUBQUADRATIC = tuple(name for name, t in TECHNIQUES.items() if t.subquadratic)
+
+
+class Selection(Sequence):
+    """The names of the techniques that ``keep``, read from ``TECHNIQUES`` at each use (a technique
+    registered later is in it too)."""
+
+    def __init__(self, keep: Callable[[Technique], bool]):
+        self.keep = keep
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(name for name, t in TECHNIQUES.items() if self.keep(t))
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+STRATEGIES = Selection(lambda t: t.strategy is not None)
+SUBQUADRATIC = Selection(lambda t: t.subquadratic)
+
+
+def register(t: Technique) -> Technique:
+    """Add a technique (a course's own, or a plugin's): every reader of the registry sees it."""
+    if t.name in TECHNIQUES:
+        raise ValueError(f"technique {t.name!r} is already registered")
+    TECHNIQUES[t.name] = t
+    return t
 
 
 def technique(name) -> Technique:

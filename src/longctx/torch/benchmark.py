@@ -12,7 +12,6 @@ with ``is_causal`` runs a fused flash kernel (no ``L x L`` scores), so
 """
 from __future__ import annotations
 
-import importlib
 import statistics
 import time
 
@@ -40,9 +39,8 @@ def attention_run(technique: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """``(fn, rows)`` as in ``longctx.mlx``: ``fn()`` returns the output rows for query positions ``rows``."""
     t, o = registry.technique(technique), registry.bench_options(technique, options)
     L, scale = q.shape[2], q.shape[-1] ** -0.5
-    if t.attention is not None:  # a class of this package: cls(**options)(q, k, v)
-        module = importlib.import_module(f"{__package__}.{registry.TASKS[t.task].module}")
-        attend = getattr(module, t.attention)(**o)
+    if t.attention is not None:  # a class of the technique's module: cls(**options)(q, k, v)
+        attend = t.resolve(__package__, t.attention)(**o)
         return lambda: attend(q, k, v), np.arange(L)
     if technique == "full":
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), np.arange(L)

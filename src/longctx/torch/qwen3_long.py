@@ -39,10 +39,8 @@ from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
 
 from .compression import CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
-from .memory import MemoryKVCache
 from .rope_scaling import RotaryEmbedding, ScaledRoPE, model_rope
 from .sliding import SlidingWindowAttention
-from .streaming import SinkKVCache
 SAMPLING = ("temperature", "top_p", "top_k", "min_p")
 
 
@@ -128,10 +126,10 @@ class LongContextQwen3:
 
     def make_cache(self) -> Cache:
         """A fresh cache for this strategy: the registry's cache class, built from the options."""
-        name, n = TECHNIQUES[self.strategy].cache, self.model.config.num_hidden_layers
-        if name is None:
+        t, n = TECHNIQUES[self.strategy], self.model.config.num_hidden_layers
+        if t.cache is None:
             return DynamicCache(config=self.model.config)
-        cls = globals()[name]
+        cls = t.resolve(__package__, t.cache)
         takes_rotary = "rotary_emb" in inspect.signature(cls).parameters
         rotary = self.rope or self.model.model.rotary_emb
         return cls(**self.options, num_layers=n, **({"rotary_emb": rotary} if takes_rotary else {}))
