@@ -30,8 +30,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import mlx.core as mx
-from mlx_lm.models.cache import create_attention_mask
 
+from longctx.cachebase import LongCache
 from longctx.checks import (COMPRESSION_METHODS, NEEDS_ATTENTION, check_attention, check_choice,
                             check_nonnegative_int, check_positive_int, check_ratio, n_kept)
 
@@ -196,7 +196,7 @@ class ContextCompressor:
         return shape[:-1], shape[-1]
 
 
-class CompressedKVCache:
+class CompressedKVCache(LongCache):
     """An mlx-lm cache that compresses after prefill and stays within its budget.
 
     Until the first one-token update (the first decode step) it is a plain
@@ -343,16 +343,6 @@ class CompressedKVCache:
 
     def size(self) -> int:
         return self._n - (self._victim is not None)
-
-    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
-        # Cached entries all precede the new ones, whatever their positions.
-        return create_attention_mask(N, offset=self.size(), return_array=return_array, window_size=window_size)
-
-    def empty(self) -> bool:
-        return self._buffers is None
-
-    def is_trimmable(self) -> bool:
-        return False
 
     @property
     def state(self):

@@ -40,6 +40,7 @@ import numpy as np
 from mlx_lm.models import base
 from mlx_lm.models.cache import create_attention_mask
 
+from longctx.cachebase import LongCache
 from longctx.checks import check_memory, check_nonnegative_int, check_positive_int, check_scale
 
 from .streaming import unrotate
@@ -174,7 +175,7 @@ class MemoryAttention:
         return mx.concatenate(outs, axis=2)
 
 
-class MemoryKVCache:
+class MemoryKVCache(LongCache):
     """LongLLaMA's caches of one layer in mlx-lm's cache protocol: a local context of at most
     ``context_length`` entries (rotated at their local positions, as mlx-lm stores keys), and a
     memory of at most ``memory_size`` entries (un-rotated keys and values; the oldest leave first;
@@ -253,13 +254,8 @@ class MemoryKVCache:
         return self.local_length
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
+        # The local context is cleared into memory before the window's next token: the next position, not size.
         return create_attention_mask(N, offset=self.offset, return_array=return_array, window_size=window_size)
-
-    def empty(self) -> bool:
-        return self.keys is None
-
-    def is_trimmable(self) -> bool:
-        return False
 
     @property
     def state(self):
@@ -284,10 +280,6 @@ class MemoryKVCache:
         size, last, top_k, context, seen = map(int, v)
         self.memory_size, self.last_context_length, self.top_k = size, last, top_k or None
         self.context_length, self.tokens_seen = context, seen
-
-    @property
-    def nbytes(self) -> int:
-        return sum(x.nbytes for x in self.state)
 
 
 __all__ = ["MemoryAttention", "MemoryKVCache", "crossbatch_attention", "crossbatch_selector", "gated_memory_attention",

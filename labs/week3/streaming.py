@@ -21,8 +21,8 @@ import itertools
 from collections.abc import Iterable, Iterator
 
 import mlx.core as mx
-from mlx_lm.models.cache import create_attention_mask
 
+from longctx.cachebase import LongCache
 from longctx.checks import check_nonnegative_int, check_positive_int, chunk_rows
 
 
@@ -40,7 +40,7 @@ def unrotate(rope, x: mx.array, offset: int) -> mx.array:
     return out if a.item() == 1.0 else (out / (a * a)).astype(x.dtype)
 
 
-class SinkKVCache:
+class SinkKVCache(LongCache):
     """mlx-lm cache keeping ``sink_tokens`` first entries and the last ``window``.
 
     ``rope``: the layer's RoPE module (``layer.self_attn.rope`` in mlx-lm; it
@@ -70,17 +70,10 @@ class SinkKVCache:
         (``state``, ``size`` and the model read them). About 18 lines."""
         raise NotImplementedError("Task 5: SinkKVCache.update_and_fetch -- see the book chapter 'Streaming with attention sinks'")
 
+    META = ("sink_tokens", "window", "tokens_seen")
+
     def size(self) -> int:
         return self.offset
-
-    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
-        return create_attention_mask(N, offset=self.offset, return_array=return_array, window_size=window_size)
-
-    def empty(self) -> bool:
-        return self.keys is None
-
-    def is_trimmable(self) -> bool:
-        return False
 
     @property
     def state(self):
@@ -91,17 +84,6 @@ class SinkKVCache:
         self.keys, self.values = v
         self.offset = 0 if self.keys is None else self.keys.shape[2]
 
-    @property
-    def meta_state(self):
-        return tuple(map(str, (self.sink_tokens, self.window, self.tokens_seen)))
-
-    @meta_state.setter
-    def meta_state(self, v):
-        self.sink_tokens, self.window, self.tokens_seen = map(int, v)
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
 class StreamingProcessor:
