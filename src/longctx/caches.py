@@ -1,16 +1,19 @@
 """Saving, loading and copying the prompt caches ``LongContextQwen3.make_cache()`` builds.
 
-mlx-lm's ``save_prompt_cache`` writes any cache that has a ``state`` (ours
-included), but its ``load_prompt_cache`` rebuilds only its own classes, and in
-mlx-lm 0.32 it no longer writes ``meta_state`` (a ``SinkKVCache`` would lose
-its ``tokens_seen``, a ``CompressedKVCache`` its offset and compressor). So:
+One file format, ours, end to end: a safetensors file holding every layer's
+``state`` arrays (``"<layer>.<i>"``) and, in its metadata, each layer's class,
+the kinds of its state's non-array parts and its ``meta_state``. mlx-lm's
+``save_prompt_cache`` would write any cache with a ``state``, but its
+``load_prompt_cache`` rebuilds only its own classes, its file layout is private
+(it changed between the mlx-lm versions ``pyproject.toml`` allows), and since
+0.32 it drops ``meta_state`` (a ``SinkKVCache`` would lose its ``tokens_seen``, a
+``CompressedKVCache`` its offset and compressor). So:
 
-* ``save_cache(path, cache)`` calls mlx-lm's writer, with every cache's
-  ``meta_state`` in the file's metadata: the file is mlx-lm's format.
+* ``save_cache(path, cache)`` writes the file (``mx.save_safetensors``);
 * ``load_cache(path, into)`` fills ``into``, fresh caches from the same
   ``LongContextQwen3`` (``long.make_cache()``): they carry what a file cannot
   hold (the layer's RoPE module, the memory layers' options), and their classes
-  must be the ones saved, layer by layer, or ``ValueError``.
+  must be the ones saved, layer by layer, or ``ValueError``;
 * ``copy_cache(cache, into)``: the same without the file. A copy shares no
   array object with the original: mlx-lm's caches write new entries in place
   (``keys[..., i:j, :] = k``), so sharing one would let a query write into a
@@ -26,10 +29,9 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
-from mlx_lm.models.cache import save_prompt_cache
+from mlx.utils import tree_map
 
-META = "longctx_meta_state"  # no dot: mlx-lm unflattens the metadata's dotted keys
+META = "longctx_meta_state"
 
 
 def save_cache(path, cache, metadata: dict[str, str] | None = None) -> None:
@@ -37,8 +39,17 @@ def save_cache(path, cache, metadata: dict[str, str] | None = None) -> None:
     ``metadata`` (str -> str)."""
     if not isinstance(cache, list):
         return _torch_save(path, cache, metadata or {})
-    meta = {**(metadata or {}), META: json.dumps([_meta(c) for c in cache])}
-    save_prompt_cache(str(path), cache, meta)
+    arrays, layers = {}, []
+    for i, c in enumerate(cache):
+        kinds = []
+        for j, x in enumerate(c.state):
+            if isinstance(x, mx.array):
+                arrays[f"{i}.{j}"] = x
+                kinds.append("array")
+            else:  # None, or a Python scalar
+                kinds.append(["value", x])
+        layers.append({"class": type(c).__name__, "state": kinds, "meta": _meta(c)})
+    mx.save_safetensors(str(path), arrays, {**(metadata or {}), META: json.dumps(layers)})
 
 
 def load_cache(path, into) -> dict[str, str]:
@@ -48,16 +59,13 @@ def load_cache(path, into) -> dict[str, str]:
         raise ValueError(f"path {str(path)!r} is not a saved cache")
     if not isinstance(into, list):
         return _torch_load(path, into)
-    arrays, flat = mx.load(str(path), return_metadata=True)
-    metadata, classes, scalars = tree_unflatten(list(flat.items()))
-    for pos, kind in scalars[1:]:  # mlx-lm's encoding of the non-array parts of a state
-        a = arrays[pos]
-        arrays[pos] = {"scalar": lambda: a.item(), "string": lambda: "".join(map(chr, a.tolist())),
-                       "none": lambda: None}[kind]()
-    states = tree_unflatten(list(arrays.items()))
-    metadata = dict(tree_flatten(metadata))  # mlx-lm's reader nests dotted keys
-    metas = json.loads(metadata.pop(META, "null")) or [None] * len(classes)
-    _fill(into, classes, states, metas)
+    arrays, metadata = mx.load(str(path), return_metadata=True)
+    if META not in metadata:
+        raise ValueError(f"path {str(path)!r} is not a cache saved by longctx.caches.save_cache")
+    layers = json.loads(metadata.pop(META))
+    states = [tuple(arrays[f"{i}.{j}"] if kind == "array" else kind[1] for j, kind in enumerate(layer["state"]))
+              for i, layer in enumerate(layers)]
+    _fill(into, [layer["class"] for layer in layers], states, [layer["meta"] for layer in layers])
     return metadata
 
 
