@@ -3,6 +3,8 @@ serving engine's store (a crash in an upload leaves no half document), keys and 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +169,27 @@ def test_a_document_deleted_while_a_question_waits_is_gone(engine_factory):
     engine.delete_document(doc)
     with pytest.raises(DocumentGone, match=doc.id):
         engine.query(doc, QUESTION, 2, {})
+
+
+def test_saved_caches_and_the_server_hold_on_the_oldest_mlx_lm_allowed(tmp_path):
+    """The newest mlx-lm is the one installed (every other test runs on it); this runs the cache round
+    trips and a served document's restart on the oldest that ``pyproject.toml`` allows, installed
+    beside it (``pip install --target``, shadowing the newest through ``PYTHONPATH``)."""
+    import re
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    oldest = re.search(r'"mlx-lm>=([0-9.]+)"', (root / "pyproject.toml").read_text()).group(1)
+    target = tmp_path / "mlx-lm"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                          f"mlx-lm=={oldest}"], capture_output=True, text=True, timeout=300)
+    if pip.returncode != 0:
+        pytest.skip(f"mlx-lm=={oldest} could not be installed here (offline?): {pip.stderr[-300:]}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    version = subprocess.run([sys.executable, "-c", "import mlx_lm; print(mlx_lm.__version__)"], env=env,
+                             capture_output=True, text=True).stdout.strip()
+    assert version.split(".")[:2] == oldest.split(".")[:2], version
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+                          "tests/test_caches.py", "tests/test_serve.py::test_documents_are_answered_as_mlx_lm_would_and_survive_a_restart",
+                          "-k", "not oldest"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
