@@ -48,7 +48,7 @@ memory          memory_layers=None (the last), memory_size,     L <= last_contex
 ==============  ==============================================  =========================================
 
 ``memory`` (Task 10) feeds a long prompt in LongLLaMA's windows
-(``longctx.checks.prefill_plan``): each window of ``context_length`` moves
+(its registry entry's ``plan``): each window of ``context_length`` moves
 to the memory of the ``memory_layers`` after its forward (the other layers
 drop it); the last ``last_context_length`` tokens stay local for generation.
 """
@@ -65,8 +65,7 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from longctx.checks import (NEEDS_ATTENTION, check_positive_int, check_tokens, prefill_plan, resolve_memory_options,
-                            rope_scaling_from_config)
+from longctx.checks import NEEDS_ATTENTION, check_positive_int, check_tokens, rope_scaling_from_config
 from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
 
 from .compression import CompressedKVCache, ContextCompressor
@@ -152,8 +151,8 @@ class LongContextQwen3:
                              f"returns), got {type(base_model).__name__}")
         self.model = base_model
         self.strategy, self.chunk_size, self.options = check_strategy(context_strategy, options)
-        if "memory_layers" in self.options:  # Task 10: the layers and the window, checked against the model
-            self.options = resolve_memory_options(self.options, len(layers), base_model.args.max_position_embeddings)
+        self.technique = TECHNIQUES[self.strategy]  # how to run it: options for this model, prefill plan, caches
+        self.options = self.technique.fit(self.options, len(layers), base_model.args.max_position_embeddings)
         self.rope = None  # Task 9: the scaled RoPE every layer uses inside our calls
         if rope_scaling is not None:
             head_dim, theta, _, _ = model_rope(base_model)
@@ -172,13 +171,11 @@ class LongContextQwen3:
 
     def make_cache(self) -> list:
         """A fresh cache per layer for this strategy: the registry's cache class, built from the options."""
-        t = TECHNIQUES[self.strategy]
+        t = self.technique
         cls = t.resolve(__package__, t.cache) if t.cache else KVCache
         takes_rope = "rope" in inspect.signature(cls).parameters
-        options = dict(self.options)
-        memory_layers = options.pop("memory_layers", None)  # Task 10: the other layers keep no memory
-        return [cls(**{**options, **({} if memory_layers is None or i in memory_layers else {"memory_size": 0})},
-                    **({"rope": self.rope or layer.self_attn.rope} if takes_rope else {}))
+        return [cls(**t.layer_options(self.options, i), **({"rope": self.rope or layer.self_attn.rope} if takes_rope
+                                                           else {}))
                 for i, layer in enumerate(self.model.layers)]
 
     @contextlib.contextmanager
@@ -256,7 +253,7 @@ class LongContextQwen3:
 
     def _prefill(self, ids: list[int], cache: list, keep_logits: bool = True) -> mx.array | None:
         logits = []
-        for start, end, to_memory in prefill_plan(len(ids), self.chunk_size, self.options):
+        for start, end, to_memory in self.technique.plan(len(ids), self.chunk_size, self.options):
             with self._attention_seam():
                 out = self.model(mx.array(ids[start:end])[None], cache=cache)
                 # The lazy graph never spans more than a chunk; without the logits, lm_head never runs.
@@ -266,9 +263,10 @@ class LongContextQwen3:
             if to_memory:
                 for c in cache:
                     c.flush()
-        for c in cache:
-            if isinstance(c, CompressedKVCache) and not c.compressed:  # a continued cache already is
-                c.compress()
+        if self.technique.compress_after_prefill:
+            for c in cache:
+                if not c.compressed:  # a continued cache already is
+                    c.compress()
         return mx.concatenate(logits, axis=1) if keep_logits else None
 
     def _check_continued(self, cache) -> None:

@@ -348,14 +348,6 @@ def resolve_memory_options(options: dict, num_layers: int, max_positions: int) -
     return o
 
 
-def prefill_plan(n: int, chunk_size: int, options: dict) -> list[tuple[int, int, bool]]:
-    """``(start, end, to_memory)`` of each prefill forward of ``LongContextQwen3``: chunks of
-    ``chunk_size``, or LongLLaMA's windows (``memory_windows``) for the ``memory`` strategy."""
-    if "memory_layers" in options:
-        return memory_windows(n, options["context_length"], options["last_context_length"], chunk_size)
-    return [(start, end, False) for start, end in prefill_chunks(n, chunk_size)]
-
-
 def memory_windows(n: int, context_length: int, last_context_length: int, chunk_size: int):
     """LongLLaMA's input windowing of ``n`` tokens: ``(start, end, to_memory)`` per forward. All but
     the last ``last_context_length`` tokens go in windows of ``context_length`` from the start, each

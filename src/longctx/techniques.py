@@ -27,7 +27,8 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from longctx.checks import check_choice, check_levels, check_memory_options, check_positive_int
+from longctx.checks import (check_choice, check_levels, check_memory_options, check_positive_int, memory_windows,
+                            prefill_chunks, resolve_memory_options)
 
 BYTES = 4  # float32
 HIERARCHICAL_TILE = 1 << 24  # scores per level and span in Task 2 (both backends: ``hierarchical_span``)
@@ -93,6 +94,13 @@ class Technique:
     from_window: Callable[[int], dict] = lambda w: {}  # options from `longctx bench --window`
     subquadratic: bool = True  # among the spec's 50k-200k cases
     validate: Callable[[dict], None] = field(default=lambda o: None)
+    # How LongContextQwen3 runs the strategy (read there, never branched on by name):
+    fit: Callable[[dict, int, int], dict] = lambda o, layers, positions: o  # options for this model's
+    #   (num_layers, max_position_embeddings), checked
+    plan: Callable[[int, int, dict], list] = lambda n, chunk, o: [(s, e, False) for s, e in prefill_chunks(n, chunk)]
+    #   the prompt's forwards: (start, end, flush the cache to memory after it)
+    layer_options: Callable[[dict, int], dict] = lambda o, i: o  # MLX: layer i's cache options
+    compress_after_prefill: bool = False  # the caches compress once the prompt is in (not a continued one)
 
     @property
     def chapter(self) -> str:
@@ -237,6 +245,13 @@ def hierarchical_pairs(L: int, levels, heads: int, dilations=None) -> int:
     return pairs
 
 
+def _memory_layer(o: dict, i: int) -> dict:
+    """Layer ``i``'s ``MemoryKVCache`` options (MLX: a cache per layer): one outside
+    ``memory_layers`` keeps no memory."""
+    layer = {k: v for k, v in o.items() if k != "memory_layers"}
+    return layer if o["memory_layers"] is None or i in o["memory_layers"] else {**layer, "memory_size": 0}
+
+
 def _check_levels(o):
     check_levels(o["levels"], o.get("dilations"))
 
@@ -270,13 +285,16 @@ TECHNIQUES = {t.name: t for t in (
     Technique("compressed", 4, "a KV cache compressed by importance (SnapKV, H2O, key norm, StreamingLLM)",
               {"compression_ratio": 0.9, "method": "snapkv", "observation_window": 32}, _compressed_memory,
               strategy={"compression_ratio": 0.5, "method": "snapkv", "sink_tokens": 4, "recent_tokens": 32,
-                        "observation_window": 32, "pool_kernel": 5}, cache="QueryRecordingCache"),
+                        "observation_window": 32, "pool_kernel": 5}, cache="QueryRecordingCache",
+              compress_after_prefill=True),
     Technique("memory", 10, "windows of context_length attending to a memory of earlier windows (FoT, LongLLaMA)",
               {"context_length": 512, "top_k": None}, _memory_memory,
               lambda L, H, D, o: 4.0 * H * D * _memory_pairs(L, o), attention="MemoryAttention",
               strategy={"memory_layers": None, "memory_size": 65536, "last_context_length": 256, "top_k": None,
                         "context_length": None}, cache="MemoryKVCache",
-              from_window=lambda w: {"context_length": w}, subquadratic=False, validate=check_memory_options),
+              from_window=lambda w: {"context_length": w}, subquadratic=False, validate=check_memory_options,
+              fit=resolve_memory_options, layer_options=_memory_layer,
+              plan=lambda n, chunk, o: memory_windows(n, o["context_length"], o["last_context_length"], chunk)),
     Technique("linear", 11, "causal linear attention, phi = elu + 1: a D x D state instead of a cache",
               {"chunk_size": 64}, _linear_memory, _linear_flops, attention="LinearAttention"),
     Technique("longformer", 12, "Longformer: a causal window plus global tokens every query sees",

@@ -33,8 +33,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from longctx.checks import (NEEDS_ATTENTION, check_positive_int, check_tokens, prefill_plan, resolve_memory_options,
-                            rope_scaling_from_config)
+from longctx.checks import NEEDS_ATTENTION, check_positive_int, check_tokens, rope_scaling_from_config
 from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
 
 from .compression import CompressedKVCache, ContextCompressor
@@ -113,9 +112,9 @@ class LongContextQwen3:
                              f"got {type(base_model).__name__}")
         self.model = base_model
         self.strategy, self.chunk_size, self.options = check_strategy(context_strategy, options)
-        if "memory_layers" in self.options:  # Task 10: the layers and the window, checked against the model
-            self.options = resolve_memory_options(self.options, base_model.config.num_hidden_layers,
-                                                  base_model.config.max_position_embeddings)
+        self.technique = TECHNIQUES[self.strategy]  # how to run it: options for this model, prefill plan, caches
+        self.options = self.technique.fit(self.options, base_model.config.num_hidden_layers,
+                                          base_model.config.max_position_embeddings)
         self.rope = None  # Task 9: in the place of model.model.rotary_emb inside our calls
         if rope_scaling is not None:
             head_dim, theta, _, _ = model_rope(base_model)
@@ -126,7 +125,7 @@ class LongContextQwen3:
 
     def make_cache(self) -> Cache:
         """A fresh cache for this strategy: the registry's cache class, built from the options."""
-        t, n = TECHNIQUES[self.strategy], self.model.config.num_hidden_layers
+        t, n = self.technique, self.model.config.num_hidden_layers
         if t.cache is None:
             return DynamicCache(config=self.model.config)
         cls = t.resolve(__package__, t.cache)
@@ -174,13 +173,13 @@ class LongContextQwen3:
 
     def _prefill(self, ids: list[int], keep_logits: bool = True) -> torch.Tensor | None:
         logits = []
-        for start, end, to_memory in prefill_plan(len(ids), self.chunk_size, self.options):
+        for start, end, to_memory in self.technique.plan(len(ids), self.chunk_size, self.options):
             out = self._forward(torch.tensor([ids[start:end]]), None if keep_logits else 1)
             if keep_logits:
                 logits.append(out)
             if to_memory:
                 self.cache.flush()
-        if isinstance(self.cache, QueryRecordingCache) and not self.cache.layers[0].compressed:  # once
+        if self.technique.compress_after_prefill and not self.cache.layers[0].compressed:  # once
             self.cache.compress()
         return torch.cat(logits, 1) if keep_logits else None
 
