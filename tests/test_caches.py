@@ -193,3 +193,16 @@ def test_saved_caches_and_the_server_hold_on_the_oldest_mlx_lm_allowed(tmp_path)
                           "tests/test_caches.py", "tests/test_serve.py::test_documents_are_answered_as_mlx_lm_would_and_survive_a_restart",
                           "-k", "not oldest"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def test_a_document_kept_by_an_earlier_server_still_answers(engine_factory, tmp_path):
+    """Servers before the int32 ids file kept the ids as ``ids.json``: a restart with another strategy
+    (which prefills again from the ids) reads them, and the answer is the one a fresh upload gives."""
+    engine = engine_factory()
+    doc = engine.add_document("k1", "old", DOC[:40], "raw")
+    folder = tmp_path / "data" / "documents" / doc.id
+    (folder / "ids.json").write_text(json.dumps(DOC[:40]))
+    (folder / "ids.i32").unlink()
+    again = engine_factory(strategy="sliding", options={"window_size": 64})
+    answer = again.query(again.documents[doc.id], QUESTION, 6, {})
+    assert answer.text == again.query(again.add_document("k1", "new", DOC[:40], "raw"), QUESTION, 6, {}).text

@@ -393,7 +393,7 @@ def check_benchmark(techniques, lengths, repeats, memory_limit, model) -> tuple[
     options}``, None for the sub-quadratic ones; attention runs get the benchmark defaults,
     model runs (``model`` given) the strategy's own (``LongContextQwen3`` fills them in)."""
     if techniques is None:
-        techniques = SUBQUADRATIC
+        techniques = tuple(SUBQUADRATIC)
     if isinstance(techniques, str) or not isinstance(techniques, (list, tuple, dict)) or not techniques:
         raise ValueError(f"techniques must be a non-empty list of names or a dict of name -> options, "
                          f"got {techniques!r}")

@@ -404,7 +404,9 @@ class Engine:
 
     def _ids(self, doc: Document) -> list[int]:
         if doc.ids is None:  # saved by an earlier run of the server
-            doc.ids = _read_ids(self.data / "documents" / doc.id / "ids.i32")
+            folder = self.data / "documents" / doc.id
+            doc.ids = (_read_ids(folder / "ids.i32") if (folder / "ids.i32").exists()
+                       else json.loads((folder / "ids.json").read_text()))  # as servers before 2026-12 kept them
         return doc.ids
 
     # ----- the store ------------------------------------------------------------------------------
