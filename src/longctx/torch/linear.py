@@ -120,6 +120,5 @@ class LinearAttention:
     def __init__(self, chunk_size: int = 64):
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
 
-    @torch.no_grad()
     def __call__(self, q, k, v):
         return linear_attention(q, k, v, chunk_size=self.chunk_size)[0]

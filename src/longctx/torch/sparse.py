@@ -15,6 +15,7 @@ from longctx.checks import (check_attention, check_bigbird, check_longformer, ch
 
 BLOCK = 64
 TILE = 1 << 22  # score elements per step
+HIDDEN = torch.finfo(torch.float32).min  # a masked score (see longformer_attention)
 
 
 def global_rows(q, k, v, rows: np.ndarray, first_key: int, causal: bool,
@@ -62,7 +63,6 @@ def _band_keys(x, lo: int, nb: int, block: int, ncol: int) -> torch.Tensor:
     return xp.unfold(2, ncol, block).transpose(-1, -2)  # a view: overlapping windows
 
 
-@torch.no_grad()
 def longformer_attention(q, k, v, window: int, global_tokens=(), causal: bool = False, *, global_qkv=None,
                          scale: float | None = None) -> torch.Tensor:
     """Longformer (see ``longctx.mlx.sparse.longformer_attention``)."""
@@ -89,8 +89,11 @@ def longformer_attention(q, k, v, window: int, global_tokens=(), causal: bool = 
         keep = (rel >= -left) & (rel <= right) & local[:, None, :]  # (n, BLOCK, ncol)
         qpos = P0 + torch.arange(b0 * BLOCK, b1 * BLOCK, device=dev).view(n, BLOCK, 1)
         seen = g <= qpos if causal else torch.ones(n, BLOCK, len(glob), dtype=torch.bool, device=dev)
-        s = (qf @ kb.transpose(-1, -2)).masked_fill(~keep, float("-inf"))
-        sg = (qf @ kg.transpose(-1, -2)).masked_fill(~seen, float("-inf"))
+        # Hidden: the lowest finite score, not -inf. A padding row past Lq sees no key, and a softmax
+        # of -inf only is NaN, whose gradient would reach k and v through the tile's matmuls (its
+        # output is dropped, its gradient is not); every real row sees its own position.
+        s = (qf @ kb.transpose(-1, -2)).masked_fill(~keep, HIDDEN)
+        sg = (qf @ kg.transpose(-1, -2)).masked_fill(~seen, HIDDEN)
         p = torch.softmax(torch.cat([s, sg], dim=-1), dim=-1)
         o = (p[..., :ncol] @ vb + p[..., ncol:] @ vg).reshape(B, Hkv, rep, n * BLOCK, D)
         out[:, :, :, b0 * BLOCK:e] = o[:, :, :, :e - b0 * BLOCK]
@@ -129,7 +132,6 @@ def _gather_blocks(x, idx: np.ndarray, block_size: int) -> torch.Tensor:
     return x.reshape(B, Hkv * n, block_size, D)[:, flat].float().view(B, heads, m, K * block_size, D)
 
 
-@torch.no_grad()
 def bigbird_attention(q, k, v, block_size: int, num_random_blocks: int, seed: int = 0, causal: bool = False, *,
                       random_blocks=None, scale: float | None = None) -> torch.Tensor:
     """BigBird, ITC (see ``longctx.mlx.sparse.bigbird_attention``)."""
