@@ -26,7 +26,7 @@ def grads(fn, q, k, v, w):
 
 def weighted(counts):
     """Dense softmax attention where key j enters query i's softmax counts[h, i, j] times."""
-    log = torch.log(torch.as_tensor(np.broadcast_to(counts, counts.shape), dtype=torch.float64))
+    log = torch.log(torch.tensor(np.asarray(counts), dtype=torch.float64))
 
     def attend(q, k, v):
         r = q.shape[1] // k.shape[1]
