@@ -266,7 +266,7 @@ def rope_factors_figure(path: Path, factor: float = 4.0, head_dim: int = 32, bas
     has them (book/src/figures/extension/longrope.json, written by the chapter's command)."""
     import json
 
-    from longctx.checks import check_rope_scaling
+    from longctx.techniques.rope import check_rope_scaling
     from longctx.testing.oracles import rope_frequencies
     theta = rope_frequencies({"rope_type": "default"}, head_dim, base)[0]
 

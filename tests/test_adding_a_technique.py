@@ -18,6 +18,7 @@ import pytest
 
 import longctx  # noqa: F401  (fast BLAS before mlx.core)
 from longctx import techniques as registry
+from longctx.techniques.sliding import window_pairs
 
 TOY = {"mlx": '''
 import mlx.core as mx
@@ -67,7 +68,7 @@ class ToyKVCache(SlidingKVCache):
 TECHNIQUE = registry.Technique(
     "toy", None, "a toy: causal attention over the last width keys, dense", {"width": 8},
     memory=lambda L, H, D, o, backend: 3 * H * L * L * registry.BYTES,  # the mask, the scores, their softmax
-    flops=lambda L, H, D, o: 4.0 * H * D * registry._pairs_sliding(L, {"window_size": o["width"]}),
+    flops=lambda L, H, D, o: 4.0 * H * D * window_pairs(L, {"window_size": o["width"]}),
     attention="ToyAttention", strategy={"width": 64}, cache="ToyKVCache", module="toy",
     from_window=lambda w: {"width": w})
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from longctx.checks import check_rope_scaling
 from longctx.models import make_checkpoint, mlx_qwen3, torch_qwen3
+from longctx.techniques.rope import ROPE_METHODS, check_rope_scaling
 from longctx.testing import oracles
 
 T0 = 64
@@ -37,6 +37,25 @@ def hf_frequencies(scaling: dict, d: int, base: float, max_positions: int, seq_l
                          rope_parameters={**scaling, "rope_theta": base})
     inv_freq, factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu", seq_len=seq_len)
     return inv_freq.double().numpy(), factor
+
+
+def test_each_rope_type_is_one_entry_and_one_function_per_backend():
+    """A RoPE type is declared once (``ROPE_TYPES``: its keys, their check, its extension formula) and
+    initialised by one function in each backend and in the oracle, under the names transformers uses."""
+    import longctx.mlx.rope_scaling
+    import longctx.torch.rope_scaling
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from longctx.techniques.rope import ROPE_TYPES, rope_scaling_for
+    from longctx.testing.oracles import rope_scaling as oracle
+    assert set(longctx.mlx.rope_scaling.SCALINGS) == set(longctx.torch.rope_scaling.SCALINGS) \
+        == set(oracle.SCALINGS) == set(ROPE_TYPES)
+    assert set(ROPE_TYPES) - {"default"} <= set(ROPE_INIT_FUNCTIONS), "the names are transformers'"
+    assert set(ROPE_METHODS) == set(ROPE_TYPES) - {"default"}
+    for name, kind in ROPE_TYPES.items():
+        if kind.extend is not None:
+            scaling = rope_scaling_for(name, 4.0, T0)
+            assert check_rope_scaling(scaling, 32)["rope_type"] == name, "a formula's dict passes its own check"
 
 
 @pytest.mark.parametrize("d, base, T", [(32, 10_000.0, 512), (128, 500_000.0, 8192), (64, 1e6, 4096)])
@@ -174,7 +193,7 @@ def short_model(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("method", ["linear", "dynamic", "yarn", "llama3", "longrope"])
+@pytest.mark.parametrize("method", ROPE_METHODS)
 def test_extend_writes_a_folder_both_loaders_read(short_model, tmp_path, method):
     """``longctx extend`` writes rope_scaling with HF's keys: mlx_lm.load and from_pretrained give
     equal logits past the original length, and they are longctx's ScaledRoPE's."""

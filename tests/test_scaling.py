@@ -29,7 +29,7 @@ def small_tiles(monkeypatch):
     import longctx.torch.sparse
     from longctx import native
     monkeypatch.setattr(native, "sliding_window", lambda *args: None)  # the ops path (test_native checks the kernel)
-    monkeypatch.setattr(techniques, "HIERARCHICAL_TILE", 1 << 10)
+    monkeypatch.setattr(techniques.hierarchical, "HIERARCHICAL_TILE", 1 << 10)
     for module in (sliding, longctx.torch.sliding):
         monkeypatch.setattr(module, "TILE_ELEMENTS", 1 << 12)
     for module in (sparse, longctx.torch.sparse):

@@ -46,6 +46,20 @@ def test_the_named_classes_exist_in_both_backends(backend):
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_each_lab_exports_what_the_registry_says(backend):
+    """``Task.exports`` is where ``longctx.mlx`` / ``longctx.torch`` find a public name: each is
+    defined there (in its ``__all__`` where the module has one) and loads from the package."""
+    import importlib
+    package = importlib.import_module(f"longctx.{backend}")
+    for t in TASKS.values():
+        module = importlib.import_module(f"{package.__name__}.{t.module}")
+        for name in t.exports:
+            assert name in getattr(module, "__all__", [name]), f"{backend}.{t.module}: {name} is not in __all__"
+            assert getattr(package, name) is getattr(module, name)
+    assert sorted(dir(package)) == sorted(name for t in TASKS.values() for name in t.exports)
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_memory_estimates_grow_as_the_technique_does(backend):
     """Full attention's scores grow as L^2 where they are materialised (MLX); everything else linearly."""
     for name, options in SMALL.items():
@@ -162,7 +176,7 @@ def test_no_import_cycle_in_the_package():
 def test_memory_windows_are_longllamas(n, context_length, last, chunk_size):
     """Every token once, in order; the prefix in windows of context_length from the start, each
     flushed after its last chunk; the last ``last_context_length`` tokens one local window."""
-    from longctx.checks import memory_windows
+    from longctx.techniques.memory import memory_windows
     last = min(last, context_length)
     pieces = memory_windows(n, context_length, last, chunk_size)
     assert [a for a, _, _ in pieces] == [0] + [b for _, b, _ in pieces[:-1]] and pieces[-1][1] == n

@@ -32,8 +32,8 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from longctx.cachebase import LongCache
-from longctx.checks import (COMPRESSION_METHODS, NEEDS_ATTENTION, check_attention, check_choice,
-                            check_nonnegative_int, check_positive_int, check_ratio, n_kept)
+from longctx.checks import check_attention, check_choice, check_nonnegative_int, check_positive_int
+from longctx.techniques.compressed import COMPRESSION_METHODS, NEEDS_ATTENTION, check_ratio, n_kept
 
 SCORE_BLOCK = 1 << 22  # floats of scores alive at once in `attention_received`
 

@@ -42,7 +42,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from longctx.checks import check_positive_int, check_rope_scaling, rope_scaling_from_config
+from longctx.checks import check_positive_int
+from longctx.techniques.rope import check_rope_scaling, rope_scaling_from_config
 
 from .rope_search import search_factors
 

@@ -32,8 +32,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from longctx.checks import (check_attention, check_bigbird, check_longformer, check_nonnegative_int,
-                            check_positive_int, check_scale)
+from longctx.checks import check_attention, check_nonnegative_int, check_positive_int, check_scale
+from longctx.techniques.bigbird import check_bigbird
+from longctx.techniques.longformer import check_longformer
 from longctx.tiles import RowWriter
 
 BLOCK = 64  # query rows per Longformer band tile

@@ -62,8 +62,7 @@ def test_documents_do_not_share_memory(lab, arrays):
     mask[0, :4], mask[1, 4:], mask[2, ::3] = True, True, True
     for top_k in (None, 2):
         got = lab("memory").memory_attention(*(arrays.asarray(x) for x in (q, k, v, mk, mv)), top_k=top_k,
-                                             memory_mask=arrays.asarray(mask, "bool_" if arrays.name == "mlx"
-                                                                        else "bool"))
+                                             memory_mask=arrays.asarray(mask, "bool"))
         assert_close(arrays.numpy(got), oracles.memory_attention(q, k, v, mk, mv, top_k=top_k, memory_mask=mask),
                      rtol=1e-4, atol=1e-5, name=f"per-document memory, top_k={top_k}")
 
@@ -171,8 +170,7 @@ def layer(arrays, cache):
 
 
 def make_cache(lab, arrays, **options):
-    m = lab("memory")
-    return m.MemoryKVCache(**options) if arrays.name == "mlx" else m.MemoryKVCache(**options, num_layers=1)
+    return lab("memory").MemoryKVCache(**options)
 
 
 def test_cache_windowing(lab, arrays):
@@ -204,20 +202,9 @@ def test_cache_windowing(lab, arrays):
 
 def test_cache_flush_unrotates_and_state_round_trips(lab, arrays):
     """Keys rotated at local positions go to memory un-rotated; state/meta_state restore a cache."""
-    m = lab("memory")
-    if arrays.name == "mlx":
-        import mlx.nn as nn
-        rope = nn.RoPE(8, base=10_000.0)
-        cache = m.MemoryKVCache(16, 2, context_length=6, rope=rope)
-        rotate = lambda x, o: arrays.numpy(rope(arrays.asarray(x), offset=o))  # noqa: E731
-    else:
-        from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
-        model = torch_qwen3(0)
-        cache = m.MemoryKVCache(16, 2, context_length=6, rotary_emb=model.model.rotary_emb, num_layers=1)
-        from longctx.torch.streaming import rotate as torch_rotate
-        assert isinstance(model.model.rotary_emb, Qwen3RotaryEmbedding)
-        rotate = lambda x, o: arrays.numpy(torch_rotate(model.model.rotary_emb, arrays.asarray(x), o))  # noqa
-    D = 8 if arrays.name == "mlx" else TINY_QWEN3["head_dim"]
+    D = 8
+    rope, rotate = arrays.rope(D)
+    cache = lab("memory").MemoryKVCache(16, 2, context_length=6, rope=rope)
     raw = np.random.default_rng(29).standard_normal((1, 2, 5, D))
     update(arrays, cache, rotate(raw[:, :, :3], 0), raw[:, :, :3])
     update(arrays, cache, rotate(raw[:, :, 3:], 3), raw[:, :, 3:])

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from longctx.checks import check_rope_scaling
+from longctx.techniques.rope import check_rope_scaling
 from longctx.testing import assert_close, oracles
 
 pytestmark = pytest.mark.task(9)

@@ -1,29 +1,16 @@
 """longctx.mlx: the MLX reference (this folder, solutions/week3, installed as longctx.mlx).
 
 Names load on first use (PEP 562), so ``longctx.mlx.adaptive``, which is text
-code with no arrays, imports without MLX: the torch mirror reuses it.
+code with no arrays, imports without MLX: the torch mirror reuses it. Which
+module defines a name is the registry's (``Task.exports`` in
+``longctx.techniques``).
 """
 import importlib
 import sys
 
-_WHERE = {
-    "AdaptiveContextManager": "adaptive", "ContextOverflowError": "adaptive",
-    "BenchmarkResult": "benchmark", "benchmark_long_context": "benchmark",
-    "CompressedContext": "compression", "CompressedKVCache": "compression", "ContextCompressor": "compression",
-    "HierarchicalAttention": "hierarchical", "dilated_attention": "hierarchical",
-    "LinearAttention": "linear", "linear_attention": "linear",
-    "LongContextQwen3": "qwen3_long",
-    "MemoryAttention": "memory", "MemoryKVCache": "memory", "crossbatch_attention": "memory",
-    "crossbatch_selector": "memory", "gated_memory_attention": "memory", "memory_attention": "memory",
-    "retrieve": "memory",
-    "ScaledRoPE": "rope_scaling", "rope_frequencies": "rope_scaling", "search_longrope": "rope_scaling",
-    "RingAttention": "ring", "RingState": "ring", "merge_states": "ring", "ring_attention_distributed": "ring",
-    "ring_shard": "ring",
-    "SlidingWindowAttention": "sliding",
-    "BigBirdAttention": "sparse", "LongformerAttention": "sparse", "bigbird_attention": "sparse",
-    "longformer_attention": "sparse",
-    "SinkKVCache": "streaming", "StreamingProcessor": "streaming",
-}
+from longctx.techniques import public_names
+
+_WHERE = public_names()  # name -> module, from the registry's TASKS (each lab lists its exports once)
 __all__ = sorted(_WHERE)
 
 

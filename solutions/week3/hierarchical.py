@@ -19,8 +19,8 @@ import math
 
 import mlx.core as mx
 
-from longctx.checks import check_attention, check_level, check_levels, check_scale, self_attention_inputs
-from longctx.techniques import hierarchical_span
+from longctx.checks import check_attention, check_scale, self_attention_inputs
+from longctx.techniques.hierarchical import check_level, check_levels, hierarchical_span
 from longctx.tiles import RowWriter
 
 LOG2E = math.log2(math.e)

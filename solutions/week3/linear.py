@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from longctx.checks import check_attention, check_linear_state, check_positive_int
+from longctx.checks import check_attention, check_positive_int
+from longctx.techniques.linear import check_linear_state
 
 EPS = 1e-6
 SEGMENT_CHUNKS = 64  # chunks per lazy graph: bounds the chunk states alive at once

@@ -38,7 +38,8 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import create_attention_mask
 
 from longctx.cachebase import LongCache
-from longctx.checks import check_memory, check_nonnegative_int, check_positive_int, check_scale
+from longctx.checks import check_nonnegative_int, check_positive_int, check_scale
+from longctx.techniques.memory import check_cache_options, check_memory
 
 from .streaming import unrotate
 
@@ -216,7 +217,7 @@ class MemoryKVCache(LongCache):
     ``memory_size=0``: a layer without memory, whose old windows are dropped).
 
     ``flush()`` moves the local context to the memory (``LongContextQwen3`` calls it after each
-    window of a long input, ``longctx.checks.memory_windows``); a full local context flushes by
+    window of a long input, ``longctx.techniques.memory.memory_windows``); a full local context flushes by
     itself when the next token comes, so generation never exceeds ``context_length`` local
     entries. ``last_context_length`` is the number of a prompt's last tokens kept local for
     generation. ``top_k``: each query's memory entries (None: all, as LongLLaMA's code).
@@ -224,13 +225,8 @@ class MemoryKVCache(LongCache):
 
     def __init__(self, memory_size: int = 65536, last_context_length: int = 256, top_k: int | None = None, *,
                  context_length: int = 512, rope=None):
-        self.memory_size = check_nonnegative_int("memory_size", memory_size)
-        self.last_context_length = check_nonnegative_int("last_context_length", last_context_length)
-        self.top_k = None if top_k is None else check_positive_int("top_k", top_k)
-        self.context_length = check_positive_int("context_length", context_length)
-        if self.last_context_length > self.context_length:
-            raise ValueError(f"last_context_length must be <= context_length {context_length}, "
-                             f"got {last_context_length}")
+        self.memory_size, self.last_context_length, self.top_k, self.context_length = check_cache_options(
+            memory_size, last_context_length, top_k, context_length)
         if rope is not None and not (hasattr(rope, "dims") and hasattr(rope, "traditional")):
             raise ValueError(f"rope must be a RoPE module with dims and traditional, got {type(rope).__name__}")
         self.rope = rope

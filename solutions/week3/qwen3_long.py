@@ -65,8 +65,10 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from longctx.checks import NEEDS_ATTENTION, check_positive_int, check_tokens, rope_scaling_from_config
+from longctx.checks import check_positive_int, check_tokens
 from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
+from longctx.techniques.compressed import NEEDS_ATTENTION
+from longctx.techniques.rope import rope_scaling_from_config
 
 from .compression import CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention

@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from longctx.checks import (RING_LAYOUTS, check_attention, check_choice, check_nonnegative_int,
-                            check_positive_int, check_scale, ring_shard_rows)
+from longctx.checks import check_attention, check_choice, check_nonnegative_int, check_positive_int, check_scale
+from longctx.techniques.ring import RING_LAYOUTS, ring_shard_rows
 
 LOG2E = math.log2(math.e)
 

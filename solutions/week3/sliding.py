@@ -31,8 +31,8 @@ import mlx.core as mx
 import numpy as np
 
 from longctx import kernels
-from longctx.checks import (check_attention, check_global_tokens, check_nonnegative_int, check_positive_int,
-                            check_scale)
+from longctx.checks import check_attention, check_nonnegative_int, check_positive_int, check_scale
+from longctx.techniques.longformer import check_global_tokens
 from longctx.tiles import RowWriter
 
 LOG2E = math.log2(math.e)

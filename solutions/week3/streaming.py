@@ -20,7 +20,8 @@ from collections.abc import Iterable, Iterator
 import mlx.core as mx
 
 from longctx.cachebase import LongCache
-from longctx.checks import check_nonnegative_int, check_positive_int, chunk_rows
+from longctx.checks import check_nonnegative_int, check_positive_int
+from longctx.techniques.streaming import chunk_rows
 
 
 def unrotate(rope, x: mx.array, offset: int) -> mx.array:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import longctx  # noqa: F401  (fast BLAS before mlx.core)
-from longctx.checks import ROPE_METHODS
+from longctx.techniques.rope import ROPE_METHODS
 
 
 def _positive_ints(text: str) -> list[int]:

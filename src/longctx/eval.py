@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from longctx.checks import COMPRESSION_METHODS, check_positive_int
+from longctx.checks import check_positive_int
 from longctx.data import tasks
 from longctx.data.tasks import greedy_answer
+from longctx.techniques import TECHNIQUES
+from longctx.techniques.compressed import COMPRESSION_METHODS
 
 
 def _fractions(name: str, values) -> list[float]:
@@ -110,8 +112,7 @@ def extension_rows(path, backend: str, factor: float = 4.0, compare=()) -> tuple
     import json
     from pathlib import Path
 
-    from longctx.checks import rope_scaling_from_config
-    from longctx.checks import rope_scaling_for
+    from longctx.techniques.rope import FORMULAS, rope_scaling_for, rope_scaling_from_config
 
     def read(folder):
         folder = Path(folder)
@@ -127,7 +128,7 @@ def extension_rows(path, backend: str, factor: float = 4.0, compare=()) -> tuple
     base = Path(meta.get("base", folder)) if scaling["rope_type"] != "default" else folder
     T0 = scaling.get("original_max_position_embeddings") or config["max_position_embeddings"]
     rows = {"none": (base, None)}
-    rows.update({f"{m} x{factor:g}": (base, rope_scaling_for(m, factor, T0)) for m in ("linear", "dynamic", "yarn", "llama3")})
+    rows.update({f"{m} x{factor:g}": (base, rope_scaling_for(m, factor, T0)) for m in FORMULAS})
     for f, c, s, m in extended:
         label = s["rope_type"] + (" searched" if "search" in m else "") + (
             f" + fine-tune {m['finetune']['steps']} steps" if "finetune" in m else "")
@@ -291,10 +292,8 @@ def run_suite(path, out, console, *, backend: str = "mlx", quick: bool = False, 
     config = model.args if backend == "mlx" else model.config
     T = min(512, getattr(config, "max_position_embeddings", 512))
     trials = 1 if quick else 4
-    strategies = {"full": {}, "sliding": {"window_size": window},
-                  "streaming": {"sink_tokens": 4, "window": window, "chunk_size": 16},
-                  "hierarchical": {"levels": [window, 4 * window], "dilations": [1, 4]},
-                  "compressed": {"compression_ratio": 0.75, "method": "snapkv"}}
+    strategies = {name: t.evaluate(window) for name, t in TECHNIQUES.items()
+                  if t.strategy is not None and t.evaluate is not None}
     lengths = [T // 2, T] if quick else [T // 2, T, 2 * T, 4 * T]
     results = {"model": str(path), "backend": backend, "training_length": T, "window": window, "trials": trials}
 

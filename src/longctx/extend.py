@@ -22,9 +22,9 @@ import json
 import shutil
 from pathlib import Path
 
-from longctx.checks import (ROPE_METHODS, check_choice, check_nonnegative_int, check_positive_int,
-                            check_rope_scaling, rope_scaling_for)
+from longctx.checks import check_choice, check_nonnegative_int, check_positive_int
 from longctx.data.mix import heldout_rows
+from longctx.techniques.rope import ROPE_METHODS, check_rope_scaling, rope_scaling_for
 
 
 def default_backend() -> str:

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from longctx.checks import check_memory_layers, check_nonnegative_int, check_positive_int
+from longctx.checks import check_nonnegative_int, check_positive_int
 from longctx.data import tasks
+from longctx.techniques.memory import check_memory_layers
 
 MEMORY_MIX = {"passkey": 0.7, "needle": 0.3}
 

@@ -24,7 +24,8 @@ class MLXBackend:
         self.gpu_kernels = mx.metal.is_available() or mx.cuda.is_available()
 
     def asarray(self, a, dtype: str = "float32"):
-        return self.mx.array(np.asarray(a, dtype=np.float32)).astype(getattr(self.mx, dtype))
+        """``a`` as an array of ``dtype`` (a name both backends know: ``float16``, ``bool``, ...)."""
+        return self.mx.array(np.asarray(a, dtype=np.float32)).astype(getattr(self.mx, {"bool": "bool_"}.get(dtype, dtype)))
 
     def numpy(self, x) -> np.ndarray:
         x = self.mx.array(x)
@@ -66,6 +67,13 @@ class MLXBackend:
         """A whole model's cache from a one-layer ``make()``: one per layer in mlx-lm."""
         return [make() for _ in model.layers]
 
+    def rope(self, head_dim: int, base: float = 10_000.0):
+        """``(rope, rotate)``: the RoPE a one-layer cache takes (mlx-lm's ``nn.RoPE``), and
+        ``rotate(x, offset)``, numpy in and out, what it does to keys at positions ``offset ..``."""
+        import mlx.nn as nn
+        rope = nn.RoPE(head_dim, base=base)
+        return rope, lambda x, offset: self.numpy(rope(self.asarray(x), offset=offset))
+
 
 class TorchBackend:
     name = "torch"
@@ -105,10 +113,11 @@ class TorchBackend:
             q, k, v, attn_mask=m, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
     def cache_update(self, cache, k, v):
-        return cache.update(k, v, 0)
+        """A model's cache (``Cache``): its layer 0; one layer's cache (a ``DynamicLayer``): itself."""
+        return cache.update(k, v, 0) if hasattr(cache, "layers") else cache.update(k, v)
 
     def cache_layers(self, caches) -> list:
-        return list(caches.layers)
+        return list(caches.layers) if hasattr(caches, "layers") else [caches]
 
     def cache_offset(self, cache) -> int:
         return cache.get_seq_length()
@@ -116,6 +125,21 @@ class TorchBackend:
     def model_cache(self, make, model):
         """A transformers ``Cache`` makes its layers as the model reaches them."""
         return make()
+
+    def rope(self, head_dim: int, base: float = 10_000.0):
+        """As MLX's: transformers' Qwen3 rotary embedding (what a one-layer cache takes as ``rope``)
+        and ``rotate(x, offset)``."""
+        from transformers import Qwen3Config
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding, apply_rotary_pos_emb
+        config = Qwen3Config(head_dim=head_dim, hidden_size=4 * head_dim, num_attention_heads=4,
+                             rope_parameters={"rope_type": "default", "rope_theta": base})
+        rope = Qwen3RotaryEmbedding(config)
+
+        def rotate(x, offset):
+            x = self.asarray(x)
+            cos, sin = rope(x, self.torch.arange(offset, offset + x.shape[2], device=x.device)[None])
+            return self.numpy(apply_rotary_pos_emb(x, x, cos, sin)[1])
+        return rope, rotate
 
 
 def make_backend(name: str):

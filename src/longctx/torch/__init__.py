@@ -1,7 +1,7 @@
 """longctx.torch: the PyTorch mirror of longctx.mlx (same names, torch.Tensor in and out).
 
 Names load on first use (PEP 562), from the module of the same name as in
-``longctx.mlx`` (one table, ``longctx.mlx._WHERE``, for both): a ring rank that
+``longctx.mlx`` (one table, the registry's ``Task.exports``, for both): a ring rank that
 needs ``longctx.torch.ring`` does not import transformers for Task 8 (4 s a
 process, 4 processes a launch).
 """

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from longctx.checks import check_attention, check_level, check_levels, check_scale, self_attention_inputs
-from longctx.techniques import hierarchical_span
+from longctx.checks import check_attention, check_scale, self_attention_inputs
+from longctx.techniques.hierarchical import check_level, check_levels, hierarchical_span
 
 
 def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_size: int, dilation: int, *,

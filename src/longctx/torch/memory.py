@@ -1,8 +1,9 @@
 """Task 10 in PyTorch: memory layers (Focused Transformer / LongLLaMA), the mirror of ``longctx.mlx``.
 
 Same names, arguments and semantics as ``solutions/week3/memory.py`` (read the
-book chapter there). ``MemoryKVCache`` is a ``transformers`` ``Cache`` of
-``MemoryLayer``s: HF Qwen3 takes the new tokens' positions from
+book chapter there). ``MemoryKVCache`` is one layer's cache, as in MLX: a
+``transformers`` cache layer (``DynamicLayer``), which ``LongContextQwen3`` puts
+in a model cache, one per layer. HF Qwen3 takes the new tokens' positions from
 ``get_seq_length()``, which is the local context's length (0 once it is full:
 it moves to memory before the next token joins), so keys are rotated at local
 positions, as LongLLaMA does.
@@ -10,9 +11,10 @@ positions, as LongLLaMA does.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import DynamicLayer
 
-from longctx.checks import check_memory, check_nonnegative_int, check_positive_int, check_scale
+from longctx.checks import check_nonnegative_int, check_positive_int, check_scale
+from longctx.techniques.memory import check_cache_options, check_memory
 
 from .streaming import rotate
 
@@ -127,14 +129,19 @@ class MemoryAttention:
                           for s in range(0, L, C)], dim=2)
 
 
-class MemoryLayer(DynamicLayer):
-    """One layer's local context (``keys``, ``values``, rotated at local positions) and memory."""
+class MemoryKVCache(DynamicLayer):
+    """LongLLaMA's caches of one layer, as the MLX class: a local context of at most
+    ``context_length`` entries (``keys``, ``values``, rotated at local positions) and a memory of
+    at most ``memory_size`` (un-rotated; ``memory_size=0``: a layer without memory).
+    ``rope``: the model's rotary embedding (``model.model.rotary_emb``), to un-rotate keys for
+    the memory."""
 
-    def __init__(self, memory_size: int, last_context_length: int, top_k: int | None, context_length: int,
-                 rotary_emb=None):
+    def __init__(self, memory_size: int = 65536, last_context_length: int = 256, top_k: int | None = None, *,
+                 context_length: int = 512, rope=None):
         super().__init__()
-        self.memory_size, self.last_context_length, self.top_k = memory_size, last_context_length, top_k
-        self.context_length, self.rotary_emb = context_length, rotary_emb
+        self.memory_size, self.last_context_length, self.top_k, self.context_length = check_cache_options(
+            memory_size, last_context_length, top_k, context_length)
+        self.rotary_emb = rope
         self.memory_keys = self.memory_values = None
         self.tokens_seen = 0
 
@@ -212,30 +219,5 @@ class MemoryLayer(DynamicLayer):
         self.context_length, self.tokens_seen = context, seen
 
 
-class MemoryKVCache(Cache):
-    """A ``transformers`` cache of ``MemoryLayer``s: LongLLaMA's windowing, as the MLX class.
-    ``memory_layers``: the layers with a memory (None: every layer); the others drop old windows.
-    ``rotary_emb``: the model's (``model.model.rotary_emb``), to un-rotate keys for the memory."""
-
-    def __init__(self, memory_size: int = 65536, last_context_length: int = 256, top_k: int | None = None, *,
-                 context_length: int = 512, rotary_emb=None, num_layers: int = 1, memory_layers=None):
-        memory_size = check_nonnegative_int("memory_size", memory_size)
-        last = check_nonnegative_int("last_context_length", last_context_length)
-        top_k = None if top_k is None else check_positive_int("top_k", top_k)
-        context_length = check_positive_int("context_length", context_length)
-        if last > context_length:
-            raise ValueError(f"last_context_length must be <= context_length {context_length}, got {last}")
-        with_memory = range(num_layers) if memory_layers is None else memory_layers
-        super().__init__(layers=[MemoryLayer(memory_size if i in with_memory else 0, last, top_k, context_length,
-                                             rotary_emb) for i in range(check_positive_int("num_layers", num_layers))])
-
-    def attend(self, layer: int, q, k, v, scale):
-        return self.layers[layer].attend(q, k, v, scale)
-
-    def flush(self) -> None:
-        for layer in self.layers:
-            layer.flush()
-
-
-__all__ = ["MemoryAttention", "MemoryKVCache", "MemoryLayer", "crossbatch_attention", "crossbatch_selector",
+__all__ = ["MemoryAttention", "MemoryKVCache", "crossbatch_attention", "crossbatch_selector",
            "gated_memory_attention", "memory_attention", "retrieve", "top_k_mask"]

@@ -33,8 +33,10 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from longctx.checks import NEEDS_ATTENTION, check_positive_int, check_tokens, rope_scaling_from_config
+from longctx.checks import check_positive_int, check_tokens
 from longctx.techniques import STRATEGIES, TECHNIQUES, check_strategy
+from longctx.techniques.compressed import NEEDS_ATTENTION
+from longctx.techniques.rope import rope_scaling_from_config
 
 from .compression import CompressedKVCache, ContextCompressor
 from .hierarchical import HierarchicalAttention
@@ -51,6 +53,22 @@ def attention(module, query, key, value, attention_mask, scaling=None, longctx_a
 
 
 AttentionInterface.register("longctx", attention)
+
+
+class LayerCache(Cache):
+    """A model's cache made of one-layer caches that attend themselves (``MemoryKVCache``): the
+    ``"longctx"`` attention function calls layer ``i``'s ``attend``; ``flush`` moves every
+    layer's local context to its memory."""
+
+    def __init__(self, layers: list):
+        super().__init__(layers=layers)
+
+    def attend(self, layer: int, q, k, v, scale):
+        return self.layers[layer].attend(q, k, v, scale)
+
+    def flush(self) -> None:
+        for layer in self.layers:
+            layer.flush()
 
 
 class SlidingKVCache(Cache):
@@ -124,14 +142,19 @@ class LongContextQwen3:
         self.cache = self.make_cache()  # validates the options now, not at the first call
 
     def make_cache(self) -> Cache:
-        """A fresh cache for this strategy: the registry's cache class, built from the options."""
+        """A fresh cache for this strategy: the registry's cache class, built from the options. A
+        class of one layer's cache (a ``DynamicLayer``, as every MLX cache is) gets one per layer,
+        each with ``layer_options``, in a ``LayerCache``."""
         t, n = self.technique, self.model.config.num_hidden_layers
         if t.cache is None:
             return DynamicCache(config=self.model.config)
         cls = t.resolve(__package__, t.cache)
-        takes_rotary = "rotary_emb" in inspect.signature(cls).parameters
         rotary = self.rope or self.model.model.rotary_emb
-        return cls(**self.options, num_layers=n, **({"rotary_emb": rotary} if takes_rotary else {}))
+        takes = inspect.signature(cls).parameters
+        if issubclass(cls, DynamicLayer):
+            rope = {"rope": rotary} if "rope" in takes else {}
+            return LayerCache([cls(**t.layer_options(self.options, i), **rope) for i in range(n)])
+        return cls(**self.options, num_layers=n, **({"rotary_emb": rotary} if "rotary_emb" in takes else {}))
 
     @torch.no_grad()
     def process_long_sequence(self, tokens) -> torch.Tensor:

@@ -17,7 +17,8 @@ import numbers
 import numpy as np
 import torch
 
-from longctx.checks import check_positive_int, check_rope_scaling, rope_scaling_from_config
+from longctx.checks import check_positive_int
+from longctx.techniques.rope import check_rope_scaling, rope_scaling_from_config
 from .rope_search import search_factors
 
 

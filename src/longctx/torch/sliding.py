@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from longctx import kernels
-from longctx.checks import check_attention, check_global_tokens, check_positive_int, check_scale
+from longctx.checks import check_attention, check_positive_int, check_scale
+from longctx.techniques.longformer import check_global_tokens
 
 TILE_ELEMENTS = 1 << 20  # score elements per step of SDPA tiles (the registry's memory formula reads it)
 

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from longctx.checks import (check_attention, check_bigbird, check_longformer, check_nonnegative_int,
-                            check_positive_int, check_scale)
+from longctx.checks import check_attention, check_nonnegative_int, check_positive_int, check_scale
+from longctx.techniques.bigbird import check_bigbird
+from longctx.techniques.longformer import check_longformer
 
 BLOCK = 64
 TILE = 1 << 22  # score elements per step

@@ -17,7 +17,8 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
-from longctx.checks import check_nonnegative_int, check_positive_int, chunk_rows
+from longctx.checks import check_nonnegative_int, check_positive_int
+from longctx.techniques.streaming import chunk_rows
 
 
 def rotate(rotary_emb, x: torch.Tensor, start: int, inverse: bool = False) -> torch.Tensor:
