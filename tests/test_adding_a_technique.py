@@ -65,8 +65,9 @@ class ToyKVCache(SlidingKVCache):
         super().__init__(width, num_layers=num_layers)
 '''}
 
+TASK = registry.Task(99, "Toy window", "adding-a-technique.md", "toy", ("ToyAttention",))
 TECHNIQUE = registry.Technique(
-    "toy", None, "a toy: causal attention over the last width keys, dense", {"width": 8},
+    "toy", 99, "a toy: causal attention over the last width keys, dense", {"width": 8},
     memory=lambda L, H, D, o, backend: 3 * H * L * L * registry.BYTES,  # the mask, the scores, their softmax
     flops=lambda L, H, D, o: 4.0 * H * D * window_pairs(L, {"window_size": o["width"]}),
     attention="ToyAttention", strategy={"width": 64}, cache="ToyKVCache", module="toy",
@@ -82,9 +83,10 @@ def toy(tmp_path, monkeypatch):
         folder.mkdir()
         (folder / "toy.py").write_text(TOY[backend])
         monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])  # a file beside the others
+    registry.register_task(TASK)
     registry.register(TECHNIQUE)
     yield TECHNIQUE
-    del registry.TECHNIQUES["toy"]
+    del registry.TECHNIQUES["toy"], registry.TASKS[99]
     for backend in ("mlx", "torch"):
         sys.modules.pop(f"longctx.{backend}.toy", None)
 
@@ -98,6 +100,10 @@ def test_the_registry_and_the_cli_know_the_toy(toy, capsys):
     assert re.search(r"\btoy\b", capsys.readouterr().out), "bench --help lists every registered technique"
     with pytest.raises(ValueError, match="already registered"):
         registry.register(TECHNIQUE)
+    import longctx.mlx
+    import longctx.torch
+    for package in (longctx.mlx, longctx.torch):  # the lab's exports are public names of both backends
+        assert package.ToyAttention.__module__ == f"{package.__name__}.toy" and "ToyAttention" in dir(package)
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
@@ -148,4 +154,54 @@ def test_the_books_table_lists_the_toy(toy):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(block, {})
-    assert re.search(r"^toy\s+baseline\s+runs ToyAttention", printed.getvalue(), re.M), printed.getvalue()
+    assert re.search(r"^toy\s+Task 99\s+runs ToyAttention", printed.getvalue(), re.M), printed.getvalue()
+
+
+TOY_TEST = '''
+import numpy as np
+import pytest
+
+from longctx.testing import oracles
+from longctx.testing.compare import assert_close
+
+pytestmark = pytest.mark.task(99)
+
+
+@pytest.mark.parametrize("L, width", [(1, 1), (37, 8), (40, 64)])
+def test_the_toy_is_a_sliding_window(lab, arrays, L, width):
+    rng = np.random.default_rng(L)
+    q, k, v = (rng.standard_normal((1, 2, L, 8)) for _ in range(3))
+    got = lab("toy").ToyAttention(width)(*(arrays.asarray(x) for x in (q, k, v)))
+    assert_close(arrays.numpy(got), oracles.sliding_window_attention(q, k, v, width), atol=1e-5, name="toy")
+'''
+TOY_CONFTEST = '''
+from longctx.techniques import Task, register_task
+
+register_task(Task(99, "Toy window", "adding-a-technique.md", "toy", ("ToyAttention",)))
+
+from longctx.testing.harness import *  # noqa: E402,F401,F403  (the graded-lab plugin, as labs/week3's)
+'''
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_the_graded_harness_grades_the_toy(tmp_path, backend):
+    """A lab of the toy (its file, a graded test, the Task registered in its conftest) gets its own
+    row in the graded table and results.json, passing as written and failing with a window one wider."""
+    import subprocess
+    folder = tmp_path / "lab"
+    folder.mkdir()
+    (folder / "test_toy.py").write_text(TOY_TEST)
+    (folder / "conftest.py").write_text(TOY_CONFTEST)
+    results = tmp_path / "results.json"
+
+    def grade(source):
+        (folder / "toy.py").write_text(source)
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--impl-dir",
+                              str(folder), "--results-json", str(results), str(folder)],
+                             cwd=folder, capture_output=True, text=True, timeout=600)
+        return run, json.loads(results.read_text())["tasks"]["99"]
+    run, row = grade(TOY[backend])
+    assert run.returncode == 0 and row["name"] == "Toy window" and row["status"] == "PASS", run.stdout[-2000:]
+    assert "Toy window" in run.stdout, "the graded table names the toy's row"
+    run, row = grade(TOY[backend].replace("j > i - self.width", "j >= i - self.width"))
+    assert run.returncode != 0 and row["status"] == "FAIL" and row["passed"] < row["total"], run.stdout[-2000:]

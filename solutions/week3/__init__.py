@@ -10,20 +10,21 @@ import sys
 
 from longctx.techniques import public_names
 
-_WHERE = public_names()  # name -> module, from the registry's TASKS (each lab lists its exports once)
-__all__ = sorted(_WHERE)
+__all__ = sorted(public_names())  # (a lab registered later is in dir() and loads, though not in __all__)
 
 
 def lazy_names(package: str):
-    """``__getattr__`` and ``__dir__`` for a package whose public names are ``_WHERE``'s, each
-    loaded from the package's module of that name on first use (``longctx.torch`` too)."""
+    """``__getattr__`` and ``__dir__`` for a package whose public names are the registry's
+    (``public_names()``: each lab's ``Task.exports``), each loaded from the package's module of
+    that name on first use (``longctx.torch`` too)."""
     def __getattr__(name: str):
-        if name not in _WHERE:
+        where = public_names()
+        if name not in where:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f".{_WHERE[name]}", package), name)
+        value = getattr(importlib.import_module(f".{where[name]}", package), name)
         setattr(sys.modules[package], name, value)
         return value
-    return __getattr__, lambda: __all__
+    return __getattr__, lambda: sorted(public_names())
 
 
 __getattr__, __dir__ = lazy_names(__name__)

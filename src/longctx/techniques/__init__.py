@@ -81,6 +81,15 @@ def register(t: Technique) -> Technique:
     return t
 
 
+def register_task(t: Task) -> Task:
+    """Add a lab (a plugin's, or a toy's): the graded harness names its row, and its ``exports``
+    become public names of ``longctx.mlx`` and ``longctx.torch``."""
+    if t.number in TASKS:
+        raise ValueError(f"task {t.number} is already registered ({TASKS[t.number].title!r})")
+    TASKS[t.number] = t
+    return t
+
+
 def technique(name) -> Technique:
     return TECHNIQUES[check_choice("technique", name, tuple(TECHNIQUES))]
 
