@@ -234,7 +234,7 @@ MUTANTS = {
                                               "    if False:\n        visible = visible &")]),
     "segments aligned to the first query, not to position 0": ("hierarchical", [(
         "first = (Lk - Lq) // w * w", "first = Lk - Lq")]),
-    "lse left in log2 units": ("hierarchical", [("(s_max + mx.log2(denom)) / LOG2E", "(s_max + mx.log2(denom))")]),
+    "lse left in log2 units": ("hierarchical", [("(s_max + mx.log2(seen)) / LOG2E", "(s_max + mx.log2(seen))")]),
     "quadratic memory (an L x L mask per level)": ("hierarchical", "QUADRATIC_LEVEL"),
     # Task 3
     "normalised block outputs summed": ("ring", [(

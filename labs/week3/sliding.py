@@ -70,11 +70,10 @@ class SlidingWindowAttention:
         Lk = check_attention(q, k, v)[4]
         glob = check_global_tokens(self.global_tokens, Lk)
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
+        w = self.window_size
         if len(glob) == 0 and _fused_kernel_for(q) is not None:
-            out = _fused_checked(q, k, v, self.window_size, scale)
-            if out is not None:
-                return out
-        return _blocked(q, k, v, self.window_size, scale, glob)
+            return _with_ops_gradient(lambda q, k, v: _fused_checked(q, k, v, w, scale), q, k, v, w, scale)
+        return _blocked(q, k, v, w, scale, glob)
 
     __call__ = sliding_attention
 
@@ -95,6 +94,21 @@ def _blocked(q, k, v, window: int, scale: float, global_tokens=np.zeros(0, np.in
     tiles and score them beside each tile, in the same softmax. About 45 lines.
     """
     raise NotImplementedError("Task 1: _blocked -- see the book chapter 'Sliding-window attention'")
+
+
+def _with_ops_gradient(fast, q, k, v, window: int, scale: float) -> mx.array:
+    """Given: ``fast(q, k, v)``, a compiled kernel (``_blocked``'s output where it returns None),
+    trained as ``_blocked``: the kernels have no backward, so ``mx.grad`` differentiates the ops
+    path, recomputed in the backward pass."""
+    @mx.custom_function
+    def attend(q, k, v):
+        out = fast(q, k, v)
+        return _blocked(q, k, v, window, scale) if out is None else out
+
+    @attend.vjp
+    def attend_vjp(primals, cotangent, output):
+        return mx.vjp(lambda q, k, v: _blocked(q, k, v, window, scale), list(primals), [cotangent])[1]
+    return attend(q, k, v)
 
 
 def _windows(x, n: int, block: int, nprev: int) -> mx.array:

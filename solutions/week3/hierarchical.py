@@ -73,8 +73,9 @@ def dilated_attention(q: mx.array, k: mx.array, v: mx.array, segment_size: int, 
     s_max = mx.where(s_max == -mx.inf, 0.0, s_max)  # padding rows see nothing
     p = mx.power(2.0, s - s_max)
     denom = mx.sum(p, axis=-1, keepdims=True)
-    og = (p @ vg.astype(mx.float32)) / mx.maximum(denom, 1e-30)  # (B, Hq, nseg, m, D)
-    lse_g = mx.where(denom > 0, (s_max + mx.log2(denom)) / LOG2E, -mx.inf)[..., 0]  # (B, Hq, nseg, m)
+    seen = mx.where(denom > 0, denom, 1.0)  # padding rows: 0 / 1, and no 0 / 0 in their gradient
+    og = (p @ vg.astype(mx.float32)) / seen  # (B, Hq, nseg, m, D)
+    lse_g = mx.where(denom > 0, (s_max + mx.log2(seen)) / LOG2E, -mx.inf)[..., 0]  # (B, Hq, nseg, m)
 
     # Back to the query positions: gather again (no scatter), zero where not kept.
     qpos = mx.arange(Lk - Lq, Lk) - first  # (Lq,) position relative to the first segment

@@ -117,8 +117,9 @@ class RingAttention:
             s_max = mx.where(s_max == -mx.inf, 0.0, s_max)
             p = mx.power(2.0, s - s_max)
             denom = mx.sum(p, axis=-1, keepdims=True)
-            out = ((p @ vt) / mx.maximum(denom, 1e-30)).reshape(B, Hq, nq, D)
-            lse = mx.where(denom > 0, (s_max + mx.log2(denom)) / LOG2E, -mx.inf).reshape(B, Hq, nq)
+            seen = mx.where(denom > 0, denom, 1.0)  # a row with no key here: 0 / 1, and no 0 / 0 in its gradient
+            out = ((p @ vt) / seen).reshape(B, Hq, nq, D)
+            lse = mx.where(denom > 0, (s_max + mx.log2(seen)) / LOG2E, -mx.inf).reshape(B, Hq, nq)
             state = merge_states(state, RingState(out, lse))
             mx.eval(state)  # one tile of scores alive at a time
         return state

@@ -36,8 +36,9 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     q_row = (h[:, None, None] * Lq + (pos - (Lk - Lq)).clamp(0, Lq - 1)).flatten()
     qg = q.reshape(B, Hq * Lq, D)[:, q_row].reshape(B, Hq, nseg, m, D).float()
 
+    training = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     og, lse_g = _block_attention(qg, kg, vg, key_ok, causal, scale,  # (B, Hq, nseg, m, D), (B, Hq, nseg, m)
-                                 fused=causal and dev.type == "cpu")
+                                 fused=causal and dev.type == "cpu" and not training)
 
     qpos = torch.arange(Lk - Lq, Lk, device=dev) - first
     within = qpos % w - offset[:, None]  # (Hq, Lq)
@@ -56,7 +57,9 @@ def _block_attention(qg, kg, vg, key_ok, causal: bool, scale: float, fused: bool
 
     ``fused`` (causal, on the CPU): torch's own flash kernel, which returns the lse beside the
     output and never writes the ``m x m`` scores; the causal mask implies ``key_ok`` on every row
-    that is kept (its earlier keys are all valid). Otherwise the scores are explicit."""
+    that is kept (its earlier keys are all valid). Otherwise the scores are explicit. Training
+    takes the explicit path: the levels are mixed through the lse, and the flash kernel's lse
+    carries no gradient (autograd would silently drop that part of dq and dk)."""
     B, Hq, nseg, m, D = qg.shape
     if fused:
         flat = [x.reshape(B, Hq * nseg, m, D) for x in (qg, kg, vg)]
