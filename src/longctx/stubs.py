@@ -79,7 +79,10 @@ def make_stub(source: str, name: str, folder: str = "week3") -> str:
 
 
 def lab_modules(solutions: Path) -> list[Path]:
-    return sorted(p for p in solutions.glob("*.py") if not p.name.startswith("_"))
+    """The reference's lab files: those whose docstring starts ``Task N:`` (``nn.py``, the drop-in
+    modules built on the labs, is library code and has no stub)."""
+    return sorted(p for p in solutions.glob("*.py") if not p.name.startswith("_")
+                  and (ast.get_docstring(ast.parse(p.read_text())) or "").startswith("Task "))
 
 
 def sync(root: Path, *, check: bool = False, folder: str = "week3") -> list[str]:

@@ -90,6 +90,26 @@ def register_task(t: Task) -> Task:
     return t
 
 
+def attention_kind(kind: str) -> Technique:
+    """The technique ``create_efficient_attention`` builds for ``kind``: a registry name or an alias,
+    one with an attention class or ``full``."""
+    kinds = {name: t for t in TECHNIQUES.values() if t.attention or t.name == "full"
+             for name in (t.name, *t.aliases)}
+    return kinds[check_choice("kind", kind, tuple(kinds))]
+
+
+def module_heads(d_model, n_heads, n_kv_heads=None) -> tuple[int, int, int]:
+    """``(n_heads, n_kv_heads, head_dim)`` of an attention module of width ``d_model``: the heads
+    divide it, the kv heads divide the heads (GQA), the head dim is even (RoPE turns pairs)."""
+    d, H = check_positive_int("d_model", d_model), check_positive_int("n_heads", n_heads)
+    Hkv = H if n_kv_heads is None else check_positive_int("n_kv_heads", n_kv_heads)
+    if d % H or (d // H) % 2:
+        raise ValueError(f"n_heads must divide d_model into even head dims, got d_model={d}, n_heads={H}")
+    if H % Hkv:
+        raise ValueError(f"n_kv_heads must divide n_heads ({H}), got {Hkv}")
+    return H, Hkv, d // H
+
+
 def technique(name) -> Technique:
     return TECHNIQUES[check_choice("technique", name, tuple(TECHNIQUES))]
 

@@ -52,6 +52,7 @@ class Technique:
     compress_after_prefill: bool = False  # the caches compress once the prompt is in (not a continued one)
     evaluate: Callable[[int], dict] | None = None  # `longctx eval`'s strategy options for a window w;
     #   None: not in its suite
+    aliases: tuple[str, ...] = ()  # other names create_efficient_attention takes (the seeds' kinds)
 
     @property
     def code(self) -> str | None:

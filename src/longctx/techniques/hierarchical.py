@@ -36,6 +36,18 @@ def check_levels(levels, dilations) -> tuple[list[int], list[int]]:
     return levels, dilations
 
 
+def geometric_levels(segment_size, dilation_rate, num_levels: int = 3) -> tuple[list[int], list[int]]:
+    """LongNet's ``DilatedAttention(segment_size, dilation_rate)`` as levels: the paper's geometric
+    sequence ``w_i = segment_size * dilation_rate ** i``, ``r_i = dilation_rate ** i`` for ``i <
+    num_levels`` (level 0 dense, as every query must be kept), or the two lists as given
+    (torchscale's ``segment_length`` and ``dilated_ratio``)."""
+    if isinstance(segment_size, (list, tuple)) or isinstance(dilation_rate, (list, tuple)):
+        return check_levels(list(segment_size), list(dilation_rate))
+    w, r = check_positive_int("segment_size", segment_size), check_positive_int("dilation_rate", dilation_rate)
+    n = check_positive_int("num_levels", num_levels) if r > 1 else 1
+    return check_levels([w * r ** i for i in range(n)], [r ** i for i in range(n)])
+
+
 def hierarchical_span(levels, dilations, rows: int) -> int:
     """Positions per tile of ``HierarchicalAttention`` (both backends): a multiple of every
     segment size, with about ``HIERARCHICAL_TILE`` scores per level for ``rows = B * Hq`` query heads. A
@@ -74,6 +86,6 @@ TECHNIQUE = Technique(
     {"levels": [1024, 4096, 16384], "dilations": None}, memory,
     lambda L, H, D, o: 4.0 * D * hierarchical_pairs(L, o["levels"], H, o.get("dilations")),
     attention="HierarchicalAttention", strategy={"levels": [2048, 8192, 32768], "dilations": None},
-    cache="HierarchicalKVCache", from_window=lambda w: {"levels": [w, 4 * w, 16 * w]},
+    cache="HierarchicalKVCache", aliases=("dilated",), from_window=lambda w: {"levels": [w, 4 * w, 16 * w]},
     validate=lambda o: check_levels(o["levels"], o.get("dilations")),
     evaluate=lambda w: {"levels": [w, 4 * w], "dilations": [1, 4]})

@@ -23,4 +23,4 @@ TECHNIQUE = Technique(
     "sliding", 1, "each query sees its last window_size keys", {"window_size": 1024},
     memory, lambda L, H, D, o: 4.0 * H * D * window_pairs(L, o),
     attention="SlidingWindowAttention", strategy={"window_size": 4096}, cache="SlidingKVCache",
-    from_window=lambda w: {"window_size": w}, evaluate=lambda w: {"window_size": w}, validate=lambda o: check_positive_int("window_size", o["window_size"]))
+    aliases=("sliding_window",), from_window=lambda w: {"window_size": w}, evaluate=lambda w: {"window_size": w}, validate=lambda o: check_positive_int("window_size", o["window_size"]))

@@ -51,7 +51,10 @@ class SlidingWindowAttention:
         if q.device != k.device or q.device != v.device:
             raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
         scale = D ** -0.5 if self.scale is None else self.scale
-        if not len(glob) and _triton_wanted(q):
+        # The Triton kernel has no backward yet: training goes through the tiles (autograd), never
+        # through a kernel whose output would be silently detached.
+        training = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        if not len(glob) and _triton_wanted(q) and not training:
             out = _triton_checked(q, k, v, self.window_size, scale)
             if out is not None:
                 return out
