@@ -223,6 +223,11 @@ MUTANTS = {
     "no float32 accumulation": ("sliding", [("qb = q[:, :, b0 * block:e].astype(mx.float32)", "qb = q[:, :, b0 * block:e]")]),
     "quadratic memory (dense mask)": ("sliding", "QUADRATIC_MEMORY"),
     "quadratic time (every key per block)": ("sliding", "QUADRATIC_TIME"),
+    "scores detached (no gradient reaches q or k)": ("sliding", [(
+        "s = mx.addmm(mx.where(visible, 0.0, -mx.inf), qb, kb.swapaxes(-1, -2))",
+        "s = mx.stop_gradient(mx.addmm(mx.where(visible, 0.0, -mx.inf), qb, kb.swapaxes(-1, -2)))")]),
+    "global keys' scores detached": ("sliding", [(
+        "sg = mx.addmm(gbias, qb, kg.swapaxes(-1, -2))", "sg = mx.stop_gradient(mx.addmm(gbias, qb, kg.swapaxes(-1, -2)))")]),
     # Task 2
     "levels averaged instead of LSE-mixed": ("hierarchical", [(
         "weight = mx.exp(lse - mx.logsumexp(lse, axis=0, keepdims=True))",
@@ -236,6 +241,9 @@ MUTANTS = {
         "first = (Lk - Lq) // w * w", "first = Lk - Lq")]),
     "lse left in log2 units": ("hierarchical", [("(s_max + mx.log2(seen)) / LOG2E", "(s_max + mx.log2(seen))")]),
     "quadratic memory (an L x L mask per level)": ("hierarchical", "QUADRATIC_LEVEL"),
+    "lse detached (the levels' mix carries no gradient)": ("hierarchical", [(
+        "lse_g = mx.where(denom > 0, (s_max + mx.log2(seen)) / LOG2E, -mx.inf)[..., 0]",
+        "lse_g = mx.stop_gradient(mx.where(denom > 0, (s_max + mx.log2(seen)) / LOG2E, -mx.inf))[..., 0]")]),
     # Task 3
     "normalised block outputs summed": ("ring", [(
         "return RingState(a.out * wa + b.out * wb, lse)", "return RingState(a.out + b.out, lse)")]),
@@ -249,6 +257,11 @@ MUTANTS = {
         "for k0 in range(0, nk, nk):\n            k1 = nk")]),
     "merge gives NaN for empty partials": ("ring", [(
         "safe = mx.where(lse == -mx.inf, 0.0, lse)", "safe = lse")]),
+    "a row with no key in a tile: 0 / 0 in its gradient": ("ring", [(
+        "seen = mx.where(denom > 0, denom, 1.0)", "seen = mx.maximum(denom, 1e-30)")]),
+    "tile lse detached before the merge": ("ring", [(
+        "state = merge_states(state, RingState(out, lse))",
+        "state = merge_states(state, RingState(out, mx.stop_gradient(lse)))")]),
     # Task 4
     "ties go to the later position": ("compression", [(
         "(mx.cumsum(tie.astype(mx.int32), axis=-1) <= room)",
@@ -439,6 +452,9 @@ MUTANTS = {
     "mask: global tokens seen from the past": ("sliding", [(
         "return (j <= p) & ((j > p - self.window_size) | is_global)",
         "return ((j <= p) & (j > p - self.window_size)) | is_global")]),
+    "memory scores detached": ("memory", [(
+        "memory = qg @ memory_keys.astype(mx.float32).swapaxes(-1, -2)",
+        "memory = mx.stop_gradient(qg @ memory_keys.astype(mx.float32).swapaxes(-1, -2))")]),
     # Task 11
     "absorbed keys without the feature map": ("linear", [(
         "fk, (S, z) = feature_map(k.astype(mx.float32)), state", "fk, (S, z) = k.astype(mx.float32), state")]),
@@ -472,7 +488,15 @@ MUTANTS = {
                                                                  "z0 + kz.sum(axis=2))",
                                                                  "return out.astype(q.dtype), (S[:, :, -1], z[:, :, -1])")]),
     "chunked: initial state ignored": ("linear", [("S = S0[:, :, None] + mx.cumsum", "S = mx.cumsum")]),
+    "state detached between calls": ("linear", [(
+        "return out.astype(q.dtype), (S0 + kv.sum(axis=2), z0 + kz.sum(axis=2))",
+        "return out.astype(q.dtype), (mx.stop_gradient(S0 + kv.sum(axis=2)), mx.stop_gradient(z0 + kz.sum(axis=2)))")]),
     # Task 12
+    "Longformer's global keys' scores detached": ("sparse", [(
+        "sg = qf @ kg.swapaxes(-1, -2)", "sg = mx.stop_gradient(qf @ kg.swapaxes(-1, -2))")]),
+    "BigBird's scores detached": ("sparse", [(
+        "s = mx.where(mx.array(mask), qb @ kb.swapaxes(-1, -2), -mx.inf)",
+        "s = mx.where(mx.array(mask), mx.stop_gradient(qb @ kb.swapaxes(-1, -2)), -mx.inf)")]),
     "longformer: global key counted twice in the band": ("sparse", [(
         "local = (key_pos >= 0) & (key_pos < Lk) & ~is_global[mx.clip(key_pos, 0, Lk - 1)]",
         "local = (key_pos >= 0) & (key_pos < Lk)")]),

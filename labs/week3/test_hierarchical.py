@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from longctx.testing import assert_close
+from longctx.testing import assert_close, oracles
+from longctx.testing.gradients import assert_gradients_close, gradient_inputs, reference_grads, weighted
 from longctx.testing.inputs import make_qkv
 from longctx.testing.oracles import (attention, causal_mask, dilated_attention, dilated_pairs,
                                      hierarchical_attention, hierarchical_mistakes)
@@ -188,3 +189,15 @@ def test_memory_grows_linearly(lab, arrays, record):
     assert growth < 7, (f"peak memory grew {growth:.1f}x for 4x the length ({peaks[1024] / 2**20:.1f} -> "
                         f"{peaks[4096] / 2**20:.1f} MiB): gather the kept rows per segment instead of masking "
                         f"an L x L score matrix")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_trains_with_the_oracles_gradient(lab, arrays, causal):
+    """Training through the layer: the levels are mixed through their log-sum-exps, so ``dq`` and
+    ``dk`` flow through them too; the gradient is dense float64 attention's in which a key counts
+    once per level that keeps the pair."""
+    q, k, v, w = gradient_inputs(37, 37, seed=2)
+    layer = lab("hierarchical").HierarchicalAttention([8, 32], causal=causal)
+    counts = oracles.hierarchical_counts(4, 37, 37, [8, 32], causal=causal)
+    assert_gradients_close(arrays.grads(layer, q, k, v, w), reference_grads(weighted(counts), q, k, v, w),
+                           name=f"HierarchicalAttention([8, 32], causal={causal})")

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longctx.testing import assert_close, oracles
+from longctx.testing.gradients import assert_gradients_close, gradient_inputs, linear_quadratic, reference_grads
 from longctx.testing.inputs import make_qkv
 
 pytestmark = pytest.mark.task(11)
@@ -192,3 +193,22 @@ def test_peak_memory_does_not_grow_with_length(lab, arrays, record):
                                                                 f"{extra[4096] / 2**20:.1f} MiB")
     assert extra[16384] < 1.5 * extra[4096] + (1 << 20), \
         f"memory beyond inputs and output grew from {extra[4096] / 2**20:.1f} to {extra[16384] / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_trains_with_the_oracles_gradient(lab, arrays, chunk_size):
+    """Training through the chunked form, and through a state carried from one call to the next:
+    the second call's loss reaches the first call's keys and values only through the state."""
+    linear = lab("linear")
+    q, k, v, w = gradient_inputs(37, 37, seed=11)
+    assert_gradients_close(arrays.grads(linear.LinearAttention(chunk_size), q, k, v, w),
+                           reference_grads(linear_quadratic, q, k, v, w), name=f"LinearAttention({chunk_size})")
+
+    def second_call(q, k, v):
+        _, state = linear.linear_attention(q[:, :, :16], k[:, :, :16], v[:, :, :16], chunk_size=chunk_size)
+        return linear.linear_attention(q[:, :, 16:], k[:, :, 16:], v[:, :, 16:], state=state,
+                                       chunk_size=chunk_size)[0]
+    assert_gradients_close(arrays.grads(second_call, q, k, v, w[:, :, 16:]),
+                           reference_grads(lambda q, k, v: linear_quadratic(q, k, v)[:, :, 16:], q, k, v,
+                                           w[:, :, 16:]),
+                           name=f"linear_attention continued from a state, chunk_size={chunk_size}")

@@ -11,6 +11,7 @@ import pytest
 
 from longctx.models import TINY_QWEN3, torch_qwen3
 from longctx.testing import assert_close, oracles
+from longctx.testing.gradients import assert_gradients_close, gradient_inputs, reference_grads, weighted
 from longctx.testing.inputs import make_qkv
 
 pytestmark = pytest.mark.task(10)
@@ -276,3 +277,14 @@ def test_generation_moves_a_full_context_to_memory(lab, arrays, tiny_model, weig
         windows += [(s, min(s + 8, t)) for s in range(prefix, t, 8)]
         logits = oracles.memory_model_logits(weights, TINY_QWEN3, seq[:t], windows=windows, memory_layers=[1])
         assert int(np.argmax(logits[-1])) == seq[t], f"generated token {t - len(ids)} differs from the oracle"
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_trains_with_the_oracles_gradient(lab, arrays, top_k):
+    """Training through memory attention: one softmax over the local keys and the kept memory
+    entries; top-k's choice is not differentiated, the kept scores are."""
+    q, k, v, w = gradient_inputs(37, 37, seed=10)
+    layer = lab("memory").MemoryAttention(8, top_k)
+    assert_gradients_close(arrays.grads(layer, q, k, v, w),
+                           reference_grads(weighted(oracles.memory_counts(q, k, 8, top_k)), q, k, v, w),
+                           name=f"MemoryAttention(8, top_k={top_k})")

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from longctx.testing import assert_close, assert_mask_equal
+from longctx.testing.gradients import assert_gradients_close, gradient_inputs, reference_grads, weighted
 from longctx.testing.inputs import make_qkv
 from longctx.testing.oracles import sliding_mask, sliding_mistakes, sliding_window_attention, weighted_attention
 
@@ -208,3 +209,15 @@ def test_faster_than_dense_masked_attention(lab, arrays, record):
     record("speed vs dense masked SDPA (L=4096, W=32)", f"{dense / sliding:.1f}x faster")
     assert sliding < 0.5 * dense, (f"sliding took {sliding * 1e3:.1f} ms, the dense masked baseline "
                                    f"{dense * 1e3:.1f} ms: the work should grow as L * W, not L * L")
+
+
+@pytest.mark.parametrize("Lq, Lk, window, glob", [(37, 37, 1, ()), (37, 37, 7, ()), (20, 37, 5, ()),
+                                                  (20, 37, 4, (0, 9, 30))])
+def test_trains_with_the_oracles_gradient(lab, arrays, Lq, Lk, window, glob):
+    """Training through the layer: ``dq, dk, dv`` are those of dense float64 attention under the
+    window (GQA, queries the last ``Lq`` of ``Lk``, global tokens)."""
+    q, k, v, w = gradient_inputs(Lq, Lk, seed=window)
+    layer = lab("sliding").SlidingWindowAttention(window, global_tokens=glob)
+    assert_gradients_close(arrays.grads(layer, q, k, v, w),
+                           reference_grads(weighted(sliding_mask(Lq, Lk, window, glob)), q, k, v, w),
+                           name=f"SlidingWindowAttention({window}, global_tokens={glob}), Lq={Lq}, Lk={Lk}")

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longctx.testing import assert_close, oracles
+from longctx.testing.gradients import assert_gradients_close, gradient_inputs, reference_grads, weighted
 from longctx.testing.inputs import make_qkv
 
 pytestmark = pytest.mark.task(12)
@@ -224,3 +225,26 @@ def test_peak_memory_grows_linearly(lab, arrays, record, name):
     record(f"{name} peak memory L=4096 vs 1024", f"{growth:.1f}x (linear 4x, quadratic 16x)")
     assert peaks[1024] > 0, "no memory measured: is the work done lazily and never evaluated?"
     assert growth < 7.0, f"{name}: peak memory grew {growth:.1f}x when L grew 4x: something is L x L"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_longformer_trains_with_the_oracles_gradient(lab, arrays, causal):
+    """Training through Longformer: local rows, global rows (their whole past) and global keys."""
+    L, window, glob = (37, 6, (0, 9)) if causal else (36, 6, (3,))
+    q, k, v, w = gradient_inputs(L, L, seed=12)
+    layer = lab("sparse").LongformerAttention(window, glob, causal=causal)
+    mask = oracles.longformer_mask(L, L, window, glob, causal)
+    assert_gradients_close(arrays.grads(layer, q, k, v, w), reference_grads(weighted(mask), q, k, v, w),
+                           name=f"LongformerAttention({window}, {glob}, causal={causal})")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bigbird_trains_with_the_oracles_gradient(lab, arrays, causal):
+    """Training through BigBird: a key counted twice in a row's softmax gets twice the gradient."""
+    sparse = lab("sparse")
+    q, k, v, w = gradient_inputs(48, 48, seed=13)
+    blocks = np.asarray(sparse.bigbird_random_blocks(6, 2, 0, heads=4, causal=causal))
+    counts = oracles.bigbird_counts(4, 6, 8, blocks, causal)
+    assert_gradients_close(arrays.grads(sparse.BigBirdAttention(8, 2, 0, causal=causal), q, k, v, w),
+                           reference_grads(weighted(counts), q, k, v, w),
+                           name=f"BigBirdAttention(8, 2, causal={causal})")

@@ -67,6 +67,15 @@ class MLXBackend:
         """A whole model's cache from a one-layer ``make()``: one per layer in mlx-lm."""
         return [make() for _ in model.layers]
 
+    def grads(self, fn, q, k, v, w) -> list[np.ndarray]:
+        """``[dq, dk, dv]`` (float64 numpy) of ``sum(fn(q, k, v) * w)``, the inputs in float32:
+        what training through ``fn`` computes (``mx.grad``)."""
+        mx = self.mx
+        wm = mx.array(np.asarray(w, dtype=np.float32))
+        g = mx.grad(lambda q, k, v: (fn(q, k, v).astype(mx.float32) * wm).sum(), argnums=(0, 1, 2))(
+            *(self.asarray(x) for x in (q, k, v)))
+        return [np.array(x, dtype=np.float64) for x in g]
+
     def rope(self, head_dim: int, base: float = 10_000.0):
         """``(rope, rotate)``: the RoPE a one-layer cache takes (mlx-lm's ``nn.RoPE``), and
         ``rotate(x, offset)``, numpy in and out, what it does to keys at positions ``offset ..``."""
@@ -125,6 +134,16 @@ class TorchBackend:
     def model_cache(self, make, model):
         """A transformers ``Cache`` makes its layers as the model reaches them."""
         return make()
+
+    def grads(self, fn, q, k, v, w) -> list[np.ndarray]:
+        """As MLX's, by autograd; an output with no graph (a layer under ``torch.no_grad``) fails."""
+        torch = self.torch
+        q, k, v = (self.asarray(x).requires_grad_() for x in (q, k, v))
+        out = fn(q, k, v)
+        if not out.requires_grad:
+            raise AssertionError("the output has no graph: gradients are switched off (torch.no_grad?)")
+        (out.float() * self.asarray(w)).sum().backward()
+        return [x.grad.double().cpu().numpy() for x in (q, k, v)]
 
     def rope(self, head_dim: int, base: float = 10_000.0):
         """As MLX's: transformers' Qwen3 rotary embedding (what a one-layer cache takes as ``rope``)

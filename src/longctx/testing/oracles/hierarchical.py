@@ -89,3 +89,11 @@ def hierarchical_mistakes(q, k, v, levels, dilations=None, *, causal: bool = Tru
         out["future positions leak: segments are not causal"] = hierarchical_attention(
             q, k, v, levels, dilations, causal=False, scale=scale)
     return out
+
+
+def hierarchical_counts(hq: int, lq: int, lk: int, levels, dilations=None, *, causal: bool = True) -> np.ndarray:
+    """``(hq, lq, lk)``: in how many levels query ``i`` sees key ``j``. Mixing the levels by their
+    softmax denominators is one softmax in which a key counts once per level that keeps the pair
+    (what the gradient tests differentiate, ``longctx.testing.gradients.weighted``)."""
+    dilations = default_dilations(levels) if dilations is None else dilations
+    return sum(dilated_pairs(hq, lq, lk, w, r, causal=causal).astype(np.float64) for w, r in zip(levels, dilations))

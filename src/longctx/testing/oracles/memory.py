@@ -88,3 +88,18 @@ def memory_model_logits(weights: dict, config: dict, ids, *, memory_layers, cont
                 memory[i] = (mk[:, :, mk.shape[2] - keep:], mv[:, :, mv.shape[2] - keep:])
     return np.concatenate(out, axis=0)
 # ANCHOR_END: memory_model_logits
+
+
+def memory_counts(q, k, context_length: int, top_k=None) -> np.ndarray:
+    """``(Hq, L, L)`` visibility of ``MemoryAttention(context_length, top_k)`` (self-attention, batch
+    of one): each window of ``context_length`` queries sees its own keys causally and the earlier
+    keys that ``top_k`` keeps (``memory_top_k``: all of them with None). The selection is not
+    differentiated; the kept scores are."""
+    Hq, L = q.shape[1], q.shape[2]
+    counts = np.zeros((Hq, L, L))
+    for s in range(0, L, context_length):
+        e = min(L, s + context_length)
+        counts[:, s:e, s:e] = np.tril(np.ones((e - s, e - s)))
+        if s:
+            counts[:, s:e, :s] = memory_top_k(q[:, :, s:e], k[:, :, :s], top_k)[0]
+    return counts
