@@ -105,3 +105,24 @@ def test_gradient_is_the_dense_oracles(backend, name, case):
     analytic = sum(float((g * d).sum()) for g, d in zip(got, u))
     assert abs((plus - minus) / (2 * eps) - analytic) < 2e-2 * (abs(analytic) + scale), \
         f"{backend} {name} ({case}): the gradient disagrees with the layer's finite differences"
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_bench_backward_rows(backend, tmp_path):
+    """``longctx bench --backward``: forward and forward+backward times and peak memory per technique,
+    the ratio to full attention's at the same length, and a named skip past the memory limit."""
+    import json
+
+    from longctx import bench, cli
+    techniques = bench.techniques_for(["full", "sliding", "linear"], 16)
+    rows = bench.backward_rows(backend, techniques, [96], heads=2, head_dim=16, repeats=1)
+    assert [r["technique"] for r in rows] == ["full", "sliding", "linear"]
+    for r in rows:
+        assert r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 and r["peak_memory_bytes"] > 0, r
+    assert rows[0]["x_full"] == 1.0
+    skipped = bench.backward_rows(backend, techniques, [96], heads=2, head_dim=16, repeats=1, memory_limit=1000)
+    assert all(r["skipped"].startswith("needs ~") and r["forward_ms"] is None for r in skipped)
+    assert cli.main(["bench", "--backward", "--backend", backend, "--lengths", "64", "--techniques", "full,ring",
+                     "--heads", "2", "--dim", "16", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "backward.json").read_text())["rows"]
+    assert {r["technique"] for r in written} == {"full", "ring"}

@@ -88,6 +88,96 @@ def scaling_rows(backend: str, techniques: dict, length: int, *, heads: int = 4,
     return out
 
 
+def backward_rows(backend: str, techniques: dict, lengths, *, heads: int = 4, head_dim: int = 64, repeats: int = 3,
+                  memory_limit: int | None = None, device: str | None = None, progress=None) -> list[dict]:
+    """``longctx bench --backward``: training cost. Each technique with an attention class (and
+    ``full``, the backend's fused attention) at each length: the forward time, the forward+backward
+    time (``dq, dk, dv`` of ``sum(out * w)``), timed in turn (``measure.interleaved_seconds``), and
+    the peak memory of forward+backward beyond ``q, k, v`` and the loss weights. A row whose
+    forward estimate times 3 (scores, their softmax and its gradient) exceeds ``memory_limit`` is
+    skipped, with the reason."""
+    import importlib
+
+    import numpy as np
+    limit = registry.default_memory_limit() if memory_limit is None else memory_limit
+    package = importlib.import_module(f"longctx.{backend}")
+    nn = importlib.import_module(f"longctx.{backend}.nn")
+    rows = []
+    for L in lengths:
+        rng = np.random.default_rng(L)
+        inputs = [rng.standard_normal((1, heads, L, head_dim)).astype(np.float32) for _ in range(4)]
+        for name, options in techniques.items():
+            t = registry.technique(name)
+            if not (t.attention or name == "full"):
+                continue
+            estimate = 3 * registry.estimate_memory(name, L, heads=heads, head_dim=head_dim,
+                                                    backend="mlx" if backend == "mlx" else "torch", **options)
+            row = {"backend": backend, "technique": name, "length": L, "forward_ms": None, "forward_backward_ms": None,
+                   "peak_memory_bytes": None, "memory_estimate_bytes": estimate, "skipped": ""}
+            if estimate > limit:
+                row["skipped"] = f"needs ~{estimate / 2**30:.1f} GiB > limit {limit / 2**30:.1f} GiB"
+            else:
+                layer = nn.CausalAttention() if name == "full" else t.resolve(package.__name__, t.attention)(**options)
+                forward, train, peak = _training_runs(backend, layer, inputs, device)
+                fwd, fb = measure.interleaved_seconds(forward, train, rounds=repeats)
+                row.update(forward_ms=fwd * 1e3, forward_backward_ms=fb * 1e3, peak_memory_bytes=peak())
+            rows.append(row)
+            if progress:
+                progress(row)
+    for r in rows:  # ratios against full attention's forward+backward at the same length
+        full = next((f for f in rows if f["technique"] == "full" and f["length"] == r["length"]), None)
+        ran = r["forward_backward_ms"] is not None
+        r["backward_x_forward"] = (r["forward_backward_ms"] - r["forward_ms"]) / r["forward_ms"] if ran else None
+        r["x_full"] = (r["forward_backward_ms"] / full["forward_backward_ms"]
+                       if ran and full and full["forward_backward_ms"] else None)
+    return rows
+
+
+def _training_runs(backend: str, layer, inputs, device):
+    """``(forward, forward + backward, peak bytes of forward + backward)`` as blocking calls."""
+    if backend == "mlx":
+        import mlx.core as mx
+        q, k, v, w = (mx.array(x) for x in inputs)
+        grads = mx.grad(lambda q, k, v: (layer(q, k, v) * w).sum(), argnums=(0, 1, 2))
+        return (measure.mlx_blocking(lambda: layer(q, k, v)), measure.mlx_blocking(lambda: grads(q, k, v)),
+                lambda: measure.mlx_peak_bytes(lambda: grads(q, k, v)))
+    import torch
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    q, k, v, w = (torch.tensor(x, device=dev) for x in inputs)
+
+    def forward():
+        with torch.no_grad():
+            return layer(q, k, v)
+
+    def train():
+        x = [t.detach().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad((layer(*x) * w).sum(), x)
+    return (measure.torch_blocking(forward), measure.torch_blocking(train),
+            lambda: measure.torch_peak_bytes(train, dev))
+
+
+def report_backward(rows: list[dict], config: dict, out: Path, console) -> Path:
+    """The ``--backward`` table and ``backward.json``."""
+    from rich.table import Table
+    table = Table(title=f"Training cost: {config['title']}")
+    for column in ("backend", "technique", "L", "forward ms", "fwd+bwd ms", "bwd / fwd", "x full", "peak MiB"):
+        table.add_column(column, justify="left" if column in ("backend", "technique") else "right")
+    for r in rows:
+        if r["skipped"]:
+            table.add_row(r["backend"], r["technique"], f"{r['length']:,}", f"skipped: {r['skipped']}", *[""] * 4)
+            continue
+        table.add_row(r["backend"], r["technique"], f"{r['length']:,}", f"{r['forward_ms']:.1f}",
+                      f"{r['forward_backward_ms']:.1f}", f"{r['backward_x_forward']:.2f}",
+                      "" if r["x_full"] is None else f"{r['x_full']:.2f}", f"{r['peak_memory_bytes'] / 2**20:.1f}")
+    console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "backward.json"
+    path.write_text(json.dumps({"machine": {"platform": platform.platform(), "processor": platform.processor()},
+                                "config": config, "rows": rows}, indent=2))
+    console.print(f"wrote {path}")
+    return path
+
+
 def report_scaling(rows: list[dict], config: dict, out: Path, console) -> Path:
     """The ``--scaling`` table and ``scaling.json``."""
     from rich.table import Table

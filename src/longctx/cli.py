@@ -63,6 +63,8 @@ def cmd_bench(args) -> int:
         return 2
     if args.scaling:
         return _scaling(args, console, backends)
+    if args.backward:
+        return _backward(args, console, backends)
     args.lengths = args.lengths or [1024, 2048, 4096]
     techniques = bench.techniques_for(names, args.window)
     shape = {} if args.model else {"heads": args.heads, "head_dim": args.dim}
@@ -96,6 +98,32 @@ def cmd_bench(args) -> int:
         run = tracking.log_run(args.log, "bench", config, tracking.bench_metrics(rows),
                                [path, path.with_suffix(".png")], Path(args.out))
         console.print(f"logged to {args.log}: {run}")
+    return 0
+
+
+def _backward(args, console, backends) -> int:
+    """``longctx bench --backward``: forward and forward+backward per technique, both backends."""
+    from rich.progress import Progress
+
+    from longctx import bench
+    if args.model:
+        print("longctx bench: --backward times attention on random inputs; drop --model", file=sys.stderr)
+        return 2
+    lengths = args.lengths or [4096, 16384]
+    from longctx.techniques import TECHNIQUES
+    trainable = [n for n, t in TECHNIQUES.items() if t.attention or n == "full"]
+    techniques = bench.techniques_for([n for n in args.techniques or trainable if n in trainable], args.window)
+    rows = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("backward", total=len(backends) * len(lengths) * len(techniques))
+        for backend in backends:
+            rows += bench.backward_rows(backend, techniques, lengths, heads=args.heads, head_dim=args.dim,
+                                        repeats=args.repeats, device=args.device if backend == "torch" else None,
+                                        progress=lambda r: progress.update(task, advance=1, description=(
+                                            f"{r['technique']} L={r['length']}")))
+    config = {"title": f"random attention inputs, H={args.heads}, D={args.dim}, float32, window {args.window}",
+              "lengths": lengths, "techniques": techniques, "repeats": args.repeats}
+    bench.report_backward(rows, config, Path(args.out), console)
     return 0
 
 
@@ -355,6 +383,9 @@ def main(argv=None) -> int:
     p.add_argument("--scaling", action="store_true",
                    help="every sub-quadratic technique at L and 4L: time ratio (goal <= 4.4) and memory beyond "
                         "q, k, v and the output (goal: flat); exit 1 if one misses")
+    p.add_argument("--backward", action="store_true",
+                   help="training cost: forward and forward+backward time and peak memory per technique against "
+                        "full attention's (default lengths 4096,16384)")
     p.add_argument("--ring", action="store_true",
                    help="also run Task 3 across real processes (mlx.launch / torchrun on this host)")
     p.add_argument("--ring-length", type=int, default=65536)
