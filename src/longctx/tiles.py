@@ -60,10 +60,7 @@ class RowWriter:
     def _joined(self) -> mx.array:
         """The traced tiles as one array: concatenated when they cover the axis in order, else
         written one by one (a differentiable slice update each)."""
-        pieces, n = self._traced, self.out.shape[self.axis]
-        if self._pending is not None:  # tiles written before the transformation was noticed
-            pieces = [self._pending, *pieces]
-        self._flush()
+        pieces, n = self._traced, self.out.shape[self.axis]  # (the first put noticed it: none is pending)
         ends = [0] + [start + rows.shape[self.axis] for start, rows in pieces]
         if [start for start, _ in pieces] == ends[:-1] and ends[-1] == n:
             return mx.concatenate([rows for _, rows in pieces], axis=self.axis)

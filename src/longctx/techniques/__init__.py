@@ -1,11 +1,12 @@
 """The registry: every task and every long-context technique, declared once, backend-free.
 
 Like transformers' ``ROPE_INIT_FUNCTIONS`` or mlx-lm's one-file-per-model
-lookup, this package is the only table: one module per technique (``sliding.py``,
-``memory.py``, ...), each holding what the technique is besides array code (its
-``TECHNIQUE`` entry, argument checks, memory and FLOP formulas, prefill plan),
-found by ``_discover``; ``TASKS`` lists the labs and their public names. The graded harness (task names), ``longctx
-bench`` (defaults, the CLI's ``--window``, memory and FLOP formulas),
+lookup, this package is the only table: one module per technique
+(``sliding.py``, ``memory.py``, ...), each holding what the technique is
+besides array code (its ``TECHNIQUE`` entry, argument checks, memory and FLOP
+formulas, prefill plan), found by ``_discover``; ``tasks.py`` lists the labs
+and their public names. The graded harness (task names), ``longctx bench``
+(defaults, the CLI's ``--window``, memory and FLOP formulas),
 ``benchmark_long_context`` in both backends, ``LongContextQwen3`` in both
 backends (strategy options and their validation) and the project tests read
 it; none keeps a list of its own.
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass
 from longctx.checks import check_choice, check_positive_int
 from longctx.techniques.base import BYTES, Technique, constant  # noqa: F401  (the entry types)
 from longctx.techniques.tasks import TASKS, Task  # noqa: F401
+
 
 def _discover() -> dict[str, Technique]:
     """Every module of this package that declares a ``TECHNIQUE``, the baseline first, then by task."""
