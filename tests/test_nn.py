@@ -111,3 +111,47 @@ def test_the_seeds_calls(nn):
 def test_bad_arguments_name_themselves(nn, call, match):
     with pytest.raises(ValueError, match=match):
         call(nn)
+
+
+def test_technique_attention_runs_an_mlx_lm_model_with_a_technique():
+    """Inside ``technique_attention`` every layer of mlx-lm's Qwen3 runs the technique (a window as
+    long as the row is full attention; linear attention is not); the model is itself again after,
+    a cache is refused, and BigBird gets rows padded to whole blocks."""
+    from longctx.models import mlx_qwen3
+    model = mlx_qwen3(0)
+    ids = mx.array(np.random.default_rng(3).integers(3, 200, (1, 70)))
+    full = np.array(model(ids))
+    with mnn.technique_attention(model, "sliding", window_size=70):
+        assert np.allclose(np.array(model(ids)), full, atol=1e-4)
+    with mnn.technique_attention(model, "linear"):
+        assert not np.allclose(np.array(model(ids)), full, atol=1e-2)
+    with mnn.technique_attention(model, "bigbird", block_size=16, num_random_blocks=1):
+        assert np.array(model(ids)).shape == full.shape  # 70 rows, padded to 80 inside
+    assert np.array_equal(np.array(model(ids)), full), "the model's own attention is back"
+    from mlx_lm.models.cache import make_prompt_cache
+    with mnn.technique_attention(model, "sliding", window_size=8), pytest.raises(ValueError, match="cache"):
+        model(ids, cache=make_prompt_cache(model))
+
+
+def test_train_tiny_trains_with_every_technique(tmp_path):
+    """``train-tiny --attention`` for each technique, tiny settings: finite losses, the technique
+    recorded in ``config.json`` and ``train.json``, and training really ran it (linear attention's
+    first loss is not full attention's)."""
+    import json
+
+    from longctx import cli
+    from longctx.models.train import train_model
+    tiny = {"steps": 1, "short_steps": 1, "batch_size": 1, "seq_len": 256, "log": lambda *a: None}
+    first = {}
+    for kind, options in SMALL.items():
+        options = {"bigbird": {"block_size": 32, "num_random_blocks": 1}}.get(kind, options)
+        _, config, _, record = train_model(**tiny, attention=kind, attention_options=options)
+        assert np.isfinite(record["losses"]).all() and config["longctx_attention"]["technique"] == kind
+        first[kind] = record["losses"][0]
+    assert first["linear"] != first["full"]
+    out = tmp_path / "model"
+    assert cli.main(["train-tiny", str(out), "--attention", "sliding_window", "-o", "window_size=32", "--steps", "1",
+                     "--short-steps", "1", "--batch-size", "1", "--seq-len", "256"]) in (0, 1)  # 1: no induction head
+    recorded = json.loads((out / "train.json").read_text())["longctx_attention"]
+    assert recorded == {"technique": "sliding", "options": {"window_size": 32}}
+    assert cli.main(["train-tiny", str(tmp_path / "x"), "-o", "window_size=32"]) == 2, "-o needs --attention"

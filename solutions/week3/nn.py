@@ -21,6 +21,9 @@ there) and give the same outputs.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -113,6 +116,41 @@ def FlashAttention(d_model: int, n_heads: int, dropout: float = 0.0, causal: boo
     return Attention(d_model, n_heads, cls(window_size), dropout=dropout, kernel=_sliding_kernel(), **module)
 
 
+@contextlib.contextmanager
+def technique_attention(model, kind: str, **options):
+    """Inside, the attention layers of ``model`` (an mlx-lm model: Qwen3, Llama, ...) run technique
+    ``kind`` with ``options`` in place of full attention: causal self-attention over the tokens of
+    each call, with no cache (training, and scoring whole rows). A technique that works in whole
+    blocks (BigBird) gets each sequence padded at the end, which no earlier query sees. Not
+    thread-safe: it swaps the attention function of the model's module while it runs."""
+    t = attention_kind(kind)
+    attend = CausalAttention() if t.name == "full" else t.resolve(__package__, t.attention)(
+        **bench_options(t.name, options))
+    multiple = bench_options(t.name, options)[t.whole_blocks] if t.whole_blocks else 1
+
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if cache is not None:
+            raise ValueError(f"technique_attention({kind!r}) runs whole sequences without a cache; for decoding "
+                             "use LongContextQwen3 with a strategy")
+        if abs(scale - queries.shape[-1] ** -0.5) > 1e-6 * scale:
+            raise ValueError(f"technique_attention takes the scale head_dim ** -0.5, got {scale}")
+        L = queries.shape[2]
+        pad = -L % multiple
+        if pad:
+            queries, keys, values = (mx.pad(x, [(0, 0), (0, 0), (0, pad), (0, 0)]) for x in (queries, keys, values))
+        return attend(queries, keys, values)[:, :, :L]
+
+    modules = {sys.modules[type(layer.self_attn).__module__] for layer in model.layers}
+    before = {module: module.scaled_dot_product_attention for module in modules}
+    for module in modules:
+        module.scaled_dot_product_attention = scaled_dot_product_attention
+    try:
+        yield model
+    finally:
+        for module, function in before.items():
+            module.scaled_dot_product_attention = function
+
+
 def _sliding_kernel() -> str:
     """Which sliding-window kernel runs on the default device (``SlidingWindowAttention``'s dispatch)."""
     if mx.default_device() == mx.gpu:
@@ -121,4 +159,5 @@ def _sliding_kernel() -> str:
     return "longctx compiled CPU sliding-window kernel" if native.available() else "ops band tiles (_blocked)"
 
 
-__all__ = ["Attention", "CausalAttention", "DilatedAttention", "FlashAttention", "create_efficient_attention"]
+__all__ = ["Attention", "CausalAttention", "DilatedAttention", "FlashAttention", "create_efficient_attention",
+           "technique_attention"]

@@ -187,6 +187,10 @@ def cmd_train_tiny(args) -> int:
         def on_step(step, total, loss, copy):
             progress.update(task, completed=step, total=total, loss=loss, copy=copy)
         try:
+            if args.option and not args.attention:
+                raise ValueError("-o sets options of --attention: name the technique")
+            if args.from_model and args.attention:
+                raise ValueError("--attention trains a new model; --from continues one with --rope-scaling")
             if args.from_model:  # continue training at a new length with a scaled RoPE (Task 9)
                 if not args.rope_scaling:
                     raise ValueError("--from needs --rope-scaling (a JSON rope_scaling dict); `longctx extend "
@@ -196,15 +200,23 @@ def cmd_train_tiny(args) -> int:
                 console.print(f"wrote the weights to {path}")
                 return 0
             path = train(args.path, steps=args.steps, short_steps=args.short_steps, batch_size=args.batch_size,
-                         seq_len=args.seq_len, seed=args.seed, log=progress.console.print, on_step=on_step)
+                         seq_len=args.seq_len, seed=args.seed, log=progress.console.print, on_step=on_step,
+                         attention=args.attention, attention_options=dict(args.option))
         except ValueError as error:
             print(f"longctx train-tiny: {error}", file=sys.stderr)
             return 2
-    from longctx.eval import model_card
-    model_card(path)
+    if args.attention:  # the card scores with full attention (mlx_lm.load): it would not be this model's
+        console.print(f"trained with {args.attention} attention (config.json: longctx_attention); no model card")
+    else:
+        from longctx.eval import model_card
+        model_card(path)
     ok, verdict = copy_verdict(json.loads((path / "train.json").read_text())["copy_losses"][-1][1])
     console.print(("[green]" if ok else "[red]") + verdict)
-    console.print(f"wrote {path}; score it with `longctx eval --model {path}`")
+    if args.attention:
+        console.print(f"wrote {path}; run it under `longctx.mlx.nn.technique_attention(model, {args.attention!r}, "
+                      "**options)` (config.json's longctx_attention)")
+    else:
+        console.print(f"wrote {path}; score it with `longctx eval --model {path}`")
     return 0 if ok else 1
 
 
@@ -421,6 +433,11 @@ def main(argv=None) -> int:
                         "(Task 9's short fine-tune); --steps steps")
     p.add_argument("--rope-scaling", default=None, help='e.g. \'{"rope_type": "yarn", "factor": 4, '
                                                       '"original_max_position_embeddings": 512}\'')
+    p.add_argument("--attention", default=None, metavar="TECHNIQUE",
+                   help="train with this technique in place of full attention in every layer (e.g. sliding, "
+                        "linear, longformer, bigbird; options with -o)")
+    p.add_argument("-o", "--option", type=_option, action="append", default=[],
+                   help="an option of --attention, NAME=VALUE (e.g. -o window_size=128); repeatable")
     p.set_defaults(run=cmd_train_tiny)
     p = sub.add_parser("extend", help="Task 9: a model folder with a scaled RoPE (PI, NTK, YaRN, Llama 3, LongRoPE), "
                                       "optionally searched and fine-tuned")

@@ -17,6 +17,7 @@ the loss curve and its scores), so ``mlx_lm.load(path)`` and
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from functools import partial
@@ -68,19 +69,25 @@ def plan(short_steps: int, steps: int, seq_len: int) -> list[tuple[int, int, dic
 
 
 def train(path, *, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, short_steps: int = 1800,
-          lr: float = 3e-3, seed: int = 0, log=print, on_step=None) -> Path:
+          lr: float = 3e-3, seed: int = 0, log=print, on_step=None, attention: str | None = None,
+          attention_options: dict | None = None) -> Path:
     """The ``plan``: ``short_steps`` on the curriculum's shorter rows, then ``steps`` on
     ``batch_size`` x ``seq_len`` rows of ``MIX``; every step ``batch_size * seq_len`` tokens. AdamW at
     ``lr`` (50 warm-up steps, constant, then cosine to lr/20 over the last stage). Writes the model
     folder (weights, config, tokenizer, ``train.json``) to ``path``; ``longctx.eval.model_card``
-    scores it and writes its card."""
+    scores it and writes its card.
+
+    ``attention`` (a technique with an attention class, ``longctx.mlx.nn.technique_attention``) trains
+    with it in place of full attention in every layer; ``config.json`` and ``train.json`` record it
+    under ``longctx_attention`` (``mlx_lm.load`` alone would run the model with full attention)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from longctx.models.checkpoint import save_tokenizer
     model, config, tokenizer, record = train_model(steps=steps, batch_size=batch_size, seq_len=seq_len,
                                                    short_steps=short_steps, lr=lr, seed=seed, log=log,
-                                                   on_step=on_step)
+                                                   on_step=on_step, attention=attention,
+                                                   attention_options=attention_options)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
@@ -92,7 +99,8 @@ def train(path, *, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, s
 
 
 def train_model(*, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, short_steps: int = 1800,
-                lr: float = 3e-3, seed: int = 0, log=print, on_step=None):
+                lr: float = 3e-3, seed: int = 0, log=print, on_step=None, attention: str | None = None,
+                attention_options: dict | None = None):
     """``train``'s model, in memory: ``(model, config, tokenizer, record)`` (the record is ``train.json``)."""
     from longctx.checks import check_positive_int
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
@@ -103,9 +111,18 @@ def train_model(*, steps: int = 1400, batch_size: int = 8, seq_len: int = 512, s
     model, config, tokenizer = new_model(seq_len, seed)
     rng = np.random.default_rng(seed)
     stages = plan(short_steps, steps, seq_len)
-    losses, copy_losses, seconds = fit(model, tokenizer, stages, batch_size * seq_len,
-                                       schedule(lr, short_steps, steps), rng, log, on_step)
-    record = {"steps": steps, "short_steps": short_steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
+    technique = contextlib.nullcontext()
+    if attention is not None:
+        from longctx.mlx.nn import technique_attention
+        from longctx.techniques import attention_kind, bench_options
+        attention_options = bench_options(attention_kind(attention).name, attention_options)
+        config["longctx_attention"] = {"technique": attention_kind(attention).name, "options": attention_options}
+        technique = technique_attention(model, attention, **attention_options)
+    with technique:  # (the techniques' tiles are evaluated as they go: no mx.compile around them)
+        losses, copy_losses, seconds = fit(model, tokenizer, stages, batch_size * seq_len,
+                                           schedule(lr, short_steps, steps), rng, log, on_step,
+                                           compile=attention is None)
+    record = {"longctx_attention": config.get("longctx_attention"), "steps": steps, "short_steps": short_steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
               "seed": seed, "mix": MIX, "stages": stages, "seconds": round(seconds),
               "losses": [round(x, 4) for x in losses], "copy_losses": [(i, round(x, 4)) for i, x in copy_losses]}
     return model, config, tokenizer, record
@@ -150,14 +167,16 @@ def new_model(seq_len: int, seed: int):
 
 
 def fit(model, tokenizer, stages, tokens_per_step: int, schedule, rng: np.random.Generator, log=print,
-        on_step=None):
+        on_step=None, compile: bool = True):
     """Train ``model`` in place on ``stages`` (``(row length, steps, mix)``), every step
     ``tokens_per_step`` tokens, AdamW on ``schedule``, gradients clipped at 1; the loss is the mean
     cross-entropy over the tokens that ``batch`` weights (all but the unpredictable first copies of
     ``induction`` and ``repeat`` examples and ``copy``'s prompts). Every 50 steps (and at the end)
     the loss on the second half of held-out repeats: ~ln(vocab) until an induction head forms.
     ``on_step(step, total, loss, copy loss)`` after every step (a progress bar); training stops
-    early when it returns something true. Returns ``(losses, [(step, copy loss)], seconds)``."""
+    early when it returns something true. ``compile``: the step under ``mx.compile`` (not with a
+    technique's attention, whose tiles are evaluated as they go). Returns ``(losses, [(step, copy
+    loss)], seconds)``."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -170,12 +189,13 @@ def fit(model, tokenizer, stages, tokens_per_step: int, schedule, rng: np.random
     step_fn = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
     def step(rows, weights):
         loss, grads = step_fn(model, rows, weights)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(model, grads)
         return loss
+    if compile:
+        step = partial(mx.compile, inputs=state, outputs=state)(step)
 
     probe = mx.array([repeat(tokenizer, np.random.default_rng(10_000 + r), 100) for r in range(8)])
 

@@ -53,6 +53,7 @@ class Technique:
     evaluate: Callable[[int], dict] | None = None  # `longctx eval`'s strategy options for a window w;
     #   None: not in its suite
     aliases: tuple[str, ...] = ()  # other names create_efficient_attention takes (the seeds' kinds)
+    whole_blocks: str | None = None  # the option whose multiple a sequence must be (padded to it in a model)
 
     @property
     def code(self) -> str | None:

@@ -51,4 +51,5 @@ TECHNIQUE = Technique(
     "bigbird", 12, "BigBird: blocks of a window, two global blocks and seeded random blocks",
     {"block_size": 64, "num_random_blocks": 3, "seed": 0, "causal": True}, memory,
     lambda L, H, D, o: 4.0 * H * D * pairs(L, o), attention="BigBirdAttention", aliases=("sparse",),
+    whole_blocks="block_size",
     from_window=lambda w: {"block_size": max(1, w // 3)})
