@@ -131,6 +131,8 @@ def test_technique_attention_runs_an_mlx_lm_model_with_a_technique():
     from mlx_lm.models.cache import make_prompt_cache
     with mnn.technique_attention(model, "sliding", window_size=8), pytest.raises(ValueError, match="cache"):
         model(ids, cache=make_prompt_cache(model))
+    with pytest.raises(ValueError, match="causal"), mnn.technique_attention(model, "longformer", causal=False):
+        pass
 
 
 def test_train_tiny_trains_with_every_technique(tmp_path):

@@ -124,9 +124,12 @@ def technique_attention(model, kind: str, **options):
     blocks (BigBird) gets each sequence padded at the end, which no earlier query sees. Not
     thread-safe: it swaps the attention function of the model's module while it runs."""
     t = attention_kind(kind)
-    attend = CausalAttention() if t.name == "full" else t.resolve(__package__, t.attention)(
-        **bench_options(t.name, options))
-    multiple = bench_options(t.name, options)[t.whole_blocks] if t.whole_blocks else 1
+    options = bench_options(t.name, options)
+    if options.get("causal", True) is not True:
+        raise ValueError(f"technique_attention runs a language model: {kind!r} must be causal, got causal="
+                         f"{options['causal']!r}")
+    attend = CausalAttention() if t.name == "full" else t.resolve(__package__, t.attention)(**options)
+    multiple = options[t.whole_blocks] if t.whole_blocks else 1
 
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         if cache is not None:
