@@ -126,3 +126,17 @@ def test_bench_backward_rows(backend, tmp_path):
                      "--heads", "2", "--dim", "16", "--repeats", "1", "--out", str(tmp_path)]) == 0
     written = json.loads((tmp_path / "backward.json").read_text())["rows"]
     assert {r["technique"] for r in written} == {"full", "ring"}
+
+
+def test_torch_streaming_trains_inside_each_chunk():
+    """``StreamingProcessor.process_stream`` (torch) gives logits a loss can train through; the sink
+    cache keeps values, not graph, so a long stream's memory does not grow with its history."""
+    from longctx.models import torch_qwen3
+    from longctx.torch import StreamingProcessor
+    model = torch_qwen3(0)
+    processor = StreamingProcessor(chunk_size=16, sink_tokens=2, window=8)
+    chunks = list(processor.process_stream(range(3, 51), model))
+    assert all(c.requires_grad for c in chunks), "the logits carry no gradient"
+    chunks[-1].logsumexp(-1).sum().backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert not any(layer.keys.requires_grad or layer.values.requires_grad for layer in processor.caches.layers)

@@ -191,7 +191,6 @@ def model_rope(model) -> tuple[int, float, int, dict]:
     return head_dim, float(base), T0, scaling
 
 
-@torch.no_grad()
 def perplexity(model, sequences, rope_scaling: dict | None = None) -> float:
     """Perplexity on ``sequences`` with ``ScaledRoPE(rope_scaling)`` in place of the model's rotary
     embedding for this call only (None: the model's own)."""

@@ -58,7 +58,9 @@ class SinkLayer(DynamicLayer):
         if n > s + self.window:
             all_k = torch.cat([all_k[:, :, :s], all_k[:, :, n - self.window:]], dim=2)
             all_v = torch.cat([all_v[:, :, :s], all_v[:, :, n - self.window:]], dim=2)
-        self.keys, self.values = all_k, all_v
+        # A cache holds values, not graph: training through a stream backpropagates inside each
+        # chunk (the fetched keys carry it), never into earlier chunks (Transformer-XL's rule).
+        self.keys, self.values = all_k.detach(), all_v.detach()
         self.tokens_seen += key_states.shape[2]
         return fetched_k, fetched_v
 
@@ -113,9 +115,9 @@ class StreamingProcessor:
         return SinkKVCache(self.sink_tokens, self.window, rotary_emb=getattr(model.model, "rotary_emb", None),
                            num_layers=model.config.num_hidden_layers)
 
-    @torch.no_grad()
     def process_stream(self, token_stream: Iterable[int], model) -> Iterator[torch.Tensor]:
-        """Yield each chunk's logits ``(n, vocab)``, one row per new token. A ``transformers`` model
+        """Yield each chunk's logits ``(n, vocab)``, one row per new token (with a gradient when the
+        model's weights need one: the cache carries none between chunks). A ``transformers`` model
         gets a ``SinkKVCache``; any other callable gets ``model(tokens[None])`` with the previous
         chunk's last ``overlap`` tokens in front as context, their rows dropped."""
         stream = iter(token_stream)
