@@ -492,6 +492,17 @@ MUTANTS = {
         "return out.astype(q.dtype), (S0 + kv.sum(axis=2), z0 + kz.sum(axis=2))",
         "return out.astype(q.dtype), (mx.stop_gradient(S0 + kv.sum(axis=2)), mx.stop_gradient(z0 + kz.sum(axis=2)))")]),
     # Task 12
+    # Task 13
+    "RoPE on the queries only": ("nn", [("q, k = self.rope(q), self.rope(k)", "q, k = self.rope(q), k")]),
+    "values turned by RoPE too": ("nn", [(
+        "q, k = self.rope(q), self.rope(k)", "q, k, v = self.rope(q), self.rope(k), self.rope(v)")]),
+    "query heads split in the wrong order": ("nn", [(
+        "q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)",
+        "q = self.q_proj(x).reshape(B, self.n_heads, L, self.head_dim)")]),
+    "heads merged in the wrong order": ("nn", [(
+        "out = self.attend(q, k, v).transpose(0, 2, 1, 3).reshape(B, L, -1)",
+        "out = self.attend(q, k, v).reshape(B, L, -1)")]),
+    "output projection skipped": ("nn", [("return self.o_proj(self.dropout(out))", "return self.dropout(out)")]),
     "Longformer's global keys' scores detached": ("sparse", [(
         "sg = qf @ kg.swapaxes(-1, -2)", "sg = mx.stop_gradient(qf @ kg.swapaxes(-1, -2))")]),
     "BigBird's scores detached": ("sparse", [(

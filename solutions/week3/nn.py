@@ -1,5 +1,6 @@
-"""Drop-in attention modules: every technique as an ``mlx.nn.Module`` that trains (book chapter
-"Training with long-context attention").
+"""Task 13: Drop-in attention modules (book chapter "Training with long-context attention").
+
+Every technique as an ``mlx.nn.Module`` that trains.
 
 ``x (B, L, d_model) -> (B, L, d_model)``: q/k/v/o projections (GQA with ``n_kv_heads``), RoPE
 on q and k (``rope=False`` to leave it out), the technique's attention, dropout on its output
@@ -61,18 +62,24 @@ class Attention(nn.Module):
         self.attend, self.kernel = attend, kernel or type(attend).__name__
 
     def __call__(self, x: mx.array) -> mx.array:
+        """``x (B, L, d_model) -> (B, L, d_model)``. Project ``x`` to queries, keys and values and
+        split each into heads, ``(B, heads, L, head_dim)`` (``n_heads`` for q, ``n_kv_heads`` for k
+        and v: head ``h`` of a projection is its features ``h * head_dim ..``); turn q and k by
+        ``self.rope`` (when there is one; v is never turned); ``self.attend(q, k, v)``; merge the
+        heads back to ``(B, L, n_heads * head_dim)`` in the same order, then ``self.dropout`` and
+        ``self.o_proj``. About 7 lines."""
         if x.ndim != 3 or x.shape[-1] != self.q_proj.weight.shape[1]:
             raise ValueError(f"x must be (B, L, d_model={self.q_proj.weight.shape[1]}), got {tuple(x.shape)}")
         B, L, _ = x.shape
-
-        def heads(y, n):
-            return y.reshape(B, L, n, self.head_dim).transpose(0, 2, 1, 3)
-        q, k = heads(self.q_proj(x), self.n_heads), heads(self.k_proj(x), self.n_kv_heads)
-        v = heads(self.v_proj(x), self.n_kv_heads)
+        # BEGIN SOLUTION
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
         out = self.attend(q, k, v).transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(self.dropout(out))
+        # END SOLUTION
 
     def _extra_repr(self) -> str:
         return (f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "

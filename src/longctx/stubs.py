@@ -79,8 +79,8 @@ def make_stub(source: str, name: str, folder: str = "week3") -> str:
 
 
 def lab_modules(solutions: Path) -> list[Path]:
-    """The reference's lab files: those whose docstring starts ``Task N:`` (``nn.py``, the drop-in
-    modules built on the labs, is library code and has no stub)."""
+    """The reference's lab files: those whose docstring starts ``Task N:`` (a helper module of the
+    reference without one gets no stub)."""
     return sorted(p for p in solutions.glob("*.py") if not p.name.startswith("_")
                   and (ast.get_docstring(ast.parse(p.read_text())) or "").startswith("Task "))
 

@@ -33,4 +33,6 @@ TASKS = {t.number: t for t in (
     Task(11, "Linear attention", "task11-linear.md", "linear", ("LinearAttention", "linear_attention")),
     Task(12, "Global + local sparse attention (Longformer, BigBird)", "task12-sparse.md", "sparse",
          ("BigBirdAttention", "LongformerAttention", "bigbird_attention", "longformer_attention")),
+    Task(13, "Drop-in attention modules", "training.md", "nn",
+         ("DilatedAttention", "FlashAttention", "create_efficient_attention")),
 )}
