@@ -70,7 +70,7 @@ class Attention(nn.Module):
         and v: head ``h`` of a projection is its features ``h * head_dim ..``); turn q and k by
         ``self.rope`` (when there is one; v is never turned); ``self.attend(q, k, v)``; merge the
         heads back to ``(B, L, n_heads * head_dim)`` in the same order, then ``self.dropout`` and
-        ``self.o_proj``. About 8 lines."""
+        ``self.o_proj``. About 7 lines."""
         if x.ndim != 3 or x.shape[-1] != self.q_proj.weight.shape[1]:
             raise ValueError(f"x must be (B, L, d_model={self.q_proj.weight.shape[1]}), got {tuple(x.shape)}")
         B, L, _ = x.shape
