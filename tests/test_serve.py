@@ -148,7 +148,7 @@ def test_documents_are_answered_as_mlx_lm_would_and_survive_a_restart(tmp_path, 
 
 def test_keys_limits_and_errors(tmp_path, keys):
     path, k = keys
-    args = ("--api-keys", str(path), "--burst", "6", "--rate", "60", "--max-body-mb", "1",
+    args = ("--api-keys", str(path), "--burst", "6", "--rate", "20", "--max-body-mb", "1",
             "--max-document-tokens", "400", "--max-new-tokens", "16")
     with server(*args) as url:
         text, _ = passkey_document(0)
@@ -183,7 +183,8 @@ def test_keys_limits_and_errors(tmp_path, keys):
         r = httpx.post(url + "/v1/documents", content=b'{"text": ', headers={**d, "content-type": "application/json"})
         assert r.status_code == 422 and "Traceback" not in r.text
         assert httpx.post(url + "/v1/chat/completions", json={"messages": []}, headers=d).status_code == 422
-        # 429 once carol's burst of 6 is spent, with Retry-After; after it, carol may go again.
+        # 429 once carol's burst of 6 is spent, with Retry-After; after it, carol may go again. (20 a
+        # minute: one token back every 3 s, so a slow machine's 8 requests still find the bucket empty.)
         codes = [httpx.get(url + "/v1/documents", headers=auth(k["carol"])).status_code for _ in range(7)]
         assert codes == [200] * 6 + [429]
         r = httpx.get(url + "/v1/documents", headers=auth(k["carol"]))
