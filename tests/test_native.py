@@ -1,5 +1,6 @@
 """Issue 18: the compiled CPU sliding-window kernel (``longctx.native``) against the float64 oracle and
 against its ops twin (``_blocked``), on awkward sizes; its memory; and the fallback when it cannot be built.
+Issue 33: its compiled backward against float64 autograd of the same attention, on the same awkward sizes.
 
 The kernel is built on first use (about 15 s here); CI has a compiler, so a kernel that fails to build
 fails ``test_the_kernel_builds`` rather than skipping.
@@ -22,6 +23,7 @@ from longctx import native  # noqa: E402
 from longctx.mlx import sliding  # noqa: E402
 from longctx.testing import oracles  # noqa: E402
 from longctx.testing.compare import assert_close  # noqa: E402
+from longctx.testing.gradients import assert_gradients_close, reference_grads, weighted  # noqa: E402
 from longctx.testing.inputs import make_qkv  # noqa: E402
 
 
@@ -104,8 +106,9 @@ def test_the_reference_dispatches_to_the_kernel_on_the_cpu_without_global_tokens
 
 
 def test_kernel_memory_is_the_output_only():
-    """Beyond q, k, v and the output, the kernel allocates nothing through MLX (its tiles are
-    per-thread buffers of a few KiB), at 2k and at 8k tokens alike."""
+    """Beyond q, k, v, the output and its log-sum-exp (one float per query row, kept for the
+    backward), the kernel allocates nothing through MLX (its tiles are per-thread buffers of a few
+    KiB), at 2k and at 8k tokens alike."""
     def extra(L):
         q, k, v = (mx.random.normal((1, 4, L, 64)) for _ in range(3))
         mx.eval(q, k, v)
@@ -114,8 +117,58 @@ def test_kernel_memory_is_the_output_only():
         base = mx.get_active_memory()
         out = native.sliding_window(q, k, v, 256, 0.125)
         mx.eval(out)
-        return mx.get_peak_memory() - base - out.nbytes
+        return mx.get_peak_memory() - base - out.nbytes - 4 * 4 * L
     assert extra(2048) <= 1 << 16 and extra(8192) <= 1 << 16
+
+
+def _kernel_grads(q, k, v, w, window, dtype=mx.float32):
+    q, k, v, w = _mx(q, k, v, w, dtype=dtype)
+    grads = mx.vjp(lambda q, k, v: native.sliding_window(q, k, v, window, q.shape[-1] ** -0.5), [q, k, v], [w])[1]
+    assert all(g.dtype == dtype for g in grads)
+    return [np.array(g.astype(mx.float32)) for g in grads]
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), rep=st.sampled_from([1, 3]), Lk=st.integers(1, 200),
+       q_frac=st.sampled_from([1.0, 1.0, 0.4, 0.0]), D=st.sampled_from([1, 5, 8, 24, 64, 80]),
+       window=st.integers(1, 220), seed=st.integers(0, 2 ** 16))
+def test_kernel_backward_equals_float64_autograd_on_random_shapes(B, Hkv, rep, Lk, q_frac, D, window, seed):
+    """The compiled band backward (log-sum-exp recomputation, dS = P (dO V^T - rowsum(dO O)), dQ and
+    dK scaled, dK and dV summed over a kv head's query heads) on the sizes that break tiling: chunks
+    of keys shorter than the window's reach, W = 1 and W >= L, D not a multiple of 8, Lq < Lk, batch."""
+    Lq = max(1, int(Lk * q_frac))
+    q, k, v = make_qkv(seed, B, Hkv * rep, Hkv, Lq, Lk, D)
+    w = np.random.default_rng(seed + 1).standard_normal(q.shape)
+    want = reference_grads(weighted(np.broadcast_to(oracles.sliding_mask(Lq, Lk, window), (Hkv * rep, Lq, Lk))),
+                           q, k, v, w)
+    assert_gradients_close(_kernel_grads(q, k, v, w, window), want, name="compiled sliding backward", tol=2e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(mx.float16, 4e-3), (mx.bfloat16, 3e-2)])
+def test_kernel_backward_keeps_low_precision_with_large_logits(dtype, tol):
+    q, k, v = make_qkv(5, 1, 4, 2, 150, 170, 64, std=4.0)  # logits near 100: exp overflows without the lse
+    w = np.random.default_rng(6).standard_normal(q.shape)
+    rounded = [np.array(mx.array(a.astype(np.float32)).astype(dtype).astype(mx.float32)) for a in (q, k, v, w)]
+    want = reference_grads(weighted(np.broadcast_to(oracles.sliding_mask(150, 170, 45), (4, 150, 170))), *rounded)
+    assert_gradients_close(_kernel_grads(q, k, v, w, 45, dtype=dtype), want, name=str(dtype), tol=tol)
+
+
+def test_kernel_backward_memory_grows_as_L_not_L_times_W():
+    """What the backward allocates through MLX is its three gradients (and the cotangent's copy);
+    its scratch (dQ in float32, one float per row) lives outside MLX and is O(L * D) too."""
+    def extra(L):
+        q, k, v, w = (mx.random.normal((1, 4, L, 64)) for _ in range(4))
+        out = native.sliding_window(q, k, v, 1024, 0.125)
+        mx.eval(q, k, v, w, out)
+        mx.synchronize()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        grads = mx.vjp(lambda q, k, v: native.sliding_window(q, k, v, 1024, 0.125), [q, k, v], [w])[1]
+        mx.eval(grads)
+        return mx.get_peak_memory() - base - 3 * q.nbytes
+    small, large = extra(2048), extra(8192)
+    assert large <= 4 * small + (1 << 20), (small, large)  # linear in L (an L x W array would be 4 MiB per head at 1k)
+    assert large <= 2 * 4 * 8192 * 64 * 4, large
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
