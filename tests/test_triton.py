@@ -1,8 +1,9 @@
 """The torch mirror's Triton sliding-window kernel, run on the CPU by Triton's interpreter.
 
-CI has no GPU, so the kernel's logic (band-only key tiles, online softmax, GQA,
-the decode offset, head dims that are not powers of two, fp16/bf16) is checked
-with ``TRITON_INTERPRET=1`` against the float64 oracle. Triton reads that
+CI has no GPU, so the kernels' logic (band-only key tiles, online softmax, GQA,
+the decode offset, head dims that are not powers of two, fp16/bf16; the backward's
+log-sum-exp recomputation, rowsum(dO O) term and scales) is checked with
+``TRITON_INTERPRET=1`` against the float64 oracle and float64 autograd. Triton reads that
 variable when it decorates the kernel, so the check runs in a fresh process.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ CHECK = textwrap.dedent("""
     import numpy as np, torch
     from longctx.torch import sliding
     from longctx.testing import assert_close, oracles
+    from longctx.testing.gradients import assert_gradients_close, reference_grads, weighted
     from longctx.testing.inputs import make_qkv
 
     cases = [  # B, Hq, Hkv, Lq, Lk, D, W, dtype, std, block
@@ -43,12 +45,19 @@ CHECK = textwrap.dedent("""
         q, k, v = (torch.tensor(x).to(dtype) for x in (q, k, v))
         if dtype == torch.float32:  # a strided view, as a model's transposed projections are
             q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        q, k, v = (x.requires_grad_(True) for x in (q, k, v))
         out = sliding._triton(q, k, v, W, D ** -0.5, block_m=block, block_n=block)
         assert out.dtype == dtype and out.shape == q.shape
-        exact = oracles.sliding_window_attention(*(x.double().numpy() for x in (q, k, v)), W)
+        name = f"Triton sliding B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lk={Lk} D={D} W={W} {dtype}"
+        inputs = [x.detach().double().numpy() for x in (q, k, v)]
+        exact = oracles.sliding_window_attention(*inputs, W)
         tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
-        assert_close(out.double().numpy(), exact, rtol=tol, atol=tol,
-                     name=f"Triton sliding B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lk={Lk} D={D} W={W} {dtype}")
+        assert_close(out.detach().double().numpy(), exact, rtol=tol, atol=tol, name=name)
+        w = torch.randn(q.shape, generator=torch.Generator().manual_seed(Lq)).to(dtype)
+        out.backward(w)
+        want = reference_grads(weighted(oracles.sliding_mask(Lq, Lk, W)), *inputs, w.double().numpy())
+        assert_gradients_close([x.grad.double().numpy() for x in (q, k, v)], want, name=name,
+                               tol={torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype])
     print("ok", len(cases))
 """)
 

@@ -22,6 +22,7 @@ from longctx import kernels
 from longctx.checks import check_attention, check_positive_int, check_scale
 from longctx.techniques.longformer import check_global_tokens
 
+LOG2E = 1.4426950408889634
 TILE_ELEMENTS = 1 << 20  # score elements per step of SDPA tiles (the registry's memory formula reads it)
 
 
@@ -51,10 +52,7 @@ class SlidingWindowAttention:
         if q.device != k.device or q.device != v.device:
             raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
         scale = D ** -0.5 if self.scale is None else self.scale
-        # The Triton kernel has no backward yet: training goes through the tiles (autograd), never
-        # through a kernel whose output would be silently detached.
-        training = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        if not len(glob) and _triton_wanted(q) and not training:
+        if not len(glob) and _triton_wanted(q):  # differentiable: its backward kernels are below
             out = _triton_checked(q, k, v, self.window_size, scale)
             if out is not None:
                 return out
@@ -117,7 +115,11 @@ def _rows(x, first: int, count: int) -> torch.Tensor:
 # ---------------------------------------------------------------- the Triton kernel (CUDA)
 # FlashAttention's loop restricted to the band: a program owns BLOCK_M query rows of one
 # head and visits only the key tiles that hold some key of their windows, with an online
-# softmax in float32 (exp2, log2(e) folded into the scale). Inputs in any float dtype
+# softmax in float32 (exp2, log2(e) folded into the scale); it also stores each row's
+# log-sum-exp. The backward is FlashAttention-2's, band-limited, in two kernels that need no
+# atomics: one program per key tile of a kv head accumulates dK and dV over the query rows of
+# every query head that sees it (GQA), one per query tile accumulates dQ; both recompute
+# P = exp2(S - lse) and dS = P (dO V^T - rowsum(dO O)). Inputs in any float dtype
 # (fp16/bf16 use the tensor cores through tl.dot); GQA by the kv head index; the queries
 # are the last Lq of the Lk positions. CI has no GPU: tests/test_triton.py runs it with
 # TRITON_INTERPRET=1 on the CPU against the float64 oracle. The interpreter's tl.dot gives
@@ -134,12 +136,13 @@ def _triton_wanted(q) -> bool:
 
 @functools.cache
 def _triton_kernel():
-    """The kernel, defined on first use (Triton reads TRITON_INTERPRET when it decorates)."""
+    """The forward kernel and the two backward kernels, defined on first use (Triton reads
+    TRITON_INTERPRET when it decorates)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def sliding_fwd(Q, K, V, O, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l,
+    def sliding_fwd(Q, K, V, O, LSE, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l,
                     Hq, Hkv, Lq, Lk, scale, W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
         pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -179,22 +182,139 @@ def _triton_kernel():
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows past Lq (not stored) may see nothing
         tl.store(O + b * so_b + h * so_h + rows[:, None] * so_l + d[None, :], out.to(O.dtype.element_ty),
                  mask=(rows[:, None] < Lq) & (d[None, :] < D))
+        tl.store(LSE + pid_bh * Lq + rows, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), mask=rows < Lq)
 
-    return sliding_fwd
+    @triton.jit
+    def sliding_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                         Hq, Hkv, Lq, Lk, scale, sm_scale, W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+        # One key tile of kv head (b, kvh); q and dO share q's strides, dK and dV k's and v's.
+        pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, kvh = pid_bh // Hkv, pid_bh % Hkv
+        rep = Hq // Hkv
+        j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions of this program
+        d = tl.arange(0, BLOCK_D)
+        kv_mask = (j[:, None] < Lk) & (d[None, :] < D)
+        k = tl.load(K + b * sk_b + kvh * sk_h + j[:, None] * sk_l + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b * sv_b + kvh * sv_h + j[:, None] * sv_l + d[None, :], mask=kv_mask, other=0.0)
+        if DOT_F32:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        p0 = Lk - Lq  # the first query's position
+        # Query rows that see a key of the tile: positions pid_n * BLOCK_N .. + BLOCK_N - 1 + W - 1.
+        lo = tl.maximum(pid_n * BLOCK_N - p0, 0) // BLOCK_M * BLOCK_M
+        hi = tl.minimum(pid_n * BLOCK_N + BLOCK_N - 1 + W - p0, Lq)
+        for hh in range(0, rep):
+            h = kvh * rep + hh
+            for start in range(lo, hi, BLOCK_M):
+                rows = start + tl.arange(0, BLOCK_M)
+                pos = p0 + rows
+                q_mask = (rows[:, None] < Lq) & (d[None, :] < D)
+                q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + d[None, :], mask=q_mask, other=0.0)
+                do = tl.load(DO + b * sq_b + h * sq_h + rows[:, None] * sq_l + d[None, :], mask=q_mask, other=0.0)
+                if DOT_F32:
+                    q, do = q.to(tl.float32), do.to(tl.float32)
+                lse = tl.load(LSE + (b * Hq + h) * Lq + rows, mask=rows < Lq, other=0.0)
+                delta = tl.load(DELTA + (b * Hq + h) * Lq + rows, mask=rows < Lq, other=0.0)
+                s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_M, BLOCK_N), log2 units
+                visible = ((j[None, :] <= pos[:, None]) & (j[None, :] > pos[:, None] - W) & (j[None, :] < Lk)
+                           & (rows[:, None] < Lq))
+                p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        tl.store(DK + b * sk_b + kvh * sk_h + j[:, None] * sk_l + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                 mask=kv_mask)
+        tl.store(DV + b * sv_b + kvh * sv_h + j[:, None] * sv_l + d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def sliding_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                       Hq, Hkv, Lq, Lk, scale, sm_scale, W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+        # One query tile of head (b, h), walking the key tiles of its band as the forward does.
+        pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // Hq, pid_bh % Hq
+        kvh = h // (Hq // Hkv)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pos = Lk - Lq + rows
+        d = tl.arange(0, BLOCK_D)
+        q_mask = (rows[:, None] < Lq) & (d[None, :] < D)
+        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + b * sq_b + h * sq_h + rows[:, None] * sq_l + d[None, :], mask=q_mask, other=0.0)
+        if DOT_F32:
+            q, do = q.to(tl.float32), do.to(tl.float32)
+        lse = tl.load(LSE + pid_bh * Lq + rows, mask=rows < Lq, other=0.0)
+        delta = tl.load(DELTA + pid_bh * Lq + rows, mask=rows < Lq, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        first = Lk - Lq + pid_m * BLOCK_M - W + 1
+        lo = tl.maximum(first, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(Lk - Lq + (pid_m + 1) * BLOCK_M, Lk)
+        for start in range(lo, hi, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            kv_mask = (j[:, None] < Lk) & (d[None, :] < D)
+            k = tl.load(K + b * sk_b + kvh * sk_h + j[:, None] * sk_l + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + b * sv_b + kvh * sv_h + j[:, None] * sv_l + d[None, :], mask=kv_mask, other=0.0)
+            if DOT_F32:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * scale
+            visible = ((j[None, :] <= pos[:, None]) & (j[None, :] > pos[:, None] - W) & (j[None, :] < Lk)
+                       & (rows[:, None] < Lq))
+            p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        tl.store(DQ + b * sq_b + h * sq_h + rows[:, None] * sq_l + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+                 mask=q_mask)
+
+    return sliding_fwd, sliding_bwd_dkdv, sliding_bwd_dq
 
 
 def _triton(q, k, v, window: int, scale: float, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
-    """Launch the kernel: one program per (BLOCK_M query rows, batch x head)."""
+    """The Triton kernel, differentiable: one program per (BLOCK_M query rows, batch x head)."""
+    return _TritonSliding.apply(q, k, v, window, scale, block_m, block_n)
+
+
+class _TritonSliding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, window, scale, block_m, block_n):
+        import triton
+        B, Hq, Lq, D = q.shape
+        q, k, v = (x.contiguous() for x in (q, k, v))  # dO and dQ then share q's strides
+        out = torch.empty_like(q)
+        lse = torch.empty(B * Hq, Lq, dtype=torch.float32, device=q.device)
+        ctx.meta = _meta(q, window, scale, block_m, block_n)
+        _triton_kernel()[0][(triton.cdiv(Lq, block_m), B * Hq)](
+            q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            Hq, k.shape[1], Lq, k.shape[2], scale * LOG2E, **ctx.meta)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        import triton
+        q, k, v, out, lse = ctx.saved_tensors
+        B, Hq, Lq, D = q.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        d_out = d_out.to(q.dtype).contiguous()
+        delta = (d_out.float() * out.float()).sum(-1).reshape(B * Hq, Lq)  # rowsum(dO * O)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+        sizes = (Hq, Hkv, Lq, Lk, ctx.scale * LOG2E, ctx.scale)
+        _, dkdv, dq_kernel = _triton_kernel()
+        dkdv[(triton.cdiv(Lk, ctx.meta["BLOCK_N"]), B * Hkv)](q, k, v, d_out, lse, delta, dk, dv, *strides, *sizes,
+                                                              **ctx.meta)
+        dq_kernel[(triton.cdiv(Lq, ctx.meta["BLOCK_M"]), B * Hq)](q, k, v, d_out, lse, delta, dq, *strides, *sizes,
+                                                                  **ctx.meta)
+        return dq, dk, dv, None, None, None, None
+
+
+
+def _meta(q, window: int, scale: float, block_m: int, block_n: int) -> dict:
+    """The kernels' compile-time constants."""
     import triton
-    B, Hq, Lq, D = q.shape
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out = torch.empty_like(q)
-    grid = (triton.cdiv(Lq, block_m), B * Hq)
-    _triton_kernel()[grid](q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-                           Hq, k.shape[1], Lq, k.shape[2], scale * 1.4426950408889634, W=window, D=D,
-                           BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n,
-                           DOT_F32=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
-    return out
+    return dict(W=window, D=q.shape[-1], BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), BLOCK_M=block_m,
+                BLOCK_N=block_n, DOT_F32=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _triton_checked(q, k, v, window: int, scale: float) -> torch.Tensor | None:
@@ -222,15 +342,21 @@ def _triton_checked(q, k, v, window: int, scale: float) -> torch.Tensor | None:
 
 
 def _check_run(q, D: int, window: int):
-    """The Triton kernel and the SDPA tiles on one small seeded input like ``q``: GQA, a decode
-    offset, a window that slides."""
+    """The Triton kernels and the SDPA tiles on one small seeded input like ``q`` (GQA, a decode
+    offset, a window that slides): the output and the gradients of q, k, v, flattened together."""
     Lk = min(window, 200) + 37
     g = torch.Generator().manual_seed(window)
-    small = [torch.randn(s, generator=g).to(device=q.device, dtype=q.dtype)
-             for s in ((1, 4, Lk - 5, D), (1, 2, Lk, D), (1, 2, Lk, D))]
+    shapes = ((1, 4, Lk - 5, D), (1, 2, Lk, D), (1, 2, Lk, D))
+    small = [torch.randn(s, generator=g).to(device=q.device, dtype=q.dtype) for s in shapes]
+    d_out = torch.randn(shapes[0], generator=g).to(device=q.device, dtype=q.dtype)
     no_globals = torch.zeros(0, dtype=torch.long, device=q.device)
-    return (_triton(*small, window, D ** -0.5).float().cpu().numpy(),
-            _tiles(*small, window, D ** -0.5, no_globals).float().cpu().numpy())
+
+    def run(f):
+        x = [t.clone().requires_grad_(True) for t in small]
+        out = f(*x, window, D ** -0.5)
+        out.backward(d_out)
+        return torch.cat([t.float().flatten() for t in (out, *(t.grad for t in x))]).detach().cpu().numpy()
+    return run(_triton), run(lambda q, k, v, w, s: _tiles(q, k, v, w, s, no_globals))
 
 
 def _fingerprint(device) -> str:
