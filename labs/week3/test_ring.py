@@ -217,7 +217,7 @@ def launch(lab, arrays, processes, *args):
                                                        (4, "contiguous", False), (4, "zigzag", True)])
 def test_distributed_ranks_equal_the_oracle(lab, arrays, processes, layout, causal):
     args = ["--length", "192", "--heads", "4", "--kv-heads", "2", "--dim", "16", "--block-size", "20",
-            "--layout", layout, "--check", "--timeout", "60"] + ([] if causal else ["--no-causal"])
+            "--layout", layout, "--check", "--backward", "--timeout", "60"] + ([] if causal else ["--no-causal"])
     reports, log = launch(lab, arrays, processes, *args)
     assert len(reports) == processes, f"{len(reports)} of {processes} ranks reported:\n{log[-3000:]}"
     for r in reports:
@@ -225,6 +225,9 @@ def test_distributed_ranks_equal_the_oracle(lab, arrays, processes, layout, caus
         assert r["shape_ok"], f"rank {r['rank']}: output shape differs from its shard of the oracle"
         assert r["max_error"] < 1e-4, (f"rank {r['rank']} ({layout}, causal={causal}): max error "
                                        f"{r['max_error']:.3g} against the oracle on its own positions")
+        # The backward ring (given) sends dK, dV around through your ring_attention_step's gradient.
+        assert max(r["grad_errors"]) < 1e-4, (f"rank {r['rank']} ({layout}, causal={causal}): dq, dk, dv off by "
+                                              f"{r['grad_errors']} of the largest float64 gradient on its own rows")
 
 
 @pytest.mark.parametrize("fault", ["silent", "die"])

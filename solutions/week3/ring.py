@@ -26,6 +26,7 @@ import threading
 from typing import NamedTuple
 
 import mlx.core as mx
+import numpy as np
 
 from longctx.checks import check_attention, check_choice, check_nonnegative_int, check_positive_int, check_scale
 from longctx.techniques.ring import RING_LAYOUTS, ring_shard_rows
@@ -204,21 +205,76 @@ def ring_attention_distributed(q: mx.array, k: mx.array, v: mx.array, group=None
         h = x.shape[2] // 2
         return [(owner, x[:, :, :h]), (2 * size - 1 - owner, x[:, :, h:])]
 
-    queries = chunks(q, rank)
-    states = [None] * len(queries)
-    kv = mx.stack([k, v])  # (2, B, Hkv, n, D): one message per step
-    mx.eval(kv)
-    for step in range(size):
-        owner = (rank - step) % size  # the rank this kv shard started on
-        # Start passing this shard on while it is being used: transfer and compute overlap.
-        transfer = _Background(lambda kv=kv: _exchange(kv, group, rank, size)) if step < size - 1 else None
-        for i, (qpos, q_chunk) in enumerate(queries):
-            for (kpos, k_chunk), (_, v_chunk) in zip(chunks(kv[0], owner), chunks(kv[1], owner)):
-                states[i] = ring.ring_attention_step(q_chunk, k_chunk, v_chunk, kpos, states[i],
-                                                     query_position=qpos)
-        if transfer is not None:
-            kv = transfer.wait(timeout, f"rank {rank}, ring step {step + 1} of {size - 1}", suspect)
-    return mx.concatenate([ring.finalize(s, q.dtype) for s in states], axis=2)
+    def pass_on(x, what):
+        """Send ``x`` to rank + 1 and return what rank - 1 sent, within the deadline. Called inside
+        MLX's backward pass, where an array made on another thread breaks the transformation's
+        bookkeeping: the helper thread gets and gives back host copies (numpy), never a graph."""
+        host = np.array(x)
+        got = _Background(lambda: _exchange(mx.array(host), group, rank, size)).wait(timeout, f"rank {rank}, {what}",
+                                                                                    suspect)
+        return mx.array(np.array(got))
+
+    @mx.custom_function
+    def attend(q, k, v):
+        queries = chunks(q, rank)
+        states = [None] * len(queries)
+        kv = mx.stack([k, v])  # (2, B, Hkv, n, D): one message per step
+        mx.eval(kv)
+        for step in range(size):
+            owner = (rank - step) % size  # the rank this kv shard started on
+            # Start passing this shard on while it is being used: transfer and compute overlap.
+            transfer = _Background(lambda kv=kv: _exchange(kv, group, rank, size)) if step < size - 1 else None
+            for i, (qpos, q_chunk) in enumerate(queries):
+                for (kpos, k_chunk), (_, v_chunk) in zip(chunks(kv[0], owner), chunks(kv[1], owner)):
+                    states[i] = ring.ring_attention_step(q_chunk, k_chunk, v_chunk, kpos, states[i],
+                                                         query_position=qpos)
+            if transfer is not None:
+                kv = transfer.wait(timeout, f"rank {rank}, ring step {step + 1} of {size - 1}", suspect)
+        return (mx.concatenate([ring.finalize(s, q.dtype) for s in states], axis=2),
+                mx.concatenate([s.lse for s in states], axis=2))
+
+    @attend.vjp
+    def attend_vjp(primals, cotangents, outputs):
+        """The ring backward (Liu et al.): each kv shard travels once more around the ring, now
+        with its dK, dV accumulators; every rank adds its queries' share and passes both on,
+        and one last hop brings each shard's gradient home. A pair's share is the gradient of
+        ``sum(exp(lse_pair - lse) * (out_pair . dO - rowsum(dO * O)))`` with the final ``lse``
+        held constant: exactly FlashAttention's ``dS = P (dP - rowsum(dO * O))`` for that pair,
+        computed through your ``ring_attention_step``."""
+        q, k, v = primals
+        out, lse = outputs
+        d_out = cotangents[0].astype(mx.float32)
+        delta = mx.sum(d_out * out.astype(mx.float32), axis=-1)  # rowsum(dO * O)
+
+        def share(q_chunk, k_chunk, v_chunk, kpos, qpos, rows):
+            def surrogate(q_chunk, k_chunk, v_chunk):
+                state = ring.ring_attention_step(q_chunk, k_chunk, v_chunk, kpos, None, query_position=qpos)
+                w = mx.exp(state.lse - lse[:, :, rows])
+                return mx.sum(w[..., None] * state.out * d_out[:, :, rows]) - mx.sum(w * delta[:, :, rows])
+            return mx.grad(surrogate, argnums=(0, 1, 2))(q_chunk, k_chunk, v_chunk)
+
+        h = q.shape[2] // 2
+        queries = [(pos, x, slice(0, None) if layout == "contiguous" else (slice(0, h) if i == 0 else slice(h, None)))
+                   for i, (pos, x) in enumerate(chunks(q, rank))]
+        dq = [mx.zeros(x.shape, dtype=mx.float32) for _, x, _ in queries]
+        message = mx.stack([k.astype(mx.float32), v.astype(mx.float32), mx.zeros(k.shape), mx.zeros(v.shape)])
+        for step in range(size):
+            owner = (rank - step) % size
+            parts = [chunks(message[j], owner) for j in range(4)]  # k, v, dk, dv chunks
+            dk, dv = [x for _, x in parts[2]], [x for _, x in parts[3]]
+            for i, (qpos, q_chunk, rows) in enumerate(queries):
+                for c, ((kpos, k_chunk), (_, v_chunk)) in enumerate(zip(parts[0], parts[1])):
+                    if ring.causal and kpos > qpos:
+                        continue  # a later shard: no share
+                    g_q, g_k, g_v = share(q_chunk, k_chunk, v_chunk, kpos, qpos, rows)
+                    dq[i], dk[c], dv[c] = dq[i] + g_q, dk[c] + g_k, dv[c] + g_v
+            message = mx.stack([message[0], message[1], mx.concatenate(dk, axis=2), mx.concatenate(dv, axis=2)])
+            mx.eval(message, dq)
+            if size > 1:  # after the last step: the hop that brings each shard's gradient home
+                message = pass_on(message, f"backward ring step {step + 1} of {size}")
+        return (mx.concatenate(dq, axis=2).astype(q.dtype), message[2].astype(k.dtype), message[3].astype(v.dtype))
+
+    return attend(q, k, v)[0]
 
 
 class _Background:

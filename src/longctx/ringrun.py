@@ -7,7 +7,9 @@
 seeded full ``q, k, v``, keeps its shard, calls ``ring_attention_distributed``
 and writes ``rank<r>.json``: its error against the float64 oracle on its own
 positions (``--check``), its peak memory, its time per ring step and its
-causal work (the (query, key) pairs it scores). ``--module`` grades a
+causal work (the (query, key) pairs it scores). ``--backward`` also takes the
+gradient of a seeded weighted sum of the output (the backward ring passes dK, dV
+on) and, with ``--check``, its error against float64 autograd on the rank's rows. ``--module`` grades a
 learner's ``ring.py`` instead of the reference; ``--fault`` makes one rank die
 or go silent, to show that the others raise instead of hanging.
 """
@@ -119,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layout", choices=["contiguous", "zigzag"], default="contiguous")
     parser.add_argument("--no-causal", dest="causal", action="store_false")
     parser.add_argument("--check", action="store_true", help="compare with the float64 oracle")
+    parser.add_argument("--backward", action="store_true", help="also the gradients of q, k, v (timed; checked)")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--fault", choices=["die", "silent"], default=None)
     parser.add_argument("--fault-rank", type=int, default=1)
@@ -173,6 +176,17 @@ def main(argv=None) -> int:
             got = to_numpy(out)
             record["shape_ok"] = got.shape == want.shape
             record["max_error"] = float(np.abs(got - want).max()) if got.shape == want.shape else None
+        if args.backward:
+            w = rng.standard_normal(q.shape).astype(np.float32)  # the loss: sum(out * w) over the whole sequence
+            start = time.perf_counter()
+            grads = _ring_grads(ring, args, local, to_array(np.ascontiguousarray(w[:, :, pos])), group)
+            record["backward_seconds"] = time.perf_counter() - start
+            if args.check:
+                from longctx.testing.gradients import reference_grads, weighted
+                counts = exact.causal_mask(L, L) if args.causal else np.ones((L, L))
+                want = [g[:, :, pos] for g in reference_grads(weighted(counts), q, k, v, w)]
+                scale = max(float(np.abs(g).max()) for g in want)
+                record["grad_errors"] = [float(np.abs(to_numpy(g) - x).max()) / scale for g, x in zip(grads, want)]
     except Exception as error:  # noqa: BLE001 -- the report is the point
         record["error"] = f"{type(error).__name__}: {error}"
         record["traceback"] = traceback.format_exc()
@@ -181,6 +195,19 @@ def main(argv=None) -> int:
     # even after an error (it is in the report): launchers kill every rank when one exits non-zero, and
     # the neighbours of a dead rank must live to report it.
     os._exit(0)
+
+
+def _ring_grads(ring, args, local, w, group):
+    """This rank's ``dq, dk, dv`` of ``sum(out * w)``: every rank's loss term, summed by the ring."""
+    options = dict(causal=args.causal, layout=args.layout, block_size=args.block_size, timeout=args.timeout)
+    if args.backend == "mlx":
+        import mlx.core as mx
+        grads = mx.vjp(lambda q, k, v: ring.ring_attention_distributed(q, k, v, group, **options), local, [w])[1]
+        mx.eval(grads)
+        return grads
+    local = [x.clone().requires_grad_(True) for x in local]
+    ring.ring_attention_distributed(*local, group, **options).backward(w)
+    return [x.grad for x in local]
 
 
 if __name__ == "__main__":

@@ -114,7 +114,8 @@ def ring_attention_distributed(q, k, v, group=None, *, causal: bool = True, layo
                                timeout: float = 60.0) -> torch.Tensor:
     """Ring attention across the processes of ``group`` (default: the default process group;
     one process when ``torch.distributed`` is not initialised). Each rank passes its own
-    shard (``ring_shard``) and gets its shard of the output."""
+    shard (``ring_shard``) and gets its shard of the output. Differentiable: the backward
+    passes dK, dV around the ring too."""
     B, Hq, Hkv, n, Lk, D = check_attention(q, k, v)
     check_choice("layout", layout, RING_LAYOUTS)
     if n != Lk:
@@ -168,16 +169,64 @@ def ring_attention_distributed(q, k, v, group=None, *, causal: bool = True, layo
         h = x.shape[2] // 2
         return [(owner, x[:, :, :h]), (2 * size - 1 - owner, x[:, :, h:])]
 
-    queries = chunks(q, rank)
-    states = [None] * len(queries)
-    kv = torch.stack([k, v]).contiguous()
-    for step in range(size):
-        owner = (rank - step) % size
-        pending = post(kv, f"ring step {step + 1} of {size - 1}") if step < size - 1 else None  # overlaps compute
-        for i, (qpos, q_chunk) in enumerate(queries):
-            for (kpos, k_chunk), (_, v_chunk) in zip(chunks(kv[0], owner), chunks(kv[1], owner)):
-                states[i] = ring.ring_attention_step(q_chunk, k_chunk, v_chunk, kpos, states[i],
-                                                     query_position=qpos)
-        if pending is not None:
-            kv = wait(pending)
-    return torch.cat([ring.finalize(s, q.dtype) for s in states], dim=2)
+    def forward(q, k, v):
+        queries = chunks(q, rank)
+        states = [None] * len(queries)
+        kv = torch.stack([k, v]).contiguous()
+        for step in range(size):
+            owner = (rank - step) % size
+            pending = post(kv, f"ring step {step + 1} of {size - 1}") if step < size - 1 else None  # overlaps compute
+            for i, (qpos, q_chunk) in enumerate(queries):
+                for (kpos, k_chunk), (_, v_chunk) in zip(chunks(kv[0], owner), chunks(kv[1], owner)):
+                    states[i] = ring.ring_attention_step(q_chunk, k_chunk, v_chunk, kpos, states[i],
+                                                         query_position=qpos)
+            if pending is not None:
+                kv = wait(pending)
+        return (torch.cat([ring.finalize(s, q.dtype) for s in states], dim=2),
+                torch.cat([s.lse for s in states], dim=2))
+
+    def backward(q, k, v, out, lse, d_out):
+        """The ring backward: each kv shard travels around once more with its dK, dV
+        accumulators, and one last hop brings them home (see the MLX reference)."""
+        d_out = d_out.float()
+        delta = (d_out * out.float()).sum(-1)  # rowsum(dO * O)
+        h = q.shape[2] // 2
+        rows = [slice(None)] if layout == "contiguous" else [slice(0, h), slice(h, None)]
+        queries = [(pos, x.detach(), r) for (pos, x), r in zip(chunks(q, rank), rows)]
+        dq = [torch.zeros(x.shape, device=x.device) for _, x, _ in queries]
+        message = torch.stack([k.float(), v.float(), torch.zeros_like(k, dtype=torch.float32),
+                               torch.zeros_like(v, dtype=torch.float32)]).contiguous()
+        for step in range(size):
+            owner = (rank - step) % size
+            parts = [chunks(message[j], owner) for j in range(4)]
+            dk, dv = [x.clone() for _, x in parts[2]], [x.clone() for _, x in parts[3]]
+            for i, (qpos, q_chunk, r) in enumerate(queries):
+                for c, ((kpos, k_chunk), (_, v_chunk)) in enumerate(zip(parts[0], parts[1])):
+                    if ring.causal and kpos > qpos:
+                        continue
+                    inputs = [x.detach().requires_grad_(True) for x in (q_chunk, k_chunk, v_chunk)]
+                    with torch.enable_grad():
+                        state = ring.ring_attention_step(*inputs, kpos, None, query_position=qpos)
+                        w = torch.exp(state.lse - lse[:, :, r])
+                        surrogate = (w[..., None] * state.out * d_out[:, :, r]).sum() - (w * delta[:, :, r]).sum()
+                        g_q, g_k, g_v = torch.autograd.grad(surrogate, inputs, allow_unused=True)
+                    dq[i] += 0 if g_q is None else g_q
+                    dk[c] += 0 if g_k is None else g_k
+                    dv[c] += 0 if g_v is None else g_v
+            message = torch.stack([message[0], message[1], torch.cat(dk, dim=2), torch.cat(dv, dim=2)]).contiguous()
+            if size > 1:
+                message = wait(post(message, f"backward ring step {step + 1} of {size}"))
+        return torch.cat(dq, dim=2).to(q.dtype), message[2].to(k.dtype), message[3].to(v.dtype)
+
+    class Ring(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse = forward(q, k, v)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, d_out):
+            return backward(*ctx.saved_tensors, d_out)
+
+    return Ring.apply(q, k, v)
