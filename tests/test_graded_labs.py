@@ -226,6 +226,15 @@ MUTANTS = {
     "scores detached (no gradient reaches q or k)": ("sliding", [(
         "s = mx.addmm(mx.where(visible, 0.0, -mx.inf), qb, kb.swapaxes(-1, -2))",
         "s = mx.stop_gradient(mx.addmm(mx.where(visible, 0.0, -mx.inf), qb, kb.swapaxes(-1, -2)))")]),
+    "band backward: rowsum(dO * O) dropped": ("sliding", [("ds = p * (dob @ vb.swapaxes(-1, -2) - deltab)",
+                                                           "ds = p * (dob @ vb.swapaxes(-1, -2))")]),
+    "band backward: dQ unscaled": ("sliding", [("(ds @ kb * scale)", "(ds @ kb)")]),
+    "band backward: dK unscaled": ("sliding", [("mx.sum(ds.swapaxes(-1, -2) @ qb, axis=2) * scale",
+                                                "mx.sum(ds.swapaxes(-1, -2) @ qb, axis=2)")]),
+    "band backward: dK, dV from the first query head only": ("sliding", [(
+        "dvb = mx.sum(p.swapaxes(-1, -2) @ dob, axis=2)", "dvb = (p.swapaxes(-1, -2) @ dob)[:, :, 0]")]),
+    "band backward: overlapping windows overwrite instead of add": ("sliding", [(
+        "dk[:, :, at:at + n * block] += dkb", "dk[:, :, at:at + n * block] = dkb")]),
     "global keys' scores detached": ("sliding", [(
         "sg = mx.addmm(gbias, qb, kg.swapaxes(-1, -2))", "sg = mx.stop_gradient(mx.addmm(gbias, qb, kg.swapaxes(-1, -2)))")]),
     # Task 2
@@ -558,8 +567,9 @@ MUTANTS = {
     "bigbird: unscaled": ("sparse", [(".reshape(B, Hq, i1 - i0, b, D) * scale", ".reshape(B, Hq, i1 - i0, b, D)")]),
 }
 def learner_spans(source: str) -> list[tuple[int, int]]:
-    """Character spans of the ``# BEGIN SOLUTION`` .. ``# END SOLUTION`` blocks: what a learner writes."""
-    return [(m.start(), m.end()) for m in re.finditer(r"# BEGIN SOLUTION\n.*?# END SOLUTION", source, re.S)]
+    """Character spans of the ``# BEGIN SOLUTION`` .. ``# END SOLUTION`` blocks (and the stretch
+    exercises' ``STRETCH`` blocks): what a learner writes."""
+    return [(m.start(), m.end()) for m in re.finditer(r"# BEGIN (SOLUTION|STRETCH)\n.*?# END \1", source, re.S)]
 
 
 def test_every_planted_bug_is_in_code_the_learner_writes():

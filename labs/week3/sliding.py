@@ -97,9 +97,9 @@ def _blocked(q, k, v, window: int, scale: float, global_tokens=np.zeros(0, np.in
 
 
 def _with_ops_gradient(fast, q, k, v, window: int, scale: float) -> mx.array:
-    """Given: ``fast(q, k, v)``, a compiled kernel (``_blocked``'s output where it returns None),
-    trained as ``_blocked``: the kernels have no backward, so ``mx.grad`` differentiates the ops
-    path, recomputed in the backward pass."""
+    """Given: ``fast(q, k, v)``, a fused kernel with no backward of its own (``_blocked``'s output
+    where it returns None), trained with ``_band_backward`` (the stretch exercise), or, until that
+    is written, with ``mx.vjp`` of ``_blocked`` recomputed in the backward pass."""
     @mx.custom_function
     def attend(q, k, v):
         out = fast(q, k, v)
@@ -107,8 +107,25 @@ def _with_ops_gradient(fast, q, k, v, window: int, scale: float) -> mx.array:
 
     @attend.vjp
     def attend_vjp(primals, cotangent, output):
-        return mx.vjp(lambda q, k, v: _blocked(q, k, v, window, scale), list(primals), [cotangent])[1]
+        try:
+            return list(_band_backward(*primals, output, cotangent, window, scale))
+        except NotImplementedError:
+            return mx.vjp(lambda q, k, v: _blocked(q, k, v, window, scale), list(primals), [cotangent])[1]
     return attend(q, k, v)
+
+
+def _band_backward(q, k, v, out, d_out, window: int, scale: float) -> tuple[mx.array, mx.array, mx.array]:
+    """The stretch exercise: FlashAttention-2's backward on ``_blocked``'s band tiles.
+
+    ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)``, the forward's ``out`` and the cotangent
+    ``d_out`` (both like ``q``); no global tokens. Returns ``(dq, dk, dv)`` in the inputs' dtypes.
+    A query block's tile holds every key of its rows' windows, so recompute its probabilities
+    ``P`` exactly; then ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``,
+    ``dQ = dS K * scale``, ``dK = dS^T Q * scale``, with ``dK`` and ``dV`` summed over the query
+    heads of a kv head and added back to the key rows each tile read (the windows overlap).
+    About 35 lines.
+    """
+    raise NotImplementedError("Stretch, Task 1: _band_backward -- see the book chapter 'Sliding-window attention'")
 
 
 def _windows(x, n: int, block: int, nprev: int) -> mx.array:

@@ -143,6 +143,37 @@ def test_stretch_fused_kernel_equals_the_oracle(lab, arrays, dtype, tol):
                      name=f"fused kernel, {dtype}, B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lk={Lk} D={D} W={W}")
 
 
+# ---------------------------------------------------------------- stretch: the band backward
+
+@pytest.mark.task(1, stretch=True)
+@pytest.mark.parametrize("B, Hq, Hkv, Lq, Lk, D, W, dtype, steps", [
+    (1, 4, 2, 50, 50, 8, 7, "float32", "one"),  # GQA: dK, dV summed over a kv head's query heads
+    (2, 2, 1, 37, 100, 16, 1, "float32", "one"),  # batch 2, window 1, decode offset (Lq < Lk)
+    (1, 2, 2, 30, 30, 8, 100, "float32", "one"),  # window > L
+    (1, 6, 2, 90, 130, 16, 40, "float32", "many"),  # a step per query block: overlapping windows added back
+    (1, 2, 1, 64, 64, 32, 24, "float16", "one"),  # half precision in, float32 inside
+])
+def test_stretch_band_backward_equals_the_oracles_gradient(lab, arrays, monkeypatch, B, Hq, Hkv, Lq, Lk, D, W, dtype,
+                                                           steps):
+    """``_band_backward`` (the stretch exercise; the MLX reference's backward for its fused GPU kernels)
+    against float64 autograd, given the exact forward output: the rowsum(dO * O) term, the scale in
+    dQ and dK, GQA's sum over query heads, and every tile's keys added back where they came from."""
+    sliding = lab("sliding")
+    if not hasattr(sliding, "_band_backward"):
+        pytest.skip("the torch mirror's backward is autograd's (and its Triton kernels' on CUDA)")
+    if steps == "many":
+        monkeypatch.setattr(sliding, "TILE_ELEMENTS", 1)
+    q, k, v = make_qkv(Lq + W, B, Hq, Hkv, Lq, Lk, D)
+    w = np.random.default_rng(W).standard_normal(q.shape)
+    seen = [arrays.numpy(arrays.asarray(x, dtype)).astype(np.float64) for x in (q, k, v, w)]
+    out = sliding_window_attention(*seen[:3], W)
+    got = sliding._band_backward(*(arrays.asarray(x, dtype) for x in (*seen[:3], out, seen[3])), W, D ** -0.5)
+    assert [arrays.dtype_name(g) for g in got] == [dtype] * 3, "dq, dk, dv must come back in the inputs' dtype"
+    want = reference_grads(weighted(sliding_mask(Lq, Lk, W)), *seen)
+    assert_gradients_close([arrays.numpy(g) for g in got], want, tol=2e-5 if dtype == "float32" else 5e-3,
+                           name=f"band backward B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lk={Lk} D={D} W={W} {dtype}")
+
+
 # ---------------------------------------------------------------- growth, not time
 
 def test_peak_memory_grows_linearly_in_length(lab, arrays, record):

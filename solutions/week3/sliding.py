@@ -159,9 +159,9 @@ def _blocked(q, k, v, window: int, scale: float, global_tokens=np.zeros(0, np.in
 
 
 def _with_ops_gradient(fast, q, k, v, window: int, scale: float) -> mx.array:
-    """Given: ``fast(q, k, v)``, a compiled kernel (``_blocked``'s output where it returns None),
-    trained as ``_blocked``: the kernels have no backward, so ``mx.grad`` differentiates the ops
-    path, recomputed in the backward pass."""
+    """Given: ``fast(q, k, v)``, a fused kernel with no backward of its own (``_blocked``'s output
+    where it returns None), trained with ``_band_backward`` (the stretch exercise), or, until that
+    is written, with ``mx.vjp`` of ``_blocked`` recomputed in the backward pass."""
     @mx.custom_function
     def attend(q, k, v):
         out = fast(q, k, v)
@@ -169,8 +169,65 @@ def _with_ops_gradient(fast, q, k, v, window: int, scale: float) -> mx.array:
 
     @attend.vjp
     def attend_vjp(primals, cotangent, output):
-        return mx.vjp(lambda q, k, v: _blocked(q, k, v, window, scale), list(primals), [cotangent])[1]
+        try:
+            return list(_band_backward(*primals, output, cotangent, window, scale))
+        except NotImplementedError:
+            return mx.vjp(lambda q, k, v: _blocked(q, k, v, window, scale), list(primals), [cotangent])[1]
     return attend(q, k, v)
+
+
+def _band_backward(q, k, v, out, d_out, window: int, scale: float) -> tuple[mx.array, mx.array, mx.array]:
+    """The stretch exercise: FlashAttention-2's backward on ``_blocked``'s band tiles.
+
+    ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)``, the forward's ``out`` and the cotangent
+    ``d_out`` (both like ``q``); no global tokens. Returns ``(dq, dk, dv)`` in the inputs' dtypes.
+    A query block's tile holds every key of its rows' windows, so recompute its probabilities
+    ``P`` exactly; then ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``,
+    ``dQ = dS K * scale``, ``dK = dS^T Q * scale``, with ``dK`` and ``dV`` summed over the query
+    heads of a kv head and added back to the key rows each tile read (the windows overlap).
+    About 35 lines.
+    """
+    # BEGIN STRETCH
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    rep = Hq // Hkv
+    block = max(16, min(128, 1 << (window.bit_length() - 2))) if window > 4 else 16
+    nprev = -(-(window - 1) // block)
+    nb, ncol, p0 = -(-Lq // block), (nprev + 1) * block, Lk - Lq
+    r = mx.arange(block)[:, None]
+    c = mx.arange(ncol)[None, :] - nprev * block
+    band = (c <= r) & (c > r - window)
+    delta = mx.sum(d_out.astype(mx.float32) * out.astype(mx.float32), axis=-1, keepdims=True)  # rowsum(dO * O)
+    pad = nprev * block  # key rows before position 0 that the first blocks read (as zeros)
+    dk = mx.zeros((B, Hkv, pad + Lk + block, D))
+    dv = mx.zeros((B, Hkv, pad + Lk + block, D))
+    dq = []
+    per_step = max(1, TILE_ELEMENTS // (B * Hq * block * ncol))
+    for b0 in range(0, nb, per_step):
+        b1 = min(nb, b0 + per_step)
+        n, e = b1 - b0, min(Lq, b1 * block)
+
+        def rows(x):  # this step's query rows of x (B, Hq, Lq, .) as (B, Hkv, rep, n, block, .), zero padded
+            x = mx.pad(x[:, :, b0 * block:e].astype(mx.float32), [(0, 0), (0, 0), (0, b1 * block - e), (0, 0)])
+            return x.reshape(B, Hkv, rep, n, block, x.shape[-1])
+        qb, dob, deltab = rows(q), rows(d_out), rows(delta)
+        k0 = p0 + (b0 - nprev) * block
+        kb = _windows(_rows(k, k0, (n + nprev) * block), n, block, nprev)  # (B, Hkv, 1, n, ncol, D)
+        vb = _windows(_rows(v, k0, (n + nprev) * block), n, block, nprev)
+        key_pos = k0 + mx.arange(n)[:, None, None] * block + mx.arange(ncol)
+        s = mx.where(band & (key_pos >= 0), (qb @ kb.swapaxes(-1, -2)) * scale, -mx.inf)
+        p = mx.softmax(s, axis=-1)  # exact: the tile holds the whole window of each row
+        dvb = mx.sum(p.swapaxes(-1, -2) @ dob, axis=2)  # (B, Hkv, n, ncol, D), summed over the query heads
+        ds = p * (dob @ vb.swapaxes(-1, -2) - deltab)
+        dq.append((ds @ kb * scale).reshape(B, Hq, n * block, D)[:, :, :e - b0 * block])
+        dkb = mx.sum(ds.swapaxes(-1, -2) @ qb, axis=2) * scale
+        for t in range(nprev + 1):  # the adjoint of _windows: tile part t read key rows t*block .. of the slab
+            at = pad + k0 + t * block
+            dk[:, :, at:at + n * block] += dkb[:, :, :, t * block:(t + 1) * block].reshape(B, Hkv, n * block, D)
+            dv[:, :, at:at + n * block] += dvb[:, :, :, t * block:(t + 1) * block].reshape(B, Hkv, n * block, D)
+    return (mx.concatenate(dq, axis=2).astype(q.dtype), dk[:, :, pad:pad + Lk].astype(k.dtype),
+            dv[:, :, pad:pad + Lk].astype(v.dtype))
+    # END STRETCH
 
 
 def _windows(x, n: int, block: int, nprev: int) -> mx.array:
