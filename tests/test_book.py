@@ -63,3 +63,19 @@ def test_every_lab_module_has_a_chapter():
     text = "\n".join(p.read_text() for p in CHAPTERS)
     for module in (BOOK.parent / "solutions" / "week3").glob("[!_]*.py"):
         assert f"solutions/week3/{module.name}" in text, f"no chapter names solutions/week3/{module.name}"
+
+
+def test_recorded_tables_are_their_json():
+    """The training chapter's tables are included from Markdown rendered from recorded JSON: the two agree."""
+    import importlib.util
+    import json
+
+    from longctx.bench import backward_markdown
+    figures = BOOK / "src" / "figures" / "training"
+    for path in figures.rglob("backward.json"):
+        assert (path.parent / "backward.md").read_text() == backward_markdown(json.loads(path.read_text())["rows"])
+    spec = importlib.util.spec_from_file_location("train_techniques", BOOK.parent / "scripts" / "train_techniques.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    record = json.loads((figures / "long-training.json").read_text())
+    assert (figures / "long-training.md").read_text() == script.table(record)

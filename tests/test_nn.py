@@ -157,3 +157,34 @@ def test_train_tiny_trains_with_every_technique(tmp_path):
     recorded = json.loads((out / "train.json").read_text())["longctx_attention"]
     assert recorded == {"technique": "sliding", "options": {"window_size": 32}}
     assert cli.main(["train-tiny", str(tmp_path / "x"), "-o", "window_size=32"]) == 2, "-o needs --attention"
+
+
+def test_train_tiny_continues_the_shipped_model_with_a_technique(tmp_path):
+    """``train-tiny --from shipped --attention``: long-context training of an existing model, then
+    passkeys at the trained length and twice it, greedy under the technique; ``--max-seconds``
+    stops a run at equal wall time; an existing folder is never overwritten."""
+    import json
+
+    from longctx import cli
+    from longctx.eval import WholeRows
+    out = tmp_path / "sliding"
+    args = ["train-tiny", str(out), "--from", "shipped", "--attention", "sliding", "-o", "window_size=64",
+            "--seq-len", "256", "--batch-size", "1"]
+    assert cli.main([*args, "--steps", "5", "--max-seconds", "0.001"]) == 0
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["steps"] == 1 and record["planned_steps"] == 5, "--max-seconds stops after the step that reaches it"
+    assert set(record["passkey"]) == {"256", "512"} and all(0 <= v <= 1 for v in record["passkey"].values())
+    assert record["tokens_per_second"] > 0 and record["peak_memory_mb"] > 0 and len(record["times"]) == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["longctx_attention"] == {"technique": "sliding", "options": {"window_size": 64}}
+    assert cli.main([*args, "--steps", "1"]) == 2, "an existing model folder is not overwritten"
+    assert cli.main(["train-tiny", str(tmp_path / "y"), "--max-seconds", "5"]) == 2, "--max-seconds needs --from"
+
+    # WholeRows decodes greedily under the technique: a window as long as the row is the model itself.
+    runner, tokenizer = WholeRows.load(out)
+    runner.options = {"window_size": 10_000}
+    ids = tokenizer.encode("The pass key is 12345. Remember it. The pass key is")
+    tokens, row = list(runner.generate(ids, 4)), list(ids)
+    for _ in range(4):
+        row.append(int(mx.argmax(runner.model(mx.array([row]))[0, -1])))
+    assert tokens == row[len(ids):]

@@ -125,7 +125,8 @@ def test_the_real_kernel_verifies_itself_in_the_interpreter(tmp_path):
         from longctx.torch import sliding
         sliding._triton_wanted = lambda q: kernels.usable("triton")  # CPU tensors, as if on CUDA
         x = torch.randn(1, 2, 50, 16)
-        sliding.SlidingWindowAttention(5)(x, x, x)
+        with torch.no_grad():  # inference: the check still takes its gradients
+            sliding.SlidingWindowAttention(5)(x, x, x)
         print(kernels.status("triton", None), len(kernels._recorded()))
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1", "LONGCTX_CACHE": str(tmp_path)}

@@ -156,8 +156,23 @@ def _training_runs(backend: str, layer, inputs, device):
             lambda: measure.torch_peak_bytes(train, dev))
 
 
+def backward_markdown(rows: list[dict]) -> str:
+    """The ``--backward`` rows as a Markdown table (``backward.md``, which the book includes)."""
+    lines = ["| backend | technique | L | forward ms | fwd+bwd ms | bwd / fwd | x full | peak MiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["skipped"]:
+            lines.append(f"| {r['backend']} | {r['technique']} | {r['length']:,} | skipped: {r['skipped']} | | | | |")
+            continue
+        x_full = "" if r["x_full"] is None else f"{r['x_full']:.2f}"
+        lines.append(f"| {r['backend']} | {r['technique']} | {r['length']:,} | {r['forward_ms']:,.1f} | "
+                     f"{r['forward_backward_ms']:,.1f} | {r['backward_x_forward']:.2f} | {x_full} | "
+                     f"{r['peak_memory_bytes'] / 2**20:,.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def report_backward(rows: list[dict], config: dict, out: Path, console) -> Path:
-    """The ``--backward`` table and ``backward.json``."""
+    """The ``--backward`` table, ``backward.json`` and ``backward.md``."""
     from rich.table import Table
     table = Table(title=f"Training cost: {config['title']}")
     for column in ("backend", "technique", "L", "forward ms", "fwd+bwd ms", "bwd / fwd", "x full", "peak MiB"):
@@ -174,7 +189,8 @@ def report_backward(rows: list[dict], config: dict, out: Path, console) -> Path:
     path = out / "backward.json"
     path.write_text(json.dumps({"machine": {"platform": platform.platform(), "processor": platform.processor()},
                                 "config": config, "rows": rows}, indent=2))
-    console.print(f"wrote {path}")
+    (out / "backward.md").write_text(backward_markdown(rows))
+    console.print(f"wrote {path} and backward.md")
     return path
 
 

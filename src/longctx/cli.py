@@ -176,7 +176,7 @@ def cmd_train_tiny(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from longctx.models.train import copy_verdict, finetune, train
+    from longctx.models.train import copy_verdict, finetune, train, train_with_attention
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.3f}  copy loss {task.fields[copy]:.3f}"), TimeElapsedColumn(),
@@ -189,14 +189,29 @@ def cmd_train_tiny(args) -> int:
         try:
             if args.option and not args.attention:
                 raise ValueError("-o sets options of --attention: name the technique")
-            if args.from_model and args.attention:
-                raise ValueError("--attention trains a new model; --from continues one with --rope-scaling")
+            if args.max_seconds is not None and not args.from_model:
+                raise ValueError("--max-seconds stops a run continued with --from (equal-time comparisons)")
+            if args.from_model and args.attention:  # long-context training of a model with a technique (Task 13)
+                if args.rope_scaling:
+                    raise ValueError("--from with --attention keeps the model's RoPE; drop --rope-scaling")
+                path = train_with_attention(args.from_model, args.path, args.attention, dict(args.option),
+                                            seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size,
+                                            seed=args.seed, max_seconds=args.max_seconds,
+                                            log=progress.console.print, on_step=on_step)
+                from longctx.eval import technique_passkey
+                technique_passkey(path, seed=args.seed, log=progress.console.print)
+                record = json.loads((path / "finetune.json").read_text())
+                console.print(f"wrote {path}: {record['steps']} steps in {record['seconds']} s "
+                              f"({record['tokens_per_second']} tokens/s, peak {record['peak_memory_mb']} MB); "
+                              "passkey " + ", ".join(f"{v:.0%} at {k}" for k, v in record["passkey"].items()))
+                return 0
             if args.from_model:  # continue training at a new length with a scaled RoPE (Task 9)
                 if not args.rope_scaling:
                     raise ValueError("--from needs --rope-scaling (a JSON rope_scaling dict); `longctx extend "
                                      "--finetune-steps N` writes the whole model folder")
                 path = finetune(args.from_model, args.path, json.loads(args.rope_scaling), seq_len=args.seq_len,
-                                steps=args.steps, batch_size=args.batch_size, seed=args.seed, log=progress.console.print)
+                                steps=args.steps, batch_size=args.batch_size, seed=args.seed, log=progress.console.print,
+                                max_seconds=args.max_seconds)
                 console.print(f"wrote the weights to {path}")
                 return 0
             path = train(args.path, steps=args.steps, short_steps=args.short_steps, batch_size=args.batch_size,
@@ -429,8 +444,11 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--from", dest="from_model", type=_model_path, default=None,
-                   help="continue from this model folder ('shipped' too) at --seq-len with --rope-scaling "
-                        "(Task 9's short fine-tune); --steps steps")
+                   help="continue from this model folder ('shipped' too) at --seq-len, --steps steps: with "
+                        "--rope-scaling (Task 9's short fine-tune) or with --attention (long-context training "
+                        "with a technique; then passkey retrieval at --seq-len and twice it)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="with --from: stop at this wall time (to compare techniques at equal time)")
     p.add_argument("--rope-scaling", default=None, help='e.g. \'{"rope_type": "yarn", "factor": 4, '
                                                       '"original_max_position_embeddings": 512}\'')
     p.add_argument("--attention", default=None, metavar="TECHNIQUE",

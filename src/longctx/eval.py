@@ -16,6 +16,9 @@ way. Prompts come from ``longctx.data.tasks``; answers are greedy.
   held-out perplexity from 1x to 8x the training length for no scaling, PI,
   NTK, YaRN and Llama 3 (each at 4x), and for extended model folders
   (``longctx extend``: LongRoPE searched, fine-tuned).
+* ``WholeRows``: greedy decoding for a model trained with a technique in its
+  layers (``longctx train-tiny --attention``), which have no cache;
+  ``technique_passkey`` asks such a model for passkeys.
 """
 from __future__ import annotations
 
@@ -29,6 +32,50 @@ from longctx.data import tasks
 from longctx.data.tasks import greedy_answer
 from longctx.techniques import TECHNIQUES
 from longctx.techniques.compressed import COMPRESSION_METHODS
+
+
+class WholeRows:
+    """``generate(ids, n)`` for an mlx-lm model run under ``technique_attention(model, technique,
+    **options)``: greedy decoding that runs the whole row again for every new token (the
+    techniques' layers have no cache; fine for a tiny model and a few answer tokens). Takes the
+    place of a ``LongContextQwen3`` in ``passkey_accuracy`` and the other greedy tasks."""
+
+    def __init__(self, model, technique: str, options: dict | None = None):
+        self.model, self.technique, self.options = model, technique, dict(options or {})
+
+    @classmethod
+    def load(cls, path):
+        """The model folder written by ``train-tiny --attention``, run as it was trained."""
+        from mlx_lm import load
+        recorded = json.loads((Path(path) / "config.json").read_text()).get("longctx_attention")
+        if not recorded:
+            raise ValueError(f"{path} was not trained with a technique (no longctx_attention in its config.json)")
+        model, tokenizer = load(str(path))
+        return cls(model, recorded["technique"], recorded["options"]), tokenizer
+
+    def generate(self, ids, max_new_tokens: int):
+        import mlx.core as mx
+
+        from longctx.mlx.nn import technique_attention
+        ids = list(ids)
+        with technique_attention(self.model, self.technique, **self.options):
+            for _ in range(check_positive_int("max_new_tokens", max_new_tokens)):
+                ids.append(int(mx.argmax(self.model(mx.array([ids]))[0, -1])))
+                yield ids[-1]
+
+
+def technique_passkey(path, *, trials: int = 2, seed: int = 0, log=print) -> dict:
+    """Passkey retrieval of a model trained with a technique (``train-tiny --from --attention``) at
+    its training length and twice it, greedy under the technique (``WholeRows``): written into its
+    ``finetune.json`` under ``passkey`` and returned."""
+    runner, tokenizer = WholeRows.load(path)
+    record = json.loads((Path(path) / "finetune.json").read_text())
+    record["passkey"] = {}
+    for length in (record["seq_len"], 2 * record["seq_len"]):
+        record["passkey"][str(length)] = passkey_accuracy(runner, tokenizer, length, trials=trials, seed=seed)
+        log(f"passkey at {length} tokens: {record['passkey'][str(length)]:.0%}")
+    (Path(path) / "finetune.json").write_text(json.dumps(record))
+    return record["passkey"]
 
 
 def _fractions(name: str, values) -> list[float]:

@@ -69,3 +69,27 @@ def relative_error(out, exact) -> float:
 def sliding_window_attention(q, k, v, window: int, *, scale=None, global_tokens=()) -> np.ndarray:
     """Task 1's oracle: attention under :func:`sliding_mask`."""
     return attention(q, k, v, sliding_mask(q.shape[2], k.shape[2], window, global_tokens), scale=scale)
+
+
+# Reference gradients: float64 torch autograd (torch imported when used).
+
+def weighted(counts):
+    """``f(q, k, v)``: dense softmax attention in which key ``j`` enters query ``i``'s softmax
+    ``counts[h, i, j]`` times (queries the last ``Lq`` of ``Lk`` positions; GQA); a row that sees
+    nothing gives zeros."""
+    import torch
+    log = torch.log(torch.as_tensor(np.asarray(counts, dtype=np.float64)))
+
+    def attend(q, k, v):
+        r = q.shape[1] // k.shape[1]
+        s = q @ k.repeat_interleave(r, 1).transpose(-1, -2) / q.shape[-1] ** 0.5 + log
+        return torch.nan_to_num(torch.softmax(s, -1)) @ v.repeat_interleave(r, 1)
+    return attend
+
+
+def reference_grads(fn, q, k, v, w) -> list[np.ndarray]:
+    """``[dq, dk, dv]`` of ``sum(fn(q, k, v) * w)`` in float64 (torch autograd)."""
+    import torch
+    q, k, v = (torch.tensor(np.asarray(x, dtype=np.float64), requires_grad=True) for x in (q, k, v))
+    (fn(q, k, v) * torch.tensor(np.asarray(w, dtype=np.float64))).sum().backward()
+    return [x.grad.numpy() for x in (q, k, v)]

@@ -222,41 +222,113 @@ def fit(model, tokenizer, stages, tokens_per_step: int, schedule, rng: np.random
     return losses, copy_losses, time.perf_counter() - start
 
 
-def finetune(base, path, rope_scaling: dict, *, seq_len: int, steps: int = 200, batch_size: int = 2,
-             lr: float = 5e-4, seed: int = 0, log=print) -> Path:
-    """The short fine-tune of position extension (PI's 1000 steps, LongRoPE's 400, scaled to this
-    model), continued from the model in ``base`` with its RoPE scaled by ``rope_scaling``
-    (``longctx.mlx.ScaledRoPE`` in every layer, its length ``seq_len``): ``steps`` steps of
-    ``batch_size`` x ``seq_len`` tokens of ``MIX``, AdamW at ``lr`` (20 warm-up steps, then cosine
-    to lr/10). Writes the weights and ``finetune.json`` (the losses) to ``path`` (the rest of the
-    model folder is the caller's: ``longctx extend``)."""
+def finetune(base, path, rope_scaling: dict | None = None, *, seq_len: int, steps: int = 200, batch_size: int = 2,
+             lr: float = 5e-4, seed: int = 0, log=print, on_step=None, attention: str | None = None,
+             attention_options: dict | None = None, max_seconds: float | None = None) -> Path:
+    """Continue training the model in ``base`` at ``seq_len``: ``steps`` steps of ``batch_size`` x
+    ``seq_len`` tokens of ``MIX``, AdamW at ``lr`` (20 warm-up steps, then cosine to lr/10).
+
+    ``rope_scaling``: position extension's short fine-tune (PI's 1000 steps, LongRoPE's 400,
+    scaled to this model), with ``longctx.mlx.ScaledRoPE`` in every layer at length ``seq_len``
+    (the factors of inference at this length: LongRoPE's long ones). ``attention``: long-context
+    training with a technique in place of full attention (``technique_attention``, uncompiled);
+    ``max_seconds`` stops at that wall time (equal-time comparisons). Writes the weights and
+    ``finetune.json`` (losses, the wall time at every step, tokens/s, peak memory) to ``path``; the
+    rest of the model folder is the caller's (``longctx extend``, ``longctx train-tiny --from``)."""
     import mlx.core as mx
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
     from mlx_lm import load
 
     from longctx.checks import check_positive_int
-    from longctx.mlx.rope_scaling import ScaledRoPE, model_rope
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
         check_positive_int(name, value)
+    if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
+        raise ValueError(f"max_seconds must be a number of seconds > 0, got {max_seconds!r}")
     model, tokenizer = load(str(base))
-    head_dim, theta, _, _ = model_rope(model)
-    rope = ScaledRoPE(head_dim, theta, rope_scaling)
-    rope.seq_len = seq_len  # the factors of inference at this length (LongRoPE: the long ones)
-    for layer in model.layers:
-        layer.self_attn.rope = rope
+    if rope_scaling is not None:
+        from longctx.mlx.rope_scaling import ScaledRoPE, model_rope
+        head_dim, theta, _, _ = model_rope(model)
+        rope = ScaledRoPE(head_dim, theta, rope_scaling)
+        rope.seq_len = seq_len
+        for layer in model.layers:
+            layer.self_attn.rope = rope
+    technique, record = contextlib.nullcontext(), {}
+    if attention is not None:
+        from longctx.mlx.nn import technique_attention
+        from longctx.techniques import attention_kind, bench_options
+        attention_options = bench_options(attention_kind(attention).name, attention_options)
+        record["longctx_attention"] = {"technique": attention_kind(attention).name, "options": attention_options}
+        technique = technique_attention(model, attention, **attention_options)
     mx.random.seed(seed)
     warmup = min(20, steps)
     schedule = optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup),
                                      optim.cosine_decay(lr, max(1, steps - warmup), lr / 10)], [warmup])
-    losses, copy_losses, seconds = fit(model, tokenizer, [(seq_len, steps, MIX)], batch_size * seq_len, schedule,
-                                       np.random.default_rng(seed), log)
+    times, start = [], time.perf_counter()
+
+    def timed(step, total, loss, copy):  # the wall time of every step; stop at max_seconds
+        times.append(round(time.perf_counter() - start, 3))
+        stop = on_step(step, total, loss, copy) if on_step is not None else False
+        return stop or (max_seconds is not None and times[-1] >= max_seconds)
+    mx.reset_peak_memory()
+    with technique:
+        losses, copy_losses, seconds = fit(model, tokenizer, [(seq_len, steps, MIX)], batch_size * seq_len, schedule,
+                                           np.random.default_rng(seed), log, timed, compile=attention is None)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())),
                         metadata={"format": "pt"})
     (path / "finetune.json").write_text(json.dumps({
-        "base": str(base), "rope_scaling": rope_scaling, "seq_len": seq_len, "steps": steps,
-        "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": round(seconds),
+        "base": str(base), "rope_scaling": rope_scaling, **record, "seq_len": seq_len, "steps": len(losses),
+        "planned_steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": round(seconds),
+        "max_seconds": max_seconds, "tokens_per_second": round(len(losses) * batch_size * seq_len / seconds),
+        "peak_memory_mb": round(mx.get_peak_memory() / 2 ** 20), "times": times,
         "losses": [round(x, 4) for x in losses], "copy_losses": [(i, round(x, 4)) for i, x in copy_losses]}))
+    return path
+
+
+def heldout_loss(model, tokenizer, length: int, rows: int = 8, seed: int = 0) -> float:
+    """The training loss (cross-entropy over the tokens ``batch`` weights) on ``rows`` held-out rows
+    of ``MIX`` of ``length`` tokens (drawn from ``HELDOUT_SEED + seed``): the same rows for every
+    model, so runs that saw different batches compare. Call it under ``technique_attention`` to
+    score a model as it was trained."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from longctx.data.mix import HELDOUT_SEED
+    ids, weights = batch(tokenizer, np.random.default_rng(HELDOUT_SEED + seed), rows, length, MIX, weights=True)
+    total = 0.0
+    for row, w in zip(ids, weights):  # one row at a time: the memory of one forward pass
+        losses = nn.losses.cross_entropy(model(mx.array(row[None, :-1])), mx.array(row[None, 1:]))
+        total += float((losses * mx.array(w[None, 1:])).sum())
+    return total / float(weights[:, 1:].sum())
+
+
+def train_with_attention(base, path, attention: str, attention_options: dict | None = None, *, seq_len: int,
+                         steps: int, batch_size: int = 2, seed: int = 0, max_seconds: float | None = None,
+                         log=print, on_step=None) -> Path:
+    """Long-context training of an existing model (the shipped one, say) with a technique in every
+    layer (``longctx train-tiny --from MODEL --attention TECHNIQUE``): ``finetune`` at ``seq_len``.
+    Writes a whole model folder (``config.json`` records ``longctx_attention``; no model card:
+    ``mlx_lm.load`` alone runs full attention); ``longctx.eval.technique_passkey`` then asks it
+    for passkeys."""
+    import shutil
+
+    path, base = Path(path), Path(base)
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"{path} exists and is not empty: give a new folder (nothing is overwritten)")
+    staging = path.with_name(path.name + ".partial")  # nothing half-written under `path`
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(base, staging, ignore=shutil.ignore_patterns("README.md", "*.png", "train.json", "finetune.json",
+                                                                 "extend.json", "model.safetensors"))
+    finetune(base, staging, seq_len=seq_len, steps=steps, batch_size=batch_size, seed=seed, log=log, on_step=on_step,
+             attention=attention, attention_options=attention_options, max_seconds=max_seconds)
+    record = json.loads((staging / "finetune.json").read_text())
+    config = json.loads((base / "config.json").read_text())
+    config["longctx_attention"] = record["longctx_attention"]
+    config["max_position_embeddings"] = max(seq_len, config.get("max_position_embeddings", 0))
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    if path.exists():
+        path.rmdir()  # empty, checked above
+    staging.rename(path)
     return path

@@ -11,8 +11,8 @@ def window_pairs(L: int, o: dict) -> float:
 
 def memory(L, H, D, o, backend):
     w = min(o["window_size"], L)
-    if backend == "native":  # the compiled kernel's tiles are a few KiB per thread, outside MLX's allocator
-        return 0
+    if backend == "native":  # the compiled kernel's tiles are a few KiB per thread, outside MLX's allocator;
+        return H * L * BYTES  # it writes each row's log-sum-exp (float32) for the backward
     tile = min(constant(backend, "sliding", "TILE_ELEMENTS"), H * L * (w + 128))  # 128: the largest query block
     if backend == "torch":  # one step of SDPA tiles (its scores stay inside the fused kernel)
         return 2 * tile * BYTES

@@ -5,24 +5,15 @@ Every technique is softmax attention in which query ``i`` counts key ``j`` ``c[h
 gradient is that of dense attention with ``log c`` added to the scores (``weighted``); linear
 attention's is its quadratic form's (``linear_quadratic``). The graded gradient tests and
 ``tests/test_gradients.py`` compare a layer's ``dq, dk, dv`` with ``reference_grads`` of these.
+``weighted`` and ``reference_grads`` live in ``longctx.exact`` (``longctx.ringrun`` checks real
+ranks with them too).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-
-def weighted(counts):
-    """``f(q, k, v)``: dense softmax attention in which key ``j`` enters query ``i``'s softmax
-    ``counts[h, i, j]`` times (queries the last ``Lq`` of ``Lk`` positions; GQA); a row that sees
-    nothing gives zeros."""
-    log = torch.log(torch.as_tensor(np.asarray(counts, dtype=np.float64)))
-
-    def attend(q, k, v):
-        r = q.shape[1] // k.shape[1]
-        s = q @ k.repeat_interleave(r, 1).transpose(-1, -2) / q.shape[-1] ** 0.5 + log
-        return torch.nan_to_num(torch.softmax(s, -1)) @ v.repeat_interleave(r, 1)
-    return attend
+from longctx.exact import reference_grads, weighted
 
 
 def linear_quadratic(q, k, v, eps: float = 1e-6):
@@ -31,13 +22,6 @@ def linear_quadratic(q, k, v, eps: float = 1e-6):
     fq, fk = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k.repeat_interleave(r, 1)) + 1
     a = torch.tril(fq @ fk.transpose(-1, -2), diagonal=k.shape[2] - q.shape[2])
     return (a @ v.repeat_interleave(r, 1)) / (a.sum(-1, keepdim=True) + eps)
-
-
-def reference_grads(fn, q, k, v, w) -> list[np.ndarray]:
-    """``[dq, dk, dv]`` of ``sum(fn(q, k, v) * w)`` in float64."""
-    q, k, v = (torch.tensor(np.asarray(x, dtype=np.float64), requires_grad=True) for x in (q, k, v))
-    (fn(q, k, v) * torch.tensor(np.asarray(w, dtype=np.float64))).sum().backward()
-    return [x.grad.numpy() for x in (q, k, v)]
 
 
 def assert_gradients_close(got, want, *, name: str, tol: float = 1e-4) -> None:
@@ -61,3 +45,6 @@ def gradient_inputs(Lq: int, Lk: int, *, Hq: int = 4, Hkv: int = 2, D: int = 8, 
     q, w = (rng.standard_normal((1, Hq, Lq, D)) for _ in range(2))
     k, v = (rng.standard_normal((1, Hkv, Lk, D)) for _ in range(2))
     return q, k, v, w
+
+
+__all__ = ["assert_gradients_close", "gradient_inputs", "linear_quadratic", "reference_grads", "weighted"]

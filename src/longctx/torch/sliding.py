@@ -353,8 +353,9 @@ def _check_run(q, D: int, window: int):
 
     def run(f):
         x = [t.clone().requires_grad_(True) for t in small]
-        out = f(*x, window, D ** -0.5)
-        out.backward(d_out)
+        with torch.enable_grad():  # the first call may come from inference under torch.no_grad
+            out = f(*x, window, D ** -0.5)
+            out.backward(d_out)
         return torch.cat([t.float().flatten() for t in (out, *(t.grad for t in x))]).detach().cpu().numpy()
     return run(_triton), run(lambda q, k, v, w, s: _tiles(q, k, v, w, s, no_globals))
 
