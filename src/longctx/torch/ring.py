@@ -192,7 +192,7 @@ def ring_attention_distributed(q, k, v, group=None, *, causal: bool = True, layo
         delta = (d_out * out.float()).sum(-1)  # rowsum(dO * O)
         h = q.shape[2] // 2
         rows = [slice(None)] if layout == "contiguous" else [slice(0, h), slice(h, None)]
-        queries = [(pos, x.detach(), r) for (pos, x), r in zip(chunks(q, rank), rows)]
+        queries = [(pos, x, r) for (pos, x), r in zip(chunks(q, rank), rows)]
         dq = [torch.zeros(x.shape, device=x.device) for _, x, _ in queries]
         message = torch.stack([k.float(), v.float(), torch.zeros_like(k, dtype=torch.float32),
                                torch.zeros_like(v, dtype=torch.float32)]).contiguous()
